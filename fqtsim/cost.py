@@ -1,0 +1,95 @@
+"""Closed-form costs: the events of a GEMM on a device, computed without running it.
+
+The same loop nest as the emulating `Device` (see `fqtsim.mapping`), summed over classes of
+identical phases instead of walked, so it is fast enough for ImageNet-scale models and serves as
+the independent check on the device's ledger. Overflow events depend on data: only the device
+counts them.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from fqtsim.hw import HWConfig
+from fqtsim.ledger import GemmSpec, add, frame
+from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
+                            stored_output_bits, wide_bits, wide_level)
+
+
+def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int = 8,
+         out_bits: int = 8, writeback: str = "fused", scope: str = "tensor",
+         name: str = "gemm") -> pd.DataFrame:
+    """Ledger rows of one (M x K) @ (K x N) GEMM with `a_bits` x `b_bits` operand codes.
+
+    `writeback="fused"` requantizes in the output pipeline and writes `out_bits` codes to DDR;
+    `"materialized"` writes the raw result at accumulator width (partial-sum width when the
+    accumulator spills), to TCM when the live part of its range `scope` fits beside the tiles,
+    else to DDR.
+    """
+    check_gemm(hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+    out_store = stored_output_bits(hw, writeback, out_bits)
+    tiling = plan(hw, m, n, k, a_bits, b_bits, out_store)
+    level = "ddr"
+    if writeback == "materialized":
+        level = wide_level(hw, tiling, nbytes(live_wide_elements(scope, tiling, m, n), out_store))
+
+    rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
+    psum_bytes = nbytes(1, hw.accumulator.psum_bits)
+    nm, nn, nk = tiling.tile_counts(m, n, k)
+    dims = {"m": (m, tiling.tm), "n": (n, tiling.tn)}
+    outer, inner = tiling.order
+    n_inner = math.ceil(dims[inner][0] / dims[inner][1])
+    events = {}
+    for so, co, first_o in _classes(*dims[outer]):
+        for si, ci, first_i in _classes(*dims[inner]):
+            times = co * ci
+            sm, sn = (si, so) if inner == "m" else (so, si)
+            # the inner loop's operand stays in TCM only if it never changes: one inner tile, one K tile
+            inner_load = first_o and first_i if n_inner == 1 and nk == 1 else True
+            outer_load = first_i if nk == 1 else True
+            load_a, load_b = (inner_load, outer_load) if inner == "m" else (outer_load, inner_load)
+            a_in = nbytes(sm * k, a_bits) if load_a else 0.0
+            b_in = nbytes(k * sn, b_bits) if load_b else 0.0
+            folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)
+            read_a, read_b = sm * k * folds_n, sn * k * folds_m
+            compute = folds_m * folds_n * k
+            out = nbytes(sm * sn, out_store)
+            tcm_read = nbytes(read_a, a_bits) + nbytes(read_b, b_bits)
+            tcm_write = a_in + b_in + out
+            if spill is not None:
+                spills = sm * sn * math.ceil(k / spill)
+                psum_rw = (2 * spills - sm * sn) * psum_bytes
+                tcm_read += psum_rw - spills * psum_bytes + sm * sn * psum_bytes
+                tcm_write += spills * psum_bytes
+                add(events, "psum_spill", "tcm", times * spills, times * psum_rw)
+                add(events, "psum_drain", "tcm", times * sm * sn, times * sm * sn * psum_bytes)
+            ddr = a_in + b_in
+            if level == "ddr":
+                ddr += out
+                tcm_read += out
+            stall_ddr, stall_tcm = phase_stalls(hw, compute, ddr, tcm_read, tcm_write)
+            add(events, "mac", "array", times * sm * sn * k, 0.0, times * compute)
+            add(events, "load_a", "ddr", times * (sm * k if load_a else 0), times * a_in)
+            add(events, "load_b", "ddr", times * (k * sn if load_b else 0), times * b_in)
+            add(events, "read_a", "tcm", times * read_a, times * nbytes(read_a, a_bits))
+            add(events, "read_b", "tcm", times * read_b, times * nbytes(read_b, b_bits))
+            add(events, "writeback", level, times * sm * sn, times * out)
+            if writeback == "fused":
+                add(events, "requantize", "array", times * sm * sn)
+            add(events, "stall", "ddr", 0, 0.0, times * stall_ddr)
+            add(events, "stall", "tcm", 0, 0.0, times * stall_tcm)
+    return frame(hw, name, GemmSpec(a_bits, b_bits), events)
+
+
+def _classes(dim: int, tile: int):
+    """Tiles along one loop as (size, how many, is the first tile) classes."""
+    count = math.ceil(dim / tile)
+    last = dim - (count - 1) * tile
+    out = [(min(tile, dim), 1, True)]
+    full_rest = count - 1 - (last != tile)
+    if full_rest > 0:
+        out.append((tile, full_rest, False))
+    if count > 1 and last != tile:
+        out.append((last, 1, False))
+    return out

@@ -1,0 +1,146 @@
+"""The simulated device: runs GEMMs through the integer kernels and records what they cost.
+
+`Device.gemm` computes the exact accumulator results with `kernels.int_gemm` (which also counts
+MACs, overflows and spills) and walks the loop nest of `fqtsim.mapping` tile by tile, tracking
+which operand tiles are resident in TCM, to record every load, read, spill, write-back and stall
+in `device.ledger`. `fqtsim.cost` computes the same events in closed form; tests hold them equal.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from fqtsim.hw import HWConfig
+from fqtsim.ledger import COLUMNS, GemmSpec, add, frame
+from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
+                            stored_output_bits, wide_level)
+from kernels import int_gemm
+
+
+class Device:
+    """A simulated NPU/DSP described by an `HWConfig`; `ledger` holds every GEMM's events."""
+
+    def __init__(self, hw: HWConfig):
+        self.hw = hw
+        self._frames: list[pd.DataFrame] = []
+        self._ledger: pd.DataFrame | None = None
+
+    @property
+    def ledger(self) -> pd.DataFrame:
+        if self._ledger is None:
+            self._ledger = (pd.concat(self._frames, ignore_index=True) if self._frames
+                            else pd.DataFrame(columns=COLUMNS))
+        return self._ledger
+
+    def gemm(self, a: np.ndarray, b: np.ndarray, *, a_bits: int = 8, b_bits: int = 8,
+             out_bits: int = 8, writeback: str = "fused", scope: str = "tensor",
+             name: str | None = None) -> np.ndarray:
+        """Exact accumulator results (int64, M x N) of codes `a` (M x K) @ `b` (K x N).
+
+        `a`, `b`: int8 (signed) or uint8 (unsigned) arrays of `a_bits`/`b_bits`-bit codes. The
+        write-back arguments are those of `fqtsim.cost.gemm`.
+        """
+        if np.ndim(a) != 2 or np.ndim(b) != 2:
+            raise ValueError(f"a, b: got {np.ndim(a)}-D and {np.ndim(b)}-D arrays; expected 2-D codes")
+        (m, k), (kb, n) = a.shape, b.shape
+        if k != kb:
+            raise ValueError(f"a, b: inner dimensions differ ({m}x{k} @ {kb}x{n})")
+        check_gemm(self.hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+        _check_codes("a", a, a_bits)
+        _check_codes("b", b, b_bits)
+        acc = self.hw.accumulator
+        c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
+                             spill_every=acc.spill_every, psum_bits=acc.psum_bits)
+        events = self._walk(m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+        if events[("mac", "array")][0] != counts["macs"] or \
+                events.get(("psum_spill", "tcm"), [0])[0] != counts["spills"]:
+            raise AssertionError("loop-nest walk and kernel disagree on MACs or spills")
+        add(events, "overflow", "array", counts["overflows"])
+        name = name if name is not None else f"gemm{len(self._frames)}"
+        self._frames.append(frame(self.hw, name, GemmSpec(a_bits, b_bits), events))
+        self._ledger = None
+        return c
+
+    def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope) -> dict:
+        """Walk the loop nest tile by tile, recording raw events per phase (one output tile)."""
+        hw = self.hw
+        rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
+        psum_bytes = nbytes(1, hw.accumulator.psum_bits)
+        out_store = stored_output_bits(hw, writeback, out_bits)
+        t = plan(hw, m, n, k, a_bits, b_bits, out_store)
+        level = "ddr"
+        if writeback == "materialized":
+            level = wide_level(hw, t, nbytes(live_wide_elements(scope, t, m, n), out_store))
+        starts = {"m": range(0, m, t.tm), "n": range(0, n, t.tn)}
+        resident_a = resident_b = None
+        events = {}
+        for o in starts[t.order[0]]:
+            for i in starts[t.order[1]]:
+                m0, n0 = (o, i) if t.order[0] == "m" else (i, o)
+                sm, sn = min(t.tm, m - m0), min(t.tn, n - n0)
+                folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)
+                compute, ddr, tcm_read, tcm_write = 0, 0.0, 0.0, 0.0
+                for k0 in range(0, k, t.tk):
+                    sk = min(t.tk, k - k0)
+                    if resident_a != (m0, k0):
+                        resident_a = (m0, k0)
+                        moved = nbytes(sm * sk, a_bits)
+                        add(events, "load_a", "ddr", sm * sk, moved)
+                        ddr += moved
+                        tcm_write += moved
+                    if resident_b != (k0, n0):
+                        resident_b = (k0, n0)
+                        moved = nbytes(sk * sn, b_bits)
+                        add(events, "load_b", "ddr", sk * sn, moved)
+                        ddr += moved
+                        tcm_write += moved
+                    for fm in range(folds_m):  # each fold streams its rows of A and columns of B
+                        fold_rows = min(rows, sm - fm * rows)
+                        for fn in range(folds_n):
+                            fold_cols = min(cols, sn - fn * cols)
+                            add(events, "read_a", "tcm", fold_rows * sk, nbytes(fold_rows * sk, a_bits))
+                            add(events, "read_b", "tcm", sk * fold_cols, nbytes(sk * fold_cols, b_bits))
+                            tcm_read += nbytes(fold_rows * sk, a_bits) + nbytes(sk * fold_cols, b_bits)
+                            add(events, "mac", "array", fold_rows * fold_cols * sk)
+                            compute += sk
+                    if spill is not None:  # spill points: every `spill` MACs, and after the last
+                        points = (k0 + sk) // spill - k0 // spill
+                        points += k0 + sk == k and k % spill != 0
+                        first = k0 < spill  # each output's first spill writes without reading
+                        written = sm * sn * points * psum_bytes
+                        read = written - (sm * sn * psum_bytes if first else 0.0)
+                        add(events, "psum_spill", "tcm", sm * sn * points, written + read)
+                        tcm_write += written
+                        tcm_read += read
+                out = nbytes(sm * sn, out_store)
+                if spill is not None:
+                    add(events, "psum_drain", "tcm", sm * sn, sm * sn * psum_bytes)
+                    tcm_read += sm * sn * psum_bytes
+                add(events, "writeback", level, sm * sn, out)
+                tcm_write += out
+                if level == "ddr":
+                    ddr += out
+                    tcm_read += out
+                if writeback == "fused":
+                    add(events, "requantize", "array", sm * sn)
+                stall_ddr, stall_tcm = phase_stalls(hw, compute, ddr, tcm_read, tcm_write)
+                add(events, "mac", "array", 0, 0.0, compute)
+                add(events, "stall", "ddr", 0, 0.0, stall_ddr)
+                add(events, "stall", "tcm", 0, 0.0, stall_tcm)
+        return events
+
+
+def _check_codes(name: str, x: np.ndarray, bits: int):
+    """Codes must fit their declared width: int8 holds signed codes, uint8 unsigned ones."""
+    if x.dtype == np.int8:
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    elif x.dtype == np.uint8:
+        lo, hi = 0, (1 << bits) - 1
+    else:
+        raise ValueError(f"{name}: dtype {x.dtype}; expected int8 (signed) or uint8 (unsigned) codes")
+    if x.size and (x.min() < lo or x.max() > hi):
+        raise ValueError(f"{name}: codes span {x.min()}..{x.max()}, outside the {bits}-bit "
+                         f"{'signed' if x.dtype == np.int8 else 'unsigned'} range {lo}..{hi}; "
+                         f"declare {name}_bits wide enough or requantize")

@@ -1,0 +1,99 @@
+"""The ledger: one row per (gemm, event, level) with count, bytes, energy and cycles.
+
+The emulating `Device` and the closed-form `fqtsim.cost` both produce raw events (what happened,
+where, how many, how many bytes, how many cycles); this module alone prices them in energy, so
+the energy table of the hardware model lives in one place.
+
+Events (level):
+    mac (array)          MACs; cycles = compute cycles of the array
+    overflow (array)     accumulator / partial-sum add steps that overflowed (emulation only)
+    requantize (array)   fused requantization in the output pipeline, one op per output
+    load_a, load_b (ddr) operand tiles DDR -> TCM
+    read_a, read_b (tcm) operands TCM -> array, once per fold that uses them
+    psum_spill (tcm)     accumulator added into its partial sum in TCM (read-modify-write)
+    psum_drain (tcm)     final partial sums read out of TCM for write-back
+    writeback (ddr|tcm)  output written at its stored width (b-bit codes, or accumulator width)
+    stall (ddr|tcm)      cycles the array waits on that memory; sum(cycles) = elapsed cycles
+Units: bytes, pJ, cycles of the array clock.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from fqtsim.hw import HWConfig
+from fqtsim.mapping import container_bits
+
+COLUMNS = ["gemm", "event", "level", "count", "bytes", "energy_pj", "cycles"]
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    """What a GEMM's events are priced by: operand widths and the hardware's accumulator."""
+    a_bits: int
+    b_bits: int
+
+
+def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float, nbytes: float) -> float:
+    """Energy of one ledger row, from the config's tables."""
+    tcm, ddr, acc = hw.tcm, hw.ddr, hw.accumulator
+    if event == "mac":
+        return count * hw.energy.mac_pj(spec.a_bits, spec.b_bits, acc.bits)
+    if event in ("load_a", "load_b"):
+        return nbytes * (ddr.read_pj_per_byte + tcm.write_pj_per_byte)
+    if event in ("read_a", "read_b", "psum_drain"):
+        return nbytes * tcm.read_pj_per_byte
+    if event == "psum_spill":  # every spill writes its partial sum; all but each output's first read it
+        written = count * container_bits(acc.psum_bits) / 8
+        return (count * hw.energy.add_pj(acc.psum_bits) + written * tcm.write_pj_per_byte
+                + (nbytes - written) * tcm.read_pj_per_byte)
+    if event == "writeback":
+        if level == "tcm":
+            return nbytes * tcm.write_pj_per_byte
+        # staged through the TCM output tile, then DMA'd out
+        return nbytes * (tcm.write_pj_per_byte + tcm.read_pj_per_byte + ddr.write_pj_per_byte)
+    if event == "requantize":
+        return count * hw.vector.requant.pj
+    if event in ("stall", "overflow"):
+        return 0.0
+    raise KeyError(f"no energy rule for event {event!r}")
+
+
+def frame(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> pd.DataFrame:
+    """Price raw events {(event, level): [count, bytes, cycles]} into ledger rows."""
+    rows = [(gemm, ev, lvl, int(c), float(b), energy_pj(hw, spec, ev, lvl, c, b), float(cy))
+            for (ev, lvl), (c, b, cy) in sorted(events.items(), key=_order)]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+EVENTS = ("mac", "overflow", "requantize", "load_a", "load_b", "read_a", "read_b",
+          "psum_spill", "psum_drain", "writeback", "stall")
+
+
+def _order(item):
+    (event, level), _ = item
+    return EVENTS.index(event), level
+
+
+def add(events: dict, event: str, level: str, count=0, nbytes=0.0, cycles=0.0):
+    """Accumulate into a raw-event dict."""
+    row = events.setdefault((event, level), [0, 0.0, 0.0])
+    row[0] += count
+    row[1] += nbytes
+    row[2] += cycles
+
+
+def summarize(ledger: pd.DataFrame) -> pd.DataFrame:
+    """Per GEMM: bytes by memory level, MACs, energy and elapsed cycles."""
+    moved = ledger[ledger.level.isin(["tcm", "ddr"]) & (ledger.event != "stall")]
+    out = moved.pivot_table(index="gemm", columns="level", values="bytes", aggfunc="sum",
+                            fill_value=0.0, sort=False).add_suffix("_bytes")
+    macs = ledger[ledger.event == "mac"].groupby("gemm", sort=False)["count"].sum().rename("macs")
+    totals = ledger.groupby("gemm", sort=False)[["energy_pj", "cycles"]].sum()
+    out = pd.concat([out, macs, totals], axis=1)
+    ovf = ledger[ledger.event == "overflow"].groupby("gemm", sort=False)["count"].sum()
+    if len(ovf):
+        out["overflows"] = ovf
+    out.columns.name = None
+    return out.reset_index()

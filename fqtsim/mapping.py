@@ -1,0 +1,195 @@
+"""How a GEMM is laid onto the device: storage widths, TCM tiles and the loop nest's reuse rules.
+
+The loop nest, written down once (the device walks it, `fqtsim.cost` sums it in closed form):
+
+    for o in outer tiles:              # loop_order[0]: n (column folds outer) or m
+      for i in inner tiles:            # loop_order[1]
+        for t in k tiles:              # K innermost: accumulators stay in the array over all of K
+          load A[m-tile, t] unless it is the A tile already in TCM
+          load B[t, n-tile] unless it is the B tile already in TCM
+          the array runs ceil(tm/rows) * ceil(tn/cols) folds over the tile's K slice
+        write back the (tm x tn) output tile
+
+A (M x K) and B (K x N) live in DDR; TCM holds one A tile, one B tile and one output tile (twice
+each with double buffering: the second copy is the prefetch slot, not extra reuse). Because folds keep
+their accumulators over the whole K loop, a K tile shorter than K allows only one fold per tile
+(tm <= rows, tn <= cols).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fqtsim.hw import HWConfig
+
+
+def container_bits(bits: int) -> int:
+    """Storage width of a `bits`-wide value: the next power of two, packed (4-bit codes two a byte)."""
+    return 1 << max(0, math.ceil(math.log2(bits)))
+
+
+def nbytes(count: int, bits: int) -> float:
+    """Bytes taken by `count` values of `bits` bits stored in their containers (exact in float64)."""
+    return count * container_bits(bits) / 8
+
+
+def stored_output_bits(hw: HWConfig, writeback: str, out_bits: int) -> int:
+    """Width at which a GEMM's output leaves the array: b-bit codes (fused) or accumulator width."""
+    return out_bits if writeback == "fused" else wide_bits(hw)
+
+
+def wide_bits(hw: HWConfig) -> int:
+    """Width of a GEMM's raw result: the partial sum when the accumulator spills, else the accumulator."""
+    acc = hw.accumulator
+    return acc.psum_bits if acc.spill_every is not None else acc.bits
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """TCM tile sizes for one GEMM, its loop order (outer first) and the TCM they take."""
+    tm: int
+    tn: int
+    tk: int
+    order: tuple
+    buffers: int
+    footprint: int
+
+    def tile_counts(self, m: int, n: int, k: int) -> tuple[int, int, int]:
+        return math.ceil(m / self.tm), math.ceil(n / self.tn), math.ceil(k / self.tk)
+
+
+def footprint(hw: HWConfig, tm, tn, tk, a_bits, b_bits, out_bits) -> int:
+    """TCM bytes of one A, B and output tile (times two with double buffering)."""
+    buf_bits = out_bits
+    if hw.accumulator.spill_every is not None:
+        buf_bits = max(buf_bits, hw.accumulator.psum_bits)  # partial sums live in the output tile
+    buffers = 2 if hw.mapping.double_buffer else 1
+    return math.ceil(buffers * (nbytes(tm * tk, a_bits) + nbytes(tk * tn, b_bits)
+                                + nbytes(tm * tn, buf_bits)))
+
+
+def operand_loads(tiling: Tiling, m: int, n: int, k: int) -> tuple[int, int]:
+    """Elements of A and of B loaded from DDR over the whole loop nest, by the reuse rule above."""
+    nm, nn, nk = tiling.tile_counts(m, n, k)
+    a_once, b_once = m * k, k * n
+    if tiling.order == ("n", "m"):  # A follows the inner loop, B the outer one
+        a = a_once if nm == 1 and nk == 1 else a_once * nn
+        b = b_once if nk == 1 else b_once * nm
+    else:
+        b = b_once if nn == 1 and nk == 1 else b_once * nm
+        a = a_once if nk == 1 else a_once * nn
+    return a, b
+
+
+def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int) -> Tiling:
+    """Tiles from the config where given, else the fitting tiles with the fewest estimated cycles."""
+    mp, arr = hw.mapping, hw.array
+    buffers = 2 if mp.double_buffer else 1
+    capacity = hw.tcm.size_bytes
+
+    def make(tm, tn, tk):
+        return Tiling(tm, tn, tk, tuple(mp.loop_order), buffers,
+                      footprint(hw, tm, tn, tk, a_bits, b_bits, out_bits))
+
+    def one_fold_ok(t):
+        return t.tk >= k or (t.tm <= arr.rows and t.tn <= arr.cols)
+
+    if None not in (mp.tile_m, mp.tile_n, mp.tile_k):
+        t = make(min(mp.tile_m, m), min(mp.tile_n, n), min(mp.tile_k, k))
+        if not one_fold_ok(t):
+            raise ValueError(f"{hw.name}: mapping.tile_k = {t.tk} < K = {k} needs tile_m <= "
+                             f"array.rows ({arr.rows}) and tile_n <= array.cols ({arr.cols}): "
+                             f"folds keep their accumulators over the whole K loop")
+        if t.footprint > capacity:
+            raise ValueError(f"{hw.name}: tiles {t.tm}x{t.tn}x{t.tk} for GEMM {m}x{k}x{n} need "
+                             f"{t.footprint} B of TCM, tcm.size_kib gives {capacity} B; make "
+                             f"mapping.tile_m/tile_n/tile_k smaller or set them to null")
+        return t
+
+    def choices(given, dim, step):
+        if given is not None:
+            return {min(given, dim)}
+        sizes = {step << i for i in range(dim.bit_length() + 1)} | {1 << i for i in range(dim.bit_length())}
+        return {min(dim, s) for s in sizes}
+
+    tks = {min(mp.tile_k, k)} if mp.tile_k is not None else {k}
+    candidates = [make(tm, tn, tk) for tk in tks
+                  for tm in choices(mp.tile_m, m, arr.rows) for tn in choices(mp.tile_n, n, arr.cols)]
+    if mp.tile_k is None:  # K does not fit whole: one fold per tile, the longest K slice that fits
+        tm, tn = min(mp.tile_m or arr.rows, m, arr.rows), min(mp.tile_n or arr.cols, n, arr.cols)
+        per_k = buffers * (nbytes(tm, a_bits) + nbytes(tn, b_bits))
+        tk = min(k - 1, int((capacity - make(tm, tn, 0).footprint) // per_k))
+        while tk >= 1 and make(tm, tn, tk).footprint > capacity:  # ceil of packed sub-byte tiles
+            tk -= 1
+        if tk >= 1:
+            candidates.append(make(tm, tn, tk))
+    fitting = [t for t in candidates if t.footprint <= capacity and one_fold_ok(t)]
+    if not fitting:
+        raise ValueError(f"{hw.name}: no tiling of GEMM {m}x{k}x{n} ({a_bits}x{b_bits}-bit "
+                         f"operands) fits {capacity} B of TCM even with one fold per tile; "
+                         f"raise tcm.size_kib or use a smaller GEMM")
+
+    def score(t):  # estimated cycles first (idle lanes cost time), then DDR bytes, then size
+        a, b = operand_loads(t, m, n, k)
+        ddr = nbytes(a, a_bits) + nbytes(b, b_bits)
+        nm, nn, nk = t.tile_counts(m, n, k)
+        compute = nm * nn * math.ceil(t.tm / arr.rows) * math.ceil(t.tn / arr.cols) * k
+        memory = ddr / hw.ddr.bytes_per_cycle
+        cycles = max(compute, memory) if mp.double_buffer else compute + memory
+        return cycles, ddr, nm * nn * nk, t.footprint, t.tm, t.tn
+
+    return min(fitting, key=score)
+
+
+def live_wide_elements(scope: str, tiling: Tiling, m: int, n: int) -> int:
+    """Wide output elements held at once until a range scope is complete.
+
+    A "rows" scope completes a band of rows per inner step only when rows finish inside one outer
+    iteration (m outer, or a single column tile); with column tiles outer, no row is complete
+    before the last one, so the whole output is held, as for a "tensor" scope.
+    """
+    if scope == "tensor":
+        return m * n
+    if scope == "rows":
+        nn = math.ceil(n / tiling.tn)
+        return min(tiling.tm, m) * n if tiling.order[0] == "m" or nn == 1 else m * n
+    raise ValueError(f"scope: got {scope!r}; expected 'tensor' or 'rows'")
+
+
+def wide_level(hw: HWConfig, tiling: Tiling, live_bytes: float) -> str:
+    """Where a materialized wide output lands: TCM if it fits beside the tiles, else DDR."""
+    return "tcm" if live_bytes <= hw.tcm.size_bytes - tiling.footprint else "ddr"
+
+
+def phase_stalls(hw: HWConfig, compute: float, ddr_bytes: float, tcm_read: float,
+                 tcm_write: float) -> tuple[float, float]:
+    """Cycles one output-tile phase waits on DDR and on TCM beyond its `compute` cycles.
+
+    Operands stream from TCM while the array computes (separate read and write ports). With
+    double buffering, the DDR transfers of a phase overlap its compute and the phase takes the
+    longest of the three; without, the DDR transfers come first.
+    """
+    ddr = ddr_bytes / hw.ddr.bytes_per_cycle
+    tcm = max(tcm_read / hw.tcm.read_bytes_per_cycle, tcm_write / hw.tcm.write_bytes_per_cycle)
+    if hw.mapping.double_buffer:
+        stall = max(compute, ddr, tcm) - compute
+        return (stall, 0.0) if ddr >= tcm else (0.0, stall)
+    return ddr, max(compute, tcm) - compute
+
+
+def check_gemm(hw: HWConfig, m, n, k, a_bits, b_bits, out_bits, writeback, scope):
+    """Refuse a GEMM the device cannot run, naming the argument and what is allowed."""
+    for name, v in (("m", m), ("n", n), ("k", k)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: got {v!r}; GEMM dimensions must be integers >= 1")
+    top = hw.array.operand_bits
+    for name, v in (("a_bits", a_bits), ("b_bits", b_bits)):
+        if not isinstance(v, int) or not 2 <= v <= top:
+            raise ValueError(f"{name}: got {v!r}; {hw.name}'s MACs take operand codes of 2..{top} "
+                             f"bits (array.operand_bits)")
+    if not isinstance(out_bits, int) or not 2 <= out_bits <= 8:
+        raise ValueError(f"out_bits: got {out_bits!r}; output codes are 2..8 bits")
+    if writeback not in ("fused", "materialized"):
+        raise ValueError(f"writeback: got {writeback!r}; expected 'fused' or 'materialized'")
+    if scope not in ("tensor", "rows"):
+        raise ValueError(f"scope: got {scope!r}; expected 'tensor' or 'rows'")

@@ -1,0 +1,34 @@
+"""Shared test helpers: shipped configs and variants of them written as real YAML files."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fqtsim
+
+HW_DIR = Path(__file__).resolve().parent.parent / "hw_configs"
+SHIPPED = sorted(p.stem for p in HW_DIR.glob("*.yaml"))
+
+
+def hw_dict(name: str) -> dict:
+    return yaml.safe_load((HW_DIR / f"{name}.yaml").read_text())
+
+
+def set_key(d: dict, dotted: str, value):
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d[p]
+    d[last] = value
+
+
+@pytest.fixture
+def make_hw(tmp_path):
+    """make_hw("npu", **{"accumulator.bits": 16}) -> HWConfig loaded from a real YAML file."""
+    def make(name="npu", **overrides):
+        d = hw_dict(name)
+        for key, value in overrides.items():
+            set_key(d, key, value)
+        path = tmp_path / f"{name}-variant.yaml"
+        path.write_text(yaml.safe_dump(d))
+        return fqtsim.load_hw(path)
+    return make

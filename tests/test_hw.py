@@ -1,0 +1,96 @@
+"""Hardware configs: the shipped ones load; every kind of bad file gets one clear ValueError."""
+import pytest
+import yaml
+
+import fqtsim
+from conftest import HW_DIR, SHIPPED, hw_dict, set_key
+
+
+def test_at_least_four_configs_ship_and_load():
+    assert {"npu", "npu-acc16", "dsp"} <= set(SHIPPED) and len(SHIPPED) >= 4
+    for name in SHIPPED:
+        hw = fqtsim.load_hw(HW_DIR / f"{name}.yaml")
+        assert hw.name == name
+        assert hw.tcm.size_bytes > 0 and hw.array.rows * hw.array.cols > 0
+
+
+def test_config_is_immutable():
+    hw = fqtsim.load_hw(HW_DIR / "npu.yaml")
+    with pytest.raises(AttributeError):
+        hw.accumulator.bits = 16
+
+
+def test_acc16_config_spills_and_saturates():
+    acc = fqtsim.load_hw(HW_DIR / "npu-acc16.yaml").accumulator
+    assert (acc.bits, acc.overflow, acc.spill_every, acc.psum_bits) == (16, "saturate", 64, 32)
+
+
+def write(tmp_path, data, text=None):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("array.operand_bits", 9, "2..8"),
+    ("array.operand_bits", 1, "2..8"),
+    ("accumulator.bits", 7, "8..64"),
+    ("accumulator.bits", 65, "8..64"),
+    ("accumulator.psum_bits", 128, "8..64"),
+    ("accumulator.overflow", "clamp", "'wrap' or 'saturate'"),
+    ("accumulator.spill_every", 0, "integer >= 1"),
+    ("tcm.size_kib", 0, "> 0"),
+    ("tcm.size_kib", -4, "> 0"),
+    ("ddr.bytes_per_cycle", 0, "> 0"),
+    ("tcm.read_bytes_per_cycle", "fast", "> 0"),
+    ("array.rows", 16.5, "integer"),
+    ("array.rows", True, "integer"),
+    ("mapping.double_buffer", "yes", "true or false"),
+    ("mapping.loop_order", ["k", "m"], "[n, m] or [m, n]"),
+    ("vector.rng.cycles", 0, "> 0"),
+    ("array", [16, 16], "mapping"),
+])
+def test_bad_values_name_file_key_and_allowed(tmp_path, key, value, expect):
+    d = hw_dict("npu")
+    set_key(d, key, value)
+    path = write(tmp_path, d)
+    with pytest.raises(ValueError) as err:
+        fqtsim.load_hw(path)
+    msg = str(err.value)
+    assert str(path) in msg and key in msg and expect in msg, msg
+
+
+def test_missing_key(tmp_path):
+    d = hw_dict("npu")
+    del d["tcm"]["read_pj_per_byte"]
+    with pytest.raises(ValueError, match=r"tcm\.read_pj_per_byte: missing; expected a number >= 0"):
+        fqtsim.load_hw(write(tmp_path, d))
+
+
+def test_unknown_key(tmp_path):
+    d = hw_dict("npu")
+    d["accumulator"]["width"] = 16
+    with pytest.raises(ValueError, match=r"accumulator: unknown key 'width'; allowed keys: bits"):
+        fqtsim.load_hw(write(tmp_path, d))
+
+
+def test_psum_narrower_than_accumulator(tmp_path):
+    d = hw_dict("npu-acc16")
+    d["accumulator"]["psum_bits"] = 12
+    with pytest.raises(ValueError, match="psum_bits >= bits"):
+        fqtsim.load_hw(write(tmp_path, d))
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("- just\n- a list\n", "top level: expected a mapping"),
+    ("name: [unclosed\n", "not valid YAML"),
+    ("", "top level: expected a mapping"),
+])
+def test_not_a_mapping_or_not_yaml(tmp_path, text, expect):
+    with pytest.raises(ValueError, match=expect):
+        fqtsim.load_hw(write(tmp_path, None, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="cannot read the hardware config"):
+        fqtsim.load_hw(tmp_path / "nope.yaml")
