@@ -116,13 +116,14 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
     candidates = [make(tm, tn, tk) for tk in tks
                   for tm in choices(mp.tile_m, m, arr.rows) for tn in choices(mp.tile_n, n, arr.cols)]
     if mp.tile_k is None:  # K does not fit whole: one fold per tile, the longest K slice that fits
-        tm, tn = min(mp.tile_m or arr.rows, m, arr.rows), min(mp.tile_n or arr.cols, n, arr.cols)
-        per_k = buffers * (nbytes(tm, a_bits) + nbytes(tn, b_bits))
-        tk = min(k - 1, int((capacity - make(tm, tn, 0).footprint) // per_k))
-        while tk >= 1 and make(tm, tn, tk).footprint > capacity:  # ceil of packed sub-byte tiles
-            tk -= 1
-        if tk >= 1:
-            candidates.append(make(tm, tn, tk))
+        for tm in choices(mp.tile_m, m, arr.rows) if mp.tile_m else choices(None, min(m, arr.rows), 1):
+            for tn in choices(mp.tile_n, n, arr.cols) if mp.tile_n else choices(None, min(n, arr.cols), 1):
+                per_k = buffers * (nbytes(tm, a_bits) + nbytes(tn, b_bits))
+                tk = min(k - 1, int((capacity - make(tm, tn, 0).footprint) // per_k))
+                while tk >= 1 and make(tm, tn, tk).footprint > capacity:  # packed sub-byte tiles
+                    tk -= 1
+                if tk >= 1:
+                    candidates.append(make(tm, tn, tk))
     fitting = [t for t in candidates if t.footprint <= capacity and one_fold_ok(t)]
     if not fitting:
         raise ValueError(f"{hw.name}: no tiling of GEMM {m}x{k}x{n} ({a_bits}x{b_bits}-bit "

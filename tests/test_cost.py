@@ -1,0 +1,208 @@
+"""The emulating device's ledger equals the closed-form cost model; hand formulas on simple configs."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import fqtsim.cost
+from conftest import HW_DIR, SHIPPED
+from fqtsim import load_hw
+from fqtsim.device import Device
+from fqtsim.mapping import plan
+
+KEY = ["event", "level"]
+
+
+def codes(rng, shape, bits, signed):
+    if signed:
+        return rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), shape).astype(np.int8)
+    return rng.integers(0, 1 << bits, shape).astype(np.uint8)
+
+
+def run_both(hw, m, n, k, *, a_bits=8, b_bits=8, signed=True, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    dev = Device(hw)
+    dev.gemm(codes(rng, (m, k), a_bits, signed), codes(rng, (k, n), b_bits, signed),
+             a_bits=a_bits, b_bits=b_bits, name="g", **kw)
+    emulated = dev.ledger[dev.ledger.event != "overflow"]
+    closed = fqtsim.cost.gemm(hw, m, n, k, a_bits=a_bits, b_bits=b_bits, name="g", **kw)
+    return emulated.set_index(KEY).sort_index(), closed.set_index(KEY).sort_index()
+
+
+def assert_same(emulated, closed):
+    assert list(emulated.index) == list(closed.index)
+    assert (emulated["count"] == closed["count"]).all(), (emulated["count"], closed["count"])
+    assert (emulated["bytes"] == closed["bytes"]).all(), (emulated["bytes"], closed["bytes"])
+    np.testing.assert_allclose(emulated["energy_pj"], closed["energy_pj"], rtol=1e-12)
+    np.testing.assert_allclose(emulated["cycles"], closed["cycles"], rtol=1e-12, atol=1e-9)
+
+
+gemm_cases = st.fixed_dictionaries({
+    "m": st.integers(1, 300), "n": st.integers(1, 300), "k": st.integers(1, 1500),
+    "a_bits": st.sampled_from([2, 4, 8]), "b_bits": st.sampled_from([3, 4, 8]),
+    "signed": st.booleans(), "out_bits": st.sampled_from([4, 8]),
+    "writeback": st.sampled_from(["fused", "materialized"]),
+    "scope": st.sampled_from(["tensor", "rows"]), "seed": st.integers(0, 2**16),
+})
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=gemm_cases)
+def test_ledger_equals_closed_form_on_shipped_configs(name, case):
+    assert_same(*run_both(load_hw(HW_DIR / f"{name}.yaml"), **case))
+
+
+VARIANTS = {
+    "single buffer": {"mapping.double_buffer": False},
+    "m outer": {"mapping.loop_order": ["m", "n"]},
+    "given tiles": {"mapping.tile_m": 48, "mapping.tile_n": 40, "mapping.tile_k": None},
+    "k tiled": {"mapping.tile_m": 16, "mapping.tile_n": 16, "mapping.tile_k": 100},
+    "tiny tcm": {"tcm.size_kib": 2},
+    "spill 7": {"accumulator.spill_every": 7, "accumulator.bits": 20, "accumulator.psum_bits": 24},
+    "spill 1000": {"accumulator.spill_every": 1000},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=gemm_cases)
+def test_ledger_equals_closed_form_on_variants(make_hw, variant, case):
+    base = "npu-acc16" if variant.startswith("spill") else "npu"
+    assert_same(*run_both(make_hw(base, **VARIANTS[variant]), **case))
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 2000, 1), (333, 1, 77), (1024, 1024, 1024),
+                                     (4096, 576, 64), (128, 784, 512), (784, 128, 512)])
+@pytest.mark.parametrize("name", SHIPPED)
+def test_ledger_equals_closed_form_on_edge_and_bench_shapes(name, m, k, n):
+    assert_same(*run_both(load_hw(HW_DIR / f"{name}.yaml"), m, n, k, writeback="materialized",
+                          scope="rows"))
+
+
+def unit(make_hw, **overrides):
+    """npu with every energy 1 pJ and DDR fast enough never to stall: costs become hand formulas."""
+    ones = {f"{lvl}.{rw}_pj_per_byte": 1.0 for lvl in ("tcm", "ddr") for rw in ("read", "write")}
+    ones |= {"energy.mult_8x8_pj": 1.0, "energy.add_32_pj": 1.0, "vector.requant.pj": 1.0}
+    ones |= {"ddr.bytes_per_cycle": 1e9, "tcm.read_bytes_per_cycle": 1e9,
+             "tcm.write_bytes_per_cycle": 1e9}
+    return make_hw("npu", **(ones | overrides))
+
+
+def rows_of(ledger):
+    return {(r.event, r.level): r for r in ledger.itertuples()}
+
+
+def test_scale_sim_output_stationary_mapping(make_hw):
+    # SCALE-Sim / ZigZag order on a 16x16 array: column folds outer, row folds inner, whole K in a
+    # fold: DRAM reads M*K*ceil(N/16) for A, K*N for B, M*N writes for C.
+    hw = unit(make_hw, **{"mapping.tile_m": 16, "mapping.tile_n": 16})
+    m, k, n = 100, 300, 70
+    r = rows_of(fqtsim.cost.gemm(hw, m, n, k))
+    assert r["load_a", "ddr"].count == m * k * math.ceil(n / 16)
+    assert r["load_b", "ddr"].count == k * n
+    assert r["writeback", "ddr"].count == m * n and r["writeback", "ddr"].bytes == m * n
+    assert r["mac", "array"].count == m * n * k
+    # compute-bound: ceil(M/16) * ceil(N/16) folds of K cycles each, no stall
+    assert r["mac", "array"].cycles == math.ceil(m / 16) * math.ceil(n / 16) * k
+    assert r["stall", "ddr"].cycles == 0 and r["stall", "tcm"].cycles == 0
+
+
+def test_unit_energies_are_hand_formulas(make_hw):
+    hw = unit(make_hw)
+    m, k, n = 64, 200, 48
+    led = fqtsim.cost.gemm(hw, m, n, k, a_bits=4, b_bits=8, out_bits=4)
+    r = rows_of(led)
+    assert r["mac", "array"].energy_pj == m * n * k * (4 * 8 / 64 + 32 / 32)
+    assert r["load_a", "ddr"].bytes == m * k / 2          # 4-bit codes, two a byte
+    assert r["load_a", "ddr"].energy_pj == 2 * r["load_a", "ddr"].bytes  # DDR read + TCM write
+    assert r["read_b", "tcm"].energy_pj == r["read_b", "tcm"].bytes
+    assert r["writeback", "ddr"].bytes == m * n / 2
+    assert r["writeback", "ddr"].energy_pj == 3 * m * n / 2  # TCM write + read + DDR write
+    assert r["requantize", "array"].energy_pj == m * n
+    assert led.energy_pj.sum() == pytest.approx(sum(x.energy_pj for x in r.values()))
+
+
+def test_spill_traffic_hand_formula(make_hw):
+    hw = unit(make_hw, **{"accumulator.bits": 16, "accumulator.spill_every": 64})
+    m, k, n = 32, 200, 16
+    r = rows_of(fqtsim.cost.gemm(hw, m, n, k))
+    spills = m * n * math.ceil(k / 64)
+    assert r["psum_spill", "tcm"].count == spills
+    # each spill writes 4 bytes; all but the first per output also read 4
+    assert r["psum_spill", "tcm"].bytes == 4 * spills + 4 * (spills - m * n)
+    assert r["psum_spill", "tcm"].energy_pj == spills * 1.0 + r["psum_spill", "tcm"].bytes
+    assert r["psum_drain", "tcm"].bytes == 4 * m * n
+
+
+def test_materialized_output_lands_in_tcm_when_it_fits_else_ddr(make_hw):
+    hw = make_hw("npu")
+    small = rows_of(fqtsim.cost.gemm(hw, 64, 64, 64, writeback="materialized"))
+    assert ("writeback", "tcm") in small and small["writeback", "tcm"].bytes == 64 * 64 * 4
+    big = rows_of(fqtsim.cost.gemm(hw, 1024, 1024, 64, writeback="materialized"))
+    assert big["writeback", "ddr"].bytes == 1024 * 1024 * 4
+    acc16 = rows_of(fqtsim.cost.gemm(make_hw("npu-acc16"), 64, 64, 64, writeback="materialized"))
+    assert acc16["writeback", "tcm"].bytes == 64 * 64 * 4  # spilled results are 32-bit partial sums
+
+
+def test_row_scope_holds_a_band_only_when_rows_finish_early(make_hw):
+    m, k, n = 2048, 64, 256   # 2 MiB of 32-bit outputs: never fits 256 KiB of TCM whole
+    n_outer = make_hw("npu", **{"mapping.tile_m": 64, "mapping.tile_n": 64})
+    m_outer = make_hw("npu", **{"mapping.tile_m": 64, "mapping.tile_n": 64, "mapping.loop_order": ["m", "n"]})
+    assert ("writeback", "ddr") in rows_of(fqtsim.cost.gemm(n_outer, m, n, k, writeback="materialized", scope="rows"))
+    assert ("writeback", "tcm") in rows_of(fqtsim.cost.gemm(m_outer, m, n, k, writeback="materialized", scope="rows"))
+    assert ("writeback", "ddr") in rows_of(fqtsim.cost.gemm(m_outer, m, n, k, writeback="materialized", scope="tensor"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_derived_tiles_fit_tcm(name):
+    hw = load_hw(HW_DIR / f"{name}.yaml")
+    for m, k, n in [(1, 1, 1), (4096, 576, 64), (7, 100000, 9), (1024, 1024, 1024)]:
+        t = plan(hw, m, n, k, 8, 8, 8)
+        assert t.footprint <= hw.tcm.size_bytes and t.tk <= k
+
+
+def test_tile_that_cannot_fit(make_hw):
+    hw = make_hw("npu", **{"mapping.tile_m": 512, "mapping.tile_n": 512, "mapping.tile_k": 1024})
+    with pytest.raises(ValueError, match="need .* B of TCM.*tile_m/tile_n/tile_k smaller"):
+        fqtsim.cost.gemm(hw, 1024, 1024, 1024)
+    tiny = make_hw("mcu", **{"tcm.size_kib": 0.001})
+    with pytest.raises(ValueError, match="fits 1 B of TCM.*raise tcm.size_kib"):
+        fqtsim.cost.gemm(tiny, 64, 64, 64)
+
+
+def test_k_tile_needs_one_fold(make_hw):
+    hw = make_hw("npu", **{"mapping.tile_m": 32, "mapping.tile_n": 16, "mapping.tile_k": 8})
+    with pytest.raises(ValueError, match="tile_k = 8 < K = 64 needs tile_m <= array.rows"):
+        fqtsim.cost.gemm(hw, 64, 64, 64)
+
+
+def test_bad_gemm_arguments():
+    hw = load_hw(HW_DIR / "npu.yaml")
+    dev = Device(hw)
+    a = np.zeros((4, 5), np.int8)
+    with pytest.raises(ValueError, match="a_bits: got 9; npu's MACs take operand codes of 2..8"):
+        fqtsim.cost.gemm(hw, 4, 4, 4, a_bits=9)
+    with pytest.raises(ValueError, match="k: got 0"):
+        fqtsim.cost.gemm(hw, 4, 4, 0)
+    with pytest.raises(ValueError, match="writeback: got 'late'"):
+        dev.gemm(a, np.zeros((5, 3), np.int8), writeback="late")
+    with pytest.raises(ValueError, match="inner dimensions differ"):
+        dev.gemm(a, np.zeros((4, 3), np.int8))
+    with pytest.raises(ValueError, match="b: dtype float32"):
+        dev.gemm(a, np.zeros((5, 3), np.float32))
+    with pytest.raises(ValueError, match=r"a: codes span 9..9, outside the 3-bit signed range -4..3"):
+        dev.gemm(np.full((4, 5), 9, np.int8), np.zeros((5, 3), np.int8), a_bits=3)
+
+
+def test_device_results_and_ledger_accumulate():
+    hw = load_hw(HW_DIR / "npu.yaml")
+    dev = Device(hw)
+    rng = np.random.default_rng(1)
+    a, b = codes(rng, (30, 40), 8, True), codes(rng, (40, 20), 8, True)
+    c = dev.gemm(a, b)
+    np.testing.assert_array_equal(c, a.astype(np.int64) @ b.astype(np.int64))
+    dev.gemm(a, b, name="second")
+    assert list(dev.ledger.gemm.unique()) == ["gemm0", "second"]
+    assert dev.ledger[dev.ledger.event == "overflow"]["count"].sum() == 0
