@@ -1,0 +1,95 @@
+"""The `fqtsim` command line: closed-form costs and kernel benchmarks.
+
+    fqtsim cost --hw hw_configs/npu.yaml --gemm 128x784x512 [--gemm ...] [--csv costs.csv]
+    fqtsim bench
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+import pandas as pd
+
+DEFAULT_HW = "hw_configs/npu.yaml"
+
+
+def parse_gemm(text: str) -> tuple[int, int, int]:
+    """'MxKxN' -> (M, K, N): A is M x K, B is K x N."""
+    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text.strip())
+    if not match or 0 in (dims := tuple(int(g) for g in match.groups())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not MxKxN with positive integers, e.g. 128x784x512")
+    return dims
+
+
+def bits(text: str) -> int:
+    if not text.isdigit() or not 2 <= int(text) <= 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer in 2..8")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fqtsim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cost = sub.add_parser("cost", help="closed-form bytes, ops, energy and cycles of GEMMs")
+    cost.add_argument("--hw", default=DEFAULT_HW, help=f"hardware config YAML (default {DEFAULT_HW})")
+    cost.add_argument("--gemm", type=parse_gemm, action="append", required=True, metavar="MxKxN",
+                      help="GEMM shape: A is M x K, B is K x N; repeat for several")
+    cost.add_argument("--a-bits", type=bits, default=8, help="A operand code bits (default 8)")
+    cost.add_argument("--b-bits", type=bits, default=8, help="B operand code bits (default 8)")
+    cost.add_argument("--out-bits", type=bits, default=8, help="output code bits (default 8)")
+    cost.add_argument("--writeback", choices=["fused", "materialized"], default="fused",
+                      help="requantize in the output pipeline, or write accumulator-width results")
+    cost.add_argument("--scope", choices=["tensor", "rows"], default="tensor",
+                      help="range scope a materialized output is held for (default tensor)")
+    cost.add_argument("--csv", metavar="PATH", help="also write the event table as CSV")
+
+    sub.add_parser("bench", help="emulated integer GEMM time against numpy float32 matmul")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ValueError as e:  # bad configs and impossible GEMMs: one line, no traceback
+        parser.exit(2, f"fqtsim {args.command}: error: {e}\n")
+
+
+def cmd_cost(args) -> int:
+    import fqtsim.cost
+    from fqtsim import load_hw
+    from fqtsim.files import write_atomic
+    from fqtsim.ledger import summarize
+
+    hw = load_hw(args.hw)
+    ledger = pd.concat([fqtsim.cost.gemm(hw, m, n, k, a_bits=args.a_bits, b_bits=args.b_bits,
+                                         out_bits=args.out_bits, writeback=args.writeback,
+                                         scope=args.scope, name=f"{m}x{k}x{n}")
+                        for m, k, n in args.gemm], ignore_index=True)
+    print(f"{hw.name}: {hw.description}\n")
+    with pd.option_context("display.width", 200, "display.float_format", "{:,.0f}".format):
+        print(ledger.to_string(index=False))
+        print("\ntotals (bytes moved by level, MACs, energy in pJ, elapsed cycles):")
+        print(summarize(ledger).to_string(index=False))
+    if args.csv:
+        write_atomic(args.csv, ledger.to_csv(index=False))
+        print(f"\nwrote {args.csv}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from fqtsim.bench import format_bench, gemm_bench
+
+    print("emulated integer GEMM vs numpy float32 matmul, same shape, same process "
+          "(ratio = sgemm time / emulated time; higher is better)")
+    print(format_bench(gemm_bench()))
+    return 0
+
+
+COMMANDS = {"cost": cmd_cost, "bench": cmd_bench}
+
+if __name__ == "__main__":
+    sys.exit(main())
