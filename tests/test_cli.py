@@ -1,0 +1,41 @@
+"""The fqtsim command itself: output, CSV, and one-line errors with exit code 2."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import HW_DIR
+from fqtsim.cli import main
+
+
+def test_cost_prints_table_and_writes_csv(tmp_path, capsys):
+    csv = tmp_path / "out" / "costs.csv"
+    assert main(["cost", "--hw", str(HW_DIR / "npu-acc16.yaml"), "--gemm", "128x784x512",
+                 "--gemm", "4096x576x64", "--writeback", "materialized", "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "npu-acc16" in out and "psum_spill" in out and "ddr_bytes" in out
+    table = pd.read_csv(csv)
+    assert set(table.gemm) == {"128x784x512", "4096x576x64"}
+    assert table[table.event == "mac"]["count"].tolist() == [128 * 784 * 512, 4096 * 576 * 64]
+    assert [p.name for p in csv.parent.iterdir()] == ["costs.csv"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["cost", "--gemm", "12x0x3"], "'12x0x3' is not MxKxN"),
+    (["cost", "--gemm", "4x4x4", "--hw", "missing.yaml"], "missing.yaml: cannot read"),
+    (["cost", "--gemm", "4x4x4", "--a-bits", "9"], "expected an integer in 2..8"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expect, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err
+
+
+def test_console_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "fqtsim.cli", "cost", "--gemm", "64x64x64"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "64x64x64" in done.stdout
