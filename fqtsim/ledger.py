@@ -5,7 +5,7 @@ where, how many, how many bytes, how many cycles); this module alone prices them
 the energy table of the hardware model lives in one place.
 
 Events (level):
-    mac (array)          MACs; cycles = compute cycles of the array
+    mac_AxB (array)      MACs of A-bit by B-bit operands; cycles = compute cycles of the array
     overflow (array)     accumulator / partial-sum add steps that overflowed (emulation only)
     requantize (array)   fused requantization in the output pipeline, one op per output
     load_a, load_b (ddr) operand tiles DDR -> TCM
@@ -33,6 +33,10 @@ class GemmSpec:
     """What a GEMM's events are priced by: operand widths and the hardware's accumulator."""
     a_bits: int
     b_bits: int
+
+    def name(self, event: str) -> str:
+        """Ledger name of a raw event: MACs are named by operand widths (mac_4x8)."""
+        return f"mac_{self.a_bits}x{self.b_bits}" if event == "mac" else event
 
 
 def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float, nbytes: float) -> float:
@@ -62,8 +66,8 @@ def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float
 
 def frame(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> pd.DataFrame:
     """Price raw events {(event, level): [count, bytes, cycles]} into ledger rows."""
-    rows = [(gemm, ev, lvl, int(c), float(b), energy_pj(hw, spec, ev, lvl, c, b), float(cy))
-            for (ev, lvl), (c, b, cy) in sorted(events.items(), key=_order)]
+    rows = [(gemm, spec.name(ev), lvl, int(c), float(b), energy_pj(hw, spec, ev, lvl, c, b),
+             float(cy)) for (ev, lvl), (c, b, cy) in sorted(events.items(), key=_order)]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -89,7 +93,7 @@ def summarize(ledger: pd.DataFrame) -> pd.DataFrame:
     moved = ledger[ledger.level.isin(["tcm", "ddr"]) & (ledger.event != "stall")]
     out = moved.pivot_table(index="gemm", columns="level", values="bytes", aggfunc="sum",
                             fill_value=0.0, sort=False).add_suffix("_bytes")
-    macs = ledger[ledger.event == "mac"].groupby("gemm", sort=False)["count"].sum().rename("macs")
+    macs = ledger[ledger.event.str.startswith("mac_")].groupby("gemm", sort=False)["count"].sum().rename("macs")
     totals = ledger.groupby("gemm", sort=False)[["energy_pj", "cycles"]].sum()
     out = pd.concat([out, macs, totals], axis=1)
     ovf = ledger[ledger.event == "overflow"].groupby("gemm", sort=False)["count"].sum()

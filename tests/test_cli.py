@@ -17,7 +17,7 @@ def test_cost_prints_table_and_writes_csv(tmp_path, capsys):
     assert "npu-acc16" in out and "psum_spill" in out and "ddr_bytes" in out
     table = pd.read_csv(csv)
     assert set(table.gemm) == {"128x784x512", "4096x576x64"}
-    assert table[table.event == "mac"]["count"].tolist() == [128 * 784 * 512, 4096 * 576 * 64]
+    assert table[table.event == "mac_8x8"]["count"].tolist() == [128 * 784 * 512, 4096 * 576 * 64]
     assert [p.name for p in csv.parent.iterdir()] == ["costs.csv"]  # no temporary left behind
 
 

@@ -103,9 +103,9 @@ def test_scale_sim_output_stationary_mapping(make_hw):
     assert r["load_a", "ddr"].count == m * k * math.ceil(n / 16)
     assert r["load_b", "ddr"].count == k * n
     assert r["writeback", "ddr"].count == m * n and r["writeback", "ddr"].bytes == m * n
-    assert r["mac", "array"].count == m * n * k
+    assert r["mac_8x8", "array"].count == m * n * k
     # compute-bound: ceil(M/16) * ceil(N/16) folds of K cycles each, no stall
-    assert r["mac", "array"].cycles == math.ceil(m / 16) * math.ceil(n / 16) * k
+    assert r["mac_8x8", "array"].cycles == math.ceil(m / 16) * math.ceil(n / 16) * k
     assert r["stall", "ddr"].cycles == 0 and r["stall", "tcm"].cycles == 0
 
 
@@ -114,7 +114,7 @@ def test_unit_energies_are_hand_formulas(make_hw):
     m, k, n = 64, 200, 48
     led = fqtsim.cost.gemm(hw, m, n, k, a_bits=4, b_bits=8, out_bits=4)
     r = rows_of(led)
-    assert r["mac", "array"].energy_pj == m * n * k * (4 * 8 / 64 + 32 / 32)
+    assert r["mac_4x8", "array"].energy_pj == m * n * k * (4 * 8 / 64 + 32 / 32)
     assert r["load_a", "ddr"].bytes == m * k / 2          # 4-bit codes, two a byte
     assert r["load_a", "ddr"].energy_pj == 2 * r["load_a", "ddr"].bytes  # DDR read + TCM write
     assert r["read_b", "tcm"].energy_pj == r["read_b", "tcm"].bytes
