@@ -1,0 +1,94 @@
+"""Quantizers: forward (weights, activations) and gradient (PTQ, PSQ, BHQ, per-column).
+
+Each returns a `Quantized`: unsigned integer codes with their scales and offsets (and BHQ's
+transform), which the integer GEMM consumes, and whose `dequantize()` is the exact float
+equivalent. Rows are samples (axis 0), as in the gradient dY of a layer.
+
+    ptq   one range for the whole tensor
+    psq   one range per row (sample)
+    bhq   block Householder transform across rows, then one range per transformed row
+    pcq   one range per column (output feature): the weight-gradient GEMM's quantizer
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fqtsim.quantizers.affine import Quantized, check_bits, group_range, quantize_affine
+from fqtsim.quantizers.bhq import BlockHouseholder, block_householder
+
+GRADIENT_METHODS = ("ptq", "psq", "bhq")
+_GROUPS = {"ptq": "tensor", "psq": "rows", "bhq": "rows", "pcq": "cols"}
+
+__all__ = ["BlockHouseholder", "GRADIENT_METHODS", "Quantized", "fake_quantize",
+           "quantize_activation", "quantize_gradient", "quantize_weight", "variance_bound"]
+
+
+def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Generator | None = None,
+                      *, lo=None, hi=None) -> Quantized:
+    """Stochastically rounded codes of gradient `x` (rows = samples) by `method`.
+
+    `lo`/`hi`: ranges known before the data (delayed policy), shaped per group; values outside
+    are clipped and counted in `clipped`. None: the data's own ranges (dynamic policy).
+    """
+    if method not in _GROUPS:
+        raise ValueError(f"method: got {method!r}; expected one of {', '.join(_GROUPS)}")
+    x = np.asarray(x, dtype=np.float64)
+    if method != "bhq":
+        return quantize_affine(x, bits, _GROUPS[method], stochastic=True, rng=rng, lo=lo, hi=hi)
+    check_bits(bits)
+    if x.ndim != 2:
+        raise ValueError(f"x: got a {x.ndim}-D array; quantizers take 2-D (rows = samples) arrays")
+    row_lo, row_hi = group_range(x, "rows")
+    transform = block_householder((row_hi - row_lo).ravel())
+    q = quantize_affine(transform.apply(x), bits, "rows", stochastic=True, rng=rng)
+    return Quantized(q.codes, q.scale, q.offset, q.bits, "rows", transform, q.clipped, q.ranges)
+
+
+def fake_quantize(x: np.ndarray, method: str, bits: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Quantize then dequantize (BHQ: then the inverse transform): a float array of x's shape."""
+    return quantize_gradient(x, method, bits, rng).dequantize()
+
+
+def quantize_weight(w: np.ndarray, bits: int = 8, per_channel: bool = False) -> Quantized:
+    """Symmetric round-to-nearest signed weight codes (int8), per tensor or per output channel
+    (row of w): zero is exact and needs no zero-point correction."""
+    bits = check_bits(bits)
+    w = np.asarray(w, dtype=np.float64)
+    half = (1 << (bits - 1)) - 1
+    peak = np.abs(w).max(axis=1 if per_channel else None, keepdims=True)
+    scale = np.where(peak > 0, peak / half, 1.0)
+    codes = np.clip(np.rint(w / scale), -half, half).astype(np.int8)
+    return Quantized(codes, scale, np.zeros_like(scale), bits, "rows" if per_channel else "tensor")
+
+
+def quantize_activation(x: np.ndarray, bits: int = 8) -> Quantized:
+    """Per-tensor affine round-to-nearest activation codes."""
+    return quantize_affine(x, bits, "tensor", stochastic=False)
+
+
+def variance_bound(x: np.ndarray, method: str, bits: int) -> float:
+    """Upper bound on E||Q(x) - x||^2 for stochastic rounding (sum over all elements).
+
+    Each SR'd element has variance <= bin^2 / 4. PTQ: N D R(x)^2 / (4 B^2); PSQ:
+    D sum_i R(x_i)^2 / (4 B^2); BHQ: the same per transformed row, carried back through
+    T^-1 = diag(1/s) H: row l's noise reaches row i with weight H_il^2 / s_i^2.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    top = (1 << check_bits(bits)) - 1
+    n, d = x.shape
+    if method == "ptq":
+        return n * d * float(np.ptp(x)) ** 2 / (4 * top**2)
+    if method == "psq":
+        return d * float((np.ptp(x, axis=1) ** 2).sum()) / (4 * top**2)
+    if method == "bhq":
+        t = block_householder(np.ptp(x, axis=1))
+        per_row = np.ptp(t.apply(x), axis=1) ** 2 / (4 * top**2) * d   # noise of each T x row
+        gain = 1.0 / t.scales**2    # sum_i H_il^2 / s_i^2, from H's three distinct entries
+        for rows, v in zip(t.blocks, t.vectors):
+            if v is not None:
+                inv = 1.0 / t.scales[rows] ** 2
+                size, off = len(rows), 2.0 * v[1] * v[1]
+                gain[rows[0]] = inv.sum() / size
+                gain[rows[1:]] = inv[0] / size + (1 - off) ** 2 * inv[1:] + off**2 * (inv[1:].sum() - inv[1:])
+        return float((per_row * gain).sum())
+    raise ValueError(f"method: got {method!r}; expected one of {', '.join(GRADIENT_METHODS)}")
