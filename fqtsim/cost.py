@@ -12,22 +12,26 @@ import math
 import pandas as pd
 
 from fqtsim.hw import HWConfig
-from fqtsim.ledger import GemmSpec, add, frame
+from fqtsim.ledger import GemmSpec, add, frame, merge
 from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
-                            stored_output_bits, wide_bits, wide_level)
+                            stored_output_bits, wide_level)
+from fqtsim.schedule import QuantScheme, input_events, output_events
 
 
 def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int = 8,
          out_bits: int = 8, writeback: str = "fused", scope: str = "tensor",
-         name: str = "gemm") -> pd.DataFrame:
+         a_quant: QuantScheme | None = None, name: str = "gemm") -> pd.DataFrame:
     """Ledger rows of one (M x K) @ (K x N) GEMM with `a_bits` x `b_bits` operand codes.
 
     `writeback="fused"` requantizes in the output pipeline and writes `out_bits` codes to DDR;
     `"materialized"` writes the raw result at accumulator width (partial-sum width when the
     accumulator spills), to TCM when the live part of its range `scope` fits beside the tiles,
-    else to DDR.
+    else to DDR. `a_quant`: A is a gradient quantized by that scheme on the device, with the
+    passes of `fqtsim.schedule` before and after the GEMM (BHQ materializes the whole output).
     """
     check_gemm(hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+    if a_quant is not None and a_quant.method == "bhq":
+        writeback, scope = "materialized", "tensor"
     out_store = stored_output_bits(hw, writeback, out_bits)
     tiling = plan(hw, m, n, k, a_bits, b_bits, out_store)
     level = "ddr"
@@ -79,6 +83,9 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
                 add(events, "requantize", "array", times * sm * sn)
             add(events, "stall", "ddr", 0, 0.0, times * stall_ddr)
             add(events, "stall", "tcm", 0, 0.0, times * stall_tcm)
+    if a_quant is not None:
+        merge(events, input_events(hw, tiling, a_quant, m, k, a_bits))
+        merge(events, output_events(hw, a_quant, m, n, k, out_bits, level))
     return frame(hw, name, GemmSpec(a_bits, b_bits), events)
 
 

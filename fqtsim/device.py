@@ -13,9 +13,12 @@ import numpy as np
 import pandas as pd
 
 from fqtsim.hw import HWConfig
-from fqtsim.ledger import COLUMNS, GemmSpec, add, frame
+from fqtsim.ledger import COLUMNS, GemmSpec, add, frame, merge
 from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
                             stored_output_bits, wide_level)
+from fqtsim.passes import input_passes, output_passes
+from fqtsim.quantizers import Quantized
+from fqtsim.schedule import QuantScheme
 from kernels import int_gemm
 
 
@@ -42,6 +45,29 @@ class Device:
         `a`, `b`: int8 (signed) or uint8 (unsigned) arrays of `a_bits`/`b_bits`-bit codes. The
         write-back arguments are those of `fqtsim.cost.gemm`.
         """
+        return self._run(a, b, a_bits, b_bits, out_bits, writeback, scope, name)
+
+    def matmul(self, a: Quantized, b: Quantized, *, scheme: QuantScheme | None = None,
+               out_bits: int = 8, name: str | None = None) -> np.ndarray:
+        """The float product of two quantized operands, computed as integer hardware does.
+
+        The integer GEMM runs on the codes; scales, offsets (a rank-1 correction with the other
+        operand's column or row sums) and BHQ's inverse transform are applied to its output.
+        `scheme`: how `a`, a gradient, was quantized on the device (its passes are recorded);
+        None for static codes. Scales must not vary along the reduction dimension: A per tensor
+        or per row, B per tensor or per column.
+        """
+        _check_realizable(a, b, scheme)
+        c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, "fused", "tensor", name,
+                      a_quant=scheme, qa=a)
+        out = a.scale * (c * b.scale)
+        if b.offset.any():  # B's codes stand for offset + scale * q too
+            out += (a.scale * a.codes.sum(axis=1, keepdims=True, dtype=np.int64)) * b.offset
+            out += a.codes.shape[1] * a.offset * b.offset
+        out += a.offset * (b.codes.sum(axis=0, keepdims=True, dtype=np.int64) * b.scale)
+        return out if a.transform is None else a.transform.inverse(out)
+
+    def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None, qa=None):
         if np.ndim(a) != 2 or np.ndim(b) != 2:
             raise ValueError(f"a, b: got {np.ndim(a)}-D and {np.ndim(b)}-D arrays; expected 2-D codes")
         (m, k), (kb, n) = a.shape, b.shape
@@ -50,21 +76,27 @@ class Device:
         check_gemm(self.hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope)
         _check_codes("a", a, a_bits)
         _check_codes("b", b, b_bits)
+        if a_quant is not None and a_quant.method == "bhq":
+            writeback, scope = "materialized", "tensor"  # T^-1 mixes output rows
         acc = self.hw.accumulator
         c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
                              spill_every=acc.spill_every, psum_bits=acc.psum_bits)
-        events = self._walk(m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+        tiling, level, events = self._walk(m, n, k, a_bits, b_bits, out_bits, writeback, scope)
         if events[("mac", "array")][0] != counts["macs"] or \
                 events.get(("psum_spill", "tcm"), [0])[0] != counts["spills"]:
             raise AssertionError("loop-nest walk and kernel disagree on MACs or spills")
         add(events, "overflow", "array", counts["overflows"])
+        if a_quant is not None:
+            merge(events, input_passes(self.hw, tiling, a_quant, qa))
+            merge(events, output_passes(self.hw, a_quant, qa, n, out_bits, level))
         name = name if name is not None else f"gemm{len(self._frames)}"
         self._frames.append(frame(self.hw, name, GemmSpec(a_bits, b_bits), events))
         self._ledger = None
         return c
 
-    def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope) -> dict:
-        """Walk the loop nest tile by tile, recording raw events per phase (one output tile)."""
+    def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope):
+        """Walk the loop nest tile by tile, recording raw events per phase (one output tile).
+        Returns the tiling, the level the output is written to, and the raw events."""
         hw = self.hw
         rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
         psum_bytes = nbytes(1, hw.accumulator.psum_bits)
@@ -129,7 +161,7 @@ class Device:
                 add(events, "mac", "array", 0, 0.0, compute)
                 add(events, "stall", "ddr", 0, 0.0, stall_ddr)
                 add(events, "stall", "tcm", 0, 0.0, stall_tcm)
-        return events
+        return t, level, events
 
 
 def _check_codes(name: str, x: np.ndarray, bits: int):
@@ -144,3 +176,21 @@ def _check_codes(name: str, x: np.ndarray, bits: int):
         raise ValueError(f"{name}: codes span {x.min()}..{x.max()}, outside the {bits}-bit "
                          f"{'signed' if x.dtype == np.int8 else 'unsigned'} range {lo}..{hi}; "
                          f"declare {name}_bits wide enough or requantize")
+
+
+def _check_realizable(a: Quantized, b: Quantized, scheme: QuantScheme | None):
+    """Integer hardware factors scales out of a sum only if they are constant along it."""
+    if a.group not in ("tensor", "rows"):
+        raise ValueError(f"a: per-{a.group[:-1]} scales vary along the GEMM's reduction dimension, "
+                         f"so they cannot be applied after the integer sum; quantize A per tensor "
+                         f"or per row (e.g. per output feature on the weight-gradient GEMM, not "
+                         f"per sample)")
+    if b.group not in ("tensor", "cols") or b.transform is not None:
+        raise ValueError(f"b: per-{b.group[:-1]} scales vary along the GEMM's reduction dimension, "
+                         f"so they cannot be applied after the integer sum; quantize B per tensor "
+                         f"or per column")
+    if scheme is not None:
+        expected = {"ptq": "tensor", "psq": "rows", "bhq": "rows"}[scheme.method]
+        if a.group != expected or (a.transform is not None) != (scheme.method == "bhq"):
+            raise ValueError(f"scheme: {scheme.method} does not match how a was quantized "
+                             f"(per {a.group}{', with a transform' if a.transform is not None else ''})")

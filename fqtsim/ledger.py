@@ -14,6 +14,22 @@ Events (level):
     psum_drain (tcm)     final partial sums read out of TCM for write-back
     writeback (ddr|tcm)  output written at its stored width (b-bit codes, or accumulator width)
     stall (ddr|tcm)      cycles the array waits on that memory; sum(cycles) = elapsed cycles
+Quantizer passes (see `fqtsim.schedule`), at a memory level for their traffic and at `vector`
+for their ops (count = elements; ops per element in PASS_OPS):
+    wide_write           gradient written at accumulator width before its range is known
+    range_pass           min/max reduction over the wide gradient
+    sort                 BHQ: bitonic compare network over the row ranges
+    transform            BHQ: block Householder and row scaling of the wide rows
+    requant_pass         stochastic rounding to b-bit codes
+    code_write (ddr)     b-bit codes written for the GEMM to load
+    sr_rng (array)       delayed ranges: random numbers drawn in the producer's output pipeline
+    clip (array)         delayed ranges: values clipped to the known range (emulation only)
+    colsum, zero_point   rank-1 correction for the codes' offsets: B's column sums, then one
+                         multiply-add per output
+    inverse_transform    BHQ: T^-1 on the wide output rows, then requantization
+    inverse_codes (ddr)  output codes written after the inverse transform
+A pass's vector row carries its vector cycles and its memory rows the time the memory needs
+beyond that, so that cycles still sum to elapsed time.
 Units: bytes, pJ, cycles of the array clock.
 """
 from __future__ import annotations
@@ -39,9 +55,52 @@ class GemmSpec:
         return f"mac_{self.a_bits}x{self.b_bits}" if event == "mac" else event
 
 
+# Vector-unit ops per element of each pass, by op kind of the config's vector table.
+PASS_OPS = {
+    "range_pass": {"minmax": 1},
+    "sort": {"compare": 1},
+    "transform": {"mul": 3, "add": 2},          # v^T x, x - 2 v (.), row scale
+    "requant_pass": {"rng": 1, "requant": 1},
+    "colsum": {"add": 1},
+    "zero_point": {"mul": 1, "add": 1},
+    "inverse_transform": {"mul": 3, "add": 2, "requant": 1},
+}
+# Direction of each pass's memory traffic at its level.
+PASS_MEMORY = {"wide_write": "write", "range_pass": "read", "transform": "read",
+               "requant_pass": "read", "code_write": "write", "inverse_transform": "read",
+               "inverse_codes": "write"}
+
+
+def pass_transfer_pj(hw: HWConfig, level: str, direction: str) -> float:
+    """pJ per byte a vector pass moves: at TCM directly; at DDR staged through TCM both ways."""
+    tcm, ddr = hw.tcm, hw.ddr
+    if level == "ddr":
+        return tcm.write_pj_per_byte + tcm.read_pj_per_byte + (
+            ddr.read_pj_per_byte if direction == "read" else ddr.write_pj_per_byte)
+    return tcm.read_pj_per_byte if direction == "read" else tcm.write_pj_per_byte
+
+
+def pass_memory_cycles(hw: HWConfig, level: str, direction: str, nbytes: float) -> float:
+    if level == "ddr":
+        return nbytes / hw.ddr.bytes_per_cycle
+    bandwidth = hw.tcm.read_bytes_per_cycle if direction == "read" else hw.tcm.write_bytes_per_cycle
+    return nbytes / bandwidth
+
+
+def vector_cycles(hw: HWConfig, event: str, count: int) -> float:
+    ops = PASS_OPS[event]
+    return -(-count // hw.vector.lanes) * sum(n * getattr(hw.vector, op).cycles for op, n in ops.items())
+
+
 def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float, nbytes: float) -> float:
     """Energy of one ledger row, from the config's tables."""
     tcm, ddr, acc = hw.tcm, hw.ddr, hw.accumulator
+    if level == "vector":
+        return count * sum(n * getattr(hw.vector, op).pj for op, n in PASS_OPS[event].items())
+    if event in PASS_MEMORY:
+        return nbytes * pass_transfer_pj(hw, level, PASS_MEMORY[event])
+    if event == "sr_rng":
+        return count * hw.vector.rng.pj
     if event == "mac":
         return count * hw.energy.mac_pj(spec.a_bits, spec.b_bits, acc.bits)
     if event in ("load_a", "load_b"):
@@ -59,20 +118,30 @@ def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float
         return nbytes * (tcm.write_pj_per_byte + tcm.read_pj_per_byte + ddr.write_pj_per_byte)
     if event == "requantize":
         return count * hw.vector.requant.pj
-    if event in ("stall", "overflow"):
+    if event in ("stall", "overflow", "clip"):
         return 0.0
     raise KeyError(f"no energy rule for event {event!r}")
 
 
 def frame(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> pd.DataFrame:
     """Price raw events {(event, level): [count, bytes, cycles]} into ledger rows."""
-    rows = [(gemm, spec.name(ev), lvl, int(c), float(b), energy_pj(hw, spec, ev, lvl, c, b),
-             float(cy)) for (ev, lvl), (c, b, cy) in sorted(events.items(), key=_order)]
+    vector = {ev: vector_cycles(hw, ev, c) for (ev, lvl), (c, b, cy) in events.items()
+              if lvl == "vector"}
+    rows = []
+    for (ev, lvl), (c, b, cy) in sorted(events.items(), key=_order):
+        if lvl == "vector":
+            cy = vector[ev]
+        elif ev in PASS_MEMORY:  # a pass takes the longer of its vector and memory time
+            cy = max(0.0, pass_memory_cycles(hw, lvl, PASS_MEMORY[ev], b) - vector.get(ev, 0.0))
+        rows.append((gemm, spec.name(ev), lvl, int(c), float(b),
+                     energy_pj(hw, spec, ev, lvl, c, b), float(cy)))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-EVENTS = ("mac", "overflow", "requantize", "load_a", "load_b", "read_a", "read_b",
-          "psum_spill", "psum_drain", "writeback", "stall")
+EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code_write",
+          "sr_rng", "clip", "mac", "overflow", "requantize", "load_a", "load_b", "read_a",
+          "read_b", "psum_spill", "psum_drain", "colsum", "zero_point", "writeback",
+          "inverse_transform", "inverse_codes", "stall")
 
 
 def _order(item):
@@ -86,6 +155,12 @@ def add(events: dict, event: str, level: str, count=0, nbytes=0.0, cycles=0.0):
     row[0] += count
     row[1] += nbytes
     row[2] += cycles
+
+
+def merge(events: dict, more: dict):
+    """Add the raw events of `more` into `events`."""
+    for (event, level), (count, nbytes, cycles) in more.items():
+        add(events, event, level, count, nbytes, cycles)
 
 
 def summarize(ledger: pd.DataFrame) -> pd.DataFrame:

@@ -15,11 +15,12 @@ import numpy as np
 
 from fqtsim.quantizers.affine import Quantized, check_bits, group_range, quantize_affine
 from fqtsim.quantizers.bhq import BlockHouseholder, block_householder
+from fqtsim.quantizers.ranges import DelayedRange
 
 GRADIENT_METHODS = ("ptq", "psq", "bhq")
 _GROUPS = {"ptq": "tensor", "psq": "rows", "bhq": "rows", "pcq": "cols"}
 
-__all__ = ["BlockHouseholder", "GRADIENT_METHODS", "Quantized", "fake_quantize",
+__all__ = ["BlockHouseholder", "DelayedRange", "GRADIENT_METHODS", "Quantized", "fake_quantize",
            "quantize_activation", "quantize_gradient", "quantize_weight", "variance_bound"]
 
 
@@ -27,8 +28,9 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
                       *, lo=None, hi=None) -> Quantized:
     """Stochastically rounded codes of gradient `x` (rows = samples) by `method`.
 
-    `lo`/`hi`: ranges known before the data (delayed policy), shaped per group; values outside
-    are clipped and counted in `clipped`. None: the data's own ranges (dynamic policy).
+    `lo`/`hi`: ranges known before the data (delayed policy), shaped per group (BHQ: of the
+    transformed rows); values outside are clipped and counted in `clipped`. None: the data's own
+    ranges (dynamic policy).
     """
     if method not in _GROUPS:
         raise ValueError(f"method: got {method!r}; expected one of {', '.join(_GROUPS)}")
@@ -40,7 +42,7 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
         raise ValueError(f"x: got a {x.ndim}-D array; quantizers take 2-D (rows = samples) arrays")
     row_lo, row_hi = group_range(x, "rows")
     transform = block_householder((row_hi - row_lo).ravel())
-    q = quantize_affine(transform.apply(x), bits, "rows", stochastic=True, rng=rng)
+    q = quantize_affine(transform.apply(x), bits, "rows", stochastic=True, rng=rng, lo=lo, hi=hi)
     return Quantized(q.codes, q.scale, q.offset, q.bits, "rows", transform, q.clipped, q.ranges)
 
 

@@ -32,6 +32,15 @@ class Quantized:
     clipped: int = 0
     ranges: np.ndarray = field(default=None, repr=False)
 
+    @property
+    def T(self) -> "Quantized":
+        """The transposed operand (rows become columns); a transform cannot be transposed."""
+        if self.transform is not None:
+            raise ValueError("a BHQ-quantized tensor mixes rows and cannot be used transposed")
+        group = {"rows": "cols", "cols": "rows"}.get(self.group, self.group)
+        return Quantized(self.codes.T, self.scale.T, self.offset.T, self.bits, group,
+                         clipped=self.clipped, ranges=None if self.ranges is None else self.ranges.T)
+
     def dequantize(self) -> np.ndarray:
         """The exact float equivalent, in float64 (with BHQ's inverse transform applied)."""
         y = self.offset + self.scale * self.codes.astype(np.float64)

@@ -17,11 +17,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class BlockHouseholder:
-    """The transform: `blocks` (row indices, large row first), per-row `scales` (N,), and each
-    block's reflection vector `v` (unit length, or None for a block of one row)."""
+    """The transform: `blocks` (row indices, large row first), per-row `scales` (N,), each
+    block's reflection vector `v` (unit length, or None for a block of one row), and the row
+    `ranges` (N,) it was built from (the keys hardware sorts)."""
     blocks: tuple
     vectors: tuple
     scales: np.ndarray
+    ranges: np.ndarray
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """T x: scale the rows, then reflect each block."""
@@ -76,7 +78,7 @@ def block_householder(ranges: np.ndarray) -> BlockHouseholder:
     order = np.argsort(-ranges, kind="stable")          # descending range; ties by row index
     lam = ranges[order]
     if n == 1 or lam[0] == 0:
-        return BlockHouseholder((order,), (None,), np.ones(n))  # nothing to spread
+        return BlockHouseholder((order,), (None,), np.ones(n), ranges)  # nothing to spread
     z = count_small_rows(lam)
     g = n - z
     large, small = order[:g], order[g:]
@@ -97,4 +99,4 @@ def block_householder(ranges: np.ndarray) -> BlockHouseholder:
         lam1, lam2 = ranges[rows[0]], ranges[rows[1]]    # small rows are in descending order
         scales[rows[0]] = (lam1 / np.sqrt(size)) ** (-1 / 3)
         scales[rows[1:]] = (lam2 * q / (size - 1)) ** (-1 / 3) if lam2 > 0 else scales[rows[0]]
-    return BlockHouseholder(tuple(blocks), tuple(vectors), scales)
+    return BlockHouseholder(tuple(blocks), tuple(vectors), scales, ranges)

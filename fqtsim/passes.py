@@ -1,0 +1,102 @@
+"""The device's quantizer passes, walked over the actual tensor row by row and block by block.
+
+The counterpart of `fqtsim.schedule`'s closed form: the same passes, counted as the device
+performs them (BHQ's sort runs a real bitonic network over the row ranges and counts its
+compare-exchanges; the transform visits the actual blocks), so that tests can hold the two equal.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fqtsim.hw import HWConfig
+from fqtsim.ledger import add
+from fqtsim.mapping import Tiling, nbytes, wide_bits
+from fqtsim.quantizers import Quantized
+from fqtsim.schedule import QuantScheme, wide_gradient_level
+
+
+def bitonic_sort(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """Sort `keys` descending with a bitonic network (padded with -inf to a power of two).
+
+    Returns (the order of the real keys, the number of compare-exchanges the network made).
+    """
+    n = len(keys)
+    size = 1 << max(0, int(np.ceil(np.log2(max(n, 1)))))
+    vals = np.full(size, -np.inf)
+    vals[:n] = keys
+    idx = np.arange(size)
+    compares = 0
+    width = 2
+    while width <= size:
+        stride = width // 2
+        while stride >= 1:
+            i = np.arange(size)
+            j = i ^ stride
+            lower = i[j > i]
+            upper = lower ^ stride
+            compares += len(lower)
+            descending = (lower & width) == 0   # this half of the network sorts descending
+            swap = np.where(descending, vals[lower] < vals[upper], vals[lower] > vals[upper])
+            lo_sel, up_sel = lower[swap], upper[swap]
+            vals[lo_sel], vals[up_sel] = vals[up_sel], vals[lo_sel].copy()
+            idx[lo_sel], idx[up_sel] = idx[up_sel], idx[lo_sel].copy()
+            stride //= 2
+        width *= 2
+    return idx[idx < n], compares
+
+
+def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized) -> dict:
+    """Events of producing codes `q` (M x K) from the wide gradient, pass by pass."""
+    events = {}
+    m, k = q.codes.shape
+    row_wide = nbytes(k, wide_bits(hw))
+    if not scheme.materializes:
+        for _ in range(m):
+            add(events, "sr_rng", "array", k)
+        add(events, "clip", "array", q.clipped)
+        return events
+    level = wide_gradient_level(hw, tiling, scheme.method, m, k)
+    for _ in range(m):
+        add(events, "wide_write", level, k, row_wide)
+        add(events, "range_pass", level, k, row_wide)
+        add(events, "range_pass", "vector", k)
+    fused_requant = False
+    if scheme.method == "bhq":
+        order, compares = bitonic_sort(q.transform.ranges)
+        if not np.array_equal(q.transform.ranges[order], np.sort(q.transform.ranges)[::-1]):
+            raise AssertionError("bitonic network did not sort the row ranges")
+        add(events, "sort", "vector", compares)
+        for rows in q.transform.blocks:
+            add(events, "transform", level, len(rows) * k, len(rows) * row_wide)
+            add(events, "transform", "vector", len(rows) * k)
+            if scheme.range_policy == "dynamic":
+                add(events, "wide_write", level, len(rows) * k, len(rows) * row_wide)
+                add(events, "range_pass", "vector", len(rows) * k)
+        fused_requant = scheme.range_policy == "delayed"
+    for _ in range(m):
+        if not fused_requant:
+            add(events, "requant_pass", level, k, row_wide)
+        add(events, "requant_pass", "vector", k)
+        add(events, "code_write", "ddr", k, nbytes(k, q.bits))
+    if scheme.range_policy == "delayed":
+        add(events, "clip", "array", q.clipped)
+    return events
+
+
+def output_passes(hw: HWConfig, scheme: QuantScheme, a: Quantized, n: int, out_bits: int,
+                  level: str) -> dict:
+    """Events after the GEMM: B's column sums, one zero-point multiply-add per output, and for
+    BHQ the inverse transform of the wide output, block by block."""
+    events = {}
+    m, k = a.codes.shape
+    for _ in range(n):
+        add(events, "colsum", "vector", k)
+    for _ in range(m):
+        add(events, "zero_point", "vector", n)
+    if scheme.method == "bhq":
+        for rows in a.transform.blocks:
+            size = len(rows) * n
+            add(events, "inverse_transform", level, size, nbytes(size, wide_bits(hw)))
+            add(events, "inverse_transform", "vector", size)
+            add(events, "inverse_codes", "ddr", size, nbytes(size, out_bits))
+    return events

@@ -1,0 +1,123 @@
+"""What the hardware must do around a GEMM whose A operand is a quantized gradient, in closed form.
+
+The GEMM is dX = Q(dY) @ W: A = dY (M x K, rows = samples) arrives at accumulator width from the
+GEMM that produced it; B = W holds symmetric weight codes. Per scheme:
+
+dynamic ranges (the range depends on the data itself, as in the paper):
+    wide_write    dY at accumulator width to TCM if its live scope fits beside the GEMM's tiles,
+                  else DDR. Scope: the whole tensor for PTQ and BHQ (BHQ sorts and mixes rows
+                  from anywhere); whole rows for PSQ, which an output-stationary producer finishes
+                  band by band (one array-height band of rows) only with the m loop outer.
+    range_pass    read it back, one min/max per element
+    sort          BHQ: bitonic network over the M row ranges (data independent)
+    transform     BHQ: read, block Householder + row scale (3 mul + 2 add); dynamic: min/max of
+                  the transformed rows and a second wide_write; delayed: requantize straight out
+    requant_pass  read, one random number and one requantization per element
+    code_write    b-bit codes to DDR, where the GEMM loads A from
+delayed ranges (known before the producer's GEMM, from a history of past ranges): PTQ and PSQ
+requantize in the producer's output pipeline (sr_rng: one random number per element) and only
+codes are written; values outside the range are clipped (counted by the device). BHQ still needs
+the wide tensor, one range pass and the sort to build its transform, but requantizes on the way
+out of the transform pass.
+after the GEMM, for every scheme:
+    colsum, zero_point   the codes stand for offset + scale * q: add offset_i * colsum(W)_j
+    BHQ: the output is written at accumulator width (whole tensor), T^-1 is applied to its rows
+    and the result requantized (inverse_transform) and written as codes (inverse_codes), in place
+    of the fused write-back.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fqtsim.hw import HWConfig
+from fqtsim.ledger import add
+from fqtsim.mapping import Tiling, nbytes, wide_bits
+
+METHODS = ("ptq", "psq", "bhq")
+RANGE_POLICIES = ("dynamic", "delayed")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A gradient quantizer and its range policy."""
+    method: str
+    range_policy: str = "dynamic"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"quantizer: got {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.range_policy not in RANGE_POLICIES:
+            raise ValueError(f"range policy: got {self.range_policy!r}; expected "
+                             f"{' or '.join(RANGE_POLICIES)}")
+
+    @property
+    def materializes(self) -> bool:
+        """Whether dY must be written at accumulator width before it can be requantized."""
+        return self.range_policy == "dynamic" or self.method == "bhq"
+
+
+def bitonic_compares(n: int) -> int:
+    """Compare-exchanges of a bitonic sorting network on n keys padded to a power of two."""
+    if n <= 1:
+        return 0
+    p = math.ceil(math.log2(n))
+    return (1 << p) // 2 * p * (p + 1) // 2
+
+
+def wide_live_elements(hw: HWConfig, method: str, m: int, k: int) -> int:
+    """Elements of the wide gradient held at once until their range scope is complete."""
+    if method == "psq" and hw.mapping.loop_order[0] == "m":
+        return min(hw.array.rows, m) * k
+    return m * k
+
+
+def wide_gradient_level(hw: HWConfig, tiling: Tiling, method: str, m: int, k: int) -> str:
+    live = nbytes(wide_live_elements(hw, method, m, k), wide_bits(hw))
+    return "tcm" if live <= hw.tcm.size_bytes - tiling.footprint else "ddr"
+
+
+def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: int,
+                 a_bits: int) -> dict:
+    """Raw events of quantizing the wide gradient A (M x K) into `a_bits`-bit codes."""
+    events = {}
+    elements = m * k
+    wide = nbytes(elements, wide_bits(hw))
+    if not scheme.materializes:
+        add(events, "sr_rng", "array", elements)
+        return events
+    level = wide_gradient_level(hw, tiling, scheme.method, m, k)
+    add(events, "wide_write", level, elements, wide)
+    add(events, "range_pass", level, elements, wide)
+    add(events, "range_pass", "vector", elements)
+    codes_from = "requant_pass"
+    if scheme.method == "bhq":
+        add(events, "sort", "vector", bitonic_compares(m))
+        add(events, "transform", "vector", elements)
+        add(events, "transform", level, elements, wide)
+        if scheme.range_policy == "dynamic":  # transformed rows written wide again, ranged on the way
+            add(events, "wide_write", level, elements, wide)
+            add(events, "range_pass", "vector", elements)
+        else:
+            codes_from = "transform"
+    if codes_from == "requant_pass":
+        add(events, "requant_pass", level, elements, wide)
+        add(events, "requant_pass", "vector", elements)
+    else:
+        add(events, "requant_pass", "vector", elements)  # rng + requantize on the way out
+    add(events, "code_write", "ddr", elements, nbytes(elements, a_bits))
+    return events
+
+
+def output_events(hw: HWConfig, scheme: QuantScheme, m: int, n: int, k: int, out_bits: int,
+                  level: str) -> dict:
+    """Raw events after the GEMM: zero-point correction and (BHQ) the inverse transform on the
+    output, which was written at accumulator width to `level`."""
+    events = {}
+    add(events, "colsum", "vector", k * n)
+    add(events, "zero_point", "vector", m * n)
+    if scheme.method == "bhq":
+        add(events, "inverse_transform", level, m * n, nbytes(m * n, wide_bits(hw)))
+        add(events, "inverse_transform", "vector", m * n)
+        add(events, "inverse_codes", "ddr", m * n, nbytes(m * n, out_bits))
+    return events

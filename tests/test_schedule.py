@@ -1,0 +1,176 @@
+"""Quantized GEMMs on the device: integer path == fake-quant path, passes == closed form."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import fqtsim.cost
+from conftest import HW_DIR, SHIPPED
+from fqtsim import load_hw
+from fqtsim.device import Device
+from fqtsim.quantizers import DelayedRange, quantize_activation, quantize_gradient, quantize_weight
+from fqtsim.schedule import QuantScheme, bitonic_compares
+from fqtsim.passes import bitonic_sort
+
+KEY = ["event", "level"]
+EMULATION_ONLY = ["overflow", "clip"]
+
+
+def gradient(rng, m, k):
+    return rng.standard_normal((m, k)) * np.exp(1.5 * rng.standard_normal((m, 1)))
+
+
+def run(hw, scheme, m, n, k, bits, seed, per_channel=False):
+    """Quantize a gradient (delayed: with a range from a previous step) and run dX = Q(dY) W."""
+    rng = np.random.default_rng(seed)
+    x = gradient(rng, m, k)
+    bounds = {}
+    if scheme.range_policy == "delayed":
+        history = DelayedRange(history=4, margin=1.0)
+        history.observe(-np.abs(x).max() * 0.9, np.abs(x).max() * 0.9)   # last step's, a bit smaller
+        lo, hi = history.bounds()
+        bounds = {"lo": lo, "hi": hi}
+        if scheme.method == "bhq":
+            bounds = {}  # its history is of the transformed rows; dynamic within this test
+    q = quantize_gradient(x, scheme.method, bits, rng, **bounds)
+    w = quantize_weight(rng.standard_normal((n, k)), per_channel=per_channel).T  # B: K x N
+    dev = Device(hw)
+    out = dev.matmul(q, w, scheme=scheme, name="g")
+    return dev, q, w, out
+
+
+cases = st.fixed_dictionaries({
+    "m": st.integers(1, 160), "n": st.integers(1, 120), "k": st.integers(1, 400),
+    "bits": st.integers(2, 8), "seed": st.integers(0, 2**16),
+    "method": st.sampled_from(["ptq", "psq", "bhq"]),
+    "range_policy": st.sampled_from(["dynamic", "delayed"]),
+})
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@settings(max_examples=20, deadline=None)
+@given(case=cases)
+def test_passes_equal_closed_form_and_integer_path_equals_fake_quant(name, case):
+    hw = load_hw(HW_DIR / f"{name}.yaml")
+    scheme = QuantScheme(case.pop("method"), case.pop("range_policy"))
+    m, n, k, bits = case["m"], case["n"], case["k"], case["bits"]
+    dev, q, w, out = run(hw, scheme, **case, per_channel=True)
+    emulated = dev.ledger[~dev.ledger.event.isin(EMULATION_ONLY)].set_index(KEY).sort_index()
+    closed = fqtsim.cost.gemm(hw, m, n, k, a_bits=bits, b_bits=8, a_quant=scheme,
+                              name="g").set_index(KEY).sort_index()
+    assert list(emulated.index) == list(closed.index)
+    assert (emulated["count"] == closed["count"]).all()
+    assert (emulated["bytes"] == closed["bytes"]).all()
+    np.testing.assert_allclose(emulated["energy_pj"], closed["energy_pj"], rtol=1e-12)
+    np.testing.assert_allclose(emulated["cycles"], closed["cycles"], rtol=1e-12, atol=1e-9)
+    # 8-bit codes x 8-bit weights over K <= 400 cannot leave 16 bits' worth of trouble on npu
+    if dev.ledger.query("event == 'overflow'")["count"].sum() == 0:
+        ref = q.dequantize() @ w.dequantize()
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12 * max(1.0, np.abs(ref).max()))
+
+
+def test_overflow_breaks_equality_only_when_it_happens(make_hw):
+    hw = make_hw("npu", **{"accumulator.bits": 12, "accumulator.overflow": "saturate"})
+    rng = np.random.default_rng(0)
+    q = quantize_gradient(gradient(rng, 8, 300), "ptq", 8, rng)
+    w = quantize_weight(rng.standard_normal((300, 5)))
+    dev = Device(hw)
+    out = dev.matmul(q, w, scheme=QuantScheme("ptq"))
+    assert dev.ledger.query("event == 'overflow'")["count"].sum() > 0
+    assert not np.allclose(out, q.dequantize() @ w.dequantize())
+
+
+def test_delayed_range_clips_are_counted():
+    hw = load_hw(HW_DIR / "npu.yaml")
+    rng = np.random.default_rng(0)
+    x = gradient(rng, 16, 32)
+    q = quantize_gradient(x, "psq", 8, rng, lo=-1.0, hi=1.0)
+    dev = Device(hw)
+    dev.matmul(q, quantize_weight(rng.standard_normal((32, 4))), scheme=QuantScheme("psq", "delayed"))
+    assert dev.ledger.query("event == 'clip'")["count"].sum() == np.count_nonzero(np.abs(x) > 1) > 0
+    assert "wide_write" not in set(dev.ledger.event)   # fused: no accumulator-width write-back
+
+
+def test_forward_gemm_with_static_codes():
+    hw = load_hw(HW_DIR / "npu.yaml")
+    rng = np.random.default_rng(0)
+    x, w = np.maximum(rng.standard_normal((20, 30)), 0), rng.standard_normal((7, 30))
+    qx, qw = quantize_activation(x), quantize_weight(w, per_channel=True)
+    dev = Device(hw)
+    out = dev.matmul(qx, qw.T)                      # Y = X W^T: B = W^T, per column
+    np.testing.assert_allclose(out, qx.dequantize() @ qw.dequantize().T, rtol=1e-12, atol=1e-12)
+    assert not {"wide_write", "colsum"} & set(dev.ledger.event)
+
+
+def test_scales_along_the_reduction_dimension_are_refused():
+    rng = np.random.default_rng(0)
+    dev = Device(load_hw(HW_DIR / "npu.yaml"))
+    dy, x = gradient(rng, 16, 10), rng.standard_normal((16, 12))
+    # weight-gradient GEMM dW = dY^T X sums over samples: per-sample scales cannot be factored out
+    per_sample = quantize_gradient(dy, "psq", 8, rng).T
+    with pytest.raises(ValueError, match="a: per-col scales vary along the GEMM's reduction"):
+        dev.matmul(per_sample, quantize_activation(x))
+    # per output channel weights on dX = dY W: W's rows are the reduction dimension there
+    w = quantize_weight(rng.standard_normal((10, 12)), per_channel=True)
+    with pytest.raises(ValueError, match="b: per-row scales vary"):
+        dev.matmul(quantize_gradient(dy, "ptq", 8, rng), w)
+    # per column of dY (per output feature) is fine there
+    per_feature = quantize_gradient(dy.T, "psq", 8, rng)
+    out = dev.matmul(per_feature, quantize_activation(x))
+    np.testing.assert_allclose(out, per_feature.dequantize() @ quantize_activation(x).dequantize(),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_scheme_must_match_the_quantizer():
+    rng = np.random.default_rng(0)
+    dev = Device(load_hw(HW_DIR / "npu.yaml"))
+    q = quantize_gradient(gradient(rng, 4, 6), "ptq", 8, rng)
+    with pytest.raises(ValueError, match="scheme: bhq does not match"):
+        dev.matmul(q, quantize_weight(rng.standard_normal((6, 3))), scheme=QuantScheme("bhq"))
+    with pytest.raises(ValueError, match="quantizer: got 'zsq'"):
+        QuantScheme("zsq")
+    with pytest.raises(ValueError, match="range policy: got 'lazy'"):
+        QuantScheme("ptq", "lazy")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 100, 1000])
+def test_bitonic_network_sorts_and_counts(n):
+    keys = np.random.default_rng(n).standard_normal(n)
+    order, compares = bitonic_sort(keys)
+    np.testing.assert_array_equal(keys[order], np.sort(keys)[::-1])
+    assert compares == bitonic_compares(n)
+
+
+def test_dynamic_ranges_cost_more_than_delayed_and_bhq_most(make_hw):
+    hw = load_hw(HW_DIR / "npu.yaml")
+    m, k, n = 128, 784, 512
+    total = {}
+    for method in ("ptq", "psq", "bhq"):
+        for policy in ("dynamic", "delayed"):
+            led = fqtsim.cost.gemm(hw, m, n, k, a_bits=8, a_quant=QuantScheme(method, policy))
+            total[method, policy] = led.energy_pj.sum()
+    for method in ("ptq", "psq", "bhq"):
+        assert total[method, "dynamic"] > total[method, "delayed"]
+    assert total["bhq", "dynamic"] > total["psq", "dynamic"] >= total["ptq", "dynamic"]
+
+
+def test_psq_rows_fit_on_chip_when_rows_finish_early(make_hw):
+    # m outer: a PSQ row band is complete early and fits TCM; PTQ's whole tensor does not
+    hw = make_hw("npu", **{"mapping.loop_order": ["m", "n"]})
+    m, k, n = 512, 512, 64
+    psq = fqtsim.cost.gemm(hw, m, n, k, a_quant=QuantScheme("psq")).set_index(KEY)
+    ptq = fqtsim.cost.gemm(hw, m, n, k, a_quant=QuantScheme("ptq")).set_index(KEY)
+    assert ("wide_write", "tcm") in psq.index and ("wide_write", "ddr") in ptq.index
+
+
+def test_delayed_range_history():
+    h = DelayedRange(history=2, margin=1.5)
+    assert h.bounds() is None
+    h.observe(-1, 1)
+    h.observe(-3, 2)
+    assert h.bounds() == (-0.5 - 3.75, -0.5 + 3.75)
+    h.observe(0, 1)   # the first observation drops out of a history of two
+    assert h.bounds() == (-0.5 - 3.75, -0.5 + 3.75)
+    h.observe(0, 1)
+    assert h.bounds() == (0.5 - 0.75, 0.5 + 0.75)
+    with pytest.raises(ValueError, match="history: got 0"):
+        DelayedRange(history=0)
