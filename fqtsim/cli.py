@@ -11,6 +11,8 @@ import sys
 
 import pandas as pd
 
+from fqtsim.schedule import METHODS, RANGE_POLICIES
+
 DEFAULT_HW = "hw_configs/npu.yaml"
 
 
@@ -43,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="requantize in the output pipeline, or write accumulator-width results")
     cost.add_argument("--scope", choices=["tensor", "rows"], default="tensor",
                       help="range scope a materialized output is held for (default tensor)")
-    cost.add_argument("--csv", metavar="PATH", help="also write the event table as CSV")
+    cost.add_argument("--quantizer", nargs="+", choices=METHODS, metavar="Q",
+                      help="gradient quantizers (ptq psq bhq): show what each adds to the GEMM "
+                           "dX = Q(dY) W, with dY the M x K operand, over the fused baseline")
+    cost.add_argument("--range", nargs="+", choices=RANGE_POLICIES, default=["dynamic"],
+                      dest="range_policy", metavar="R",
+                      help="range policies with --quantizer: dynamic (default) and/or delayed")
+    cost.add_argument("--grad-bits", type=bits, default=8, help="gradient code bits with --quantizer")
+    cost.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
 
     sub.add_parser("bench", help="emulated integer GEMM time against numpy float32 matmul")
     return parser
@@ -65,6 +74,8 @@ def cmd_cost(args) -> int:
     from fqtsim.ledger import summarize
 
     hw = load_hw(args.hw)
+    if args.quantizer:
+        return quantizer_table(hw, args)
     ledger = pd.concat([fqtsim.cost.gemm(hw, m, n, k, a_bits=args.a_bits, b_bits=args.b_bits,
                                          out_bits=args.out_bits, writeback=args.writeback,
                                          scope=args.scope, name=f"{m}x{k}x{n}")
@@ -76,6 +87,31 @@ def cmd_cost(args) -> int:
         print(summarize(ledger).to_string(index=False))
     if args.csv:
         write_atomic(args.csv, ledger.to_csv(index=False))
+        print(f"\nwrote {args.csv}")
+    return 0
+
+
+def quantizer_table(hw, args) -> int:
+    import fqtsim.cost
+    from fqtsim.files import write_atomic
+    from fqtsim.schedule import QuantScheme
+
+    schemes = [QuantScheme(q, r) for q in args.quantizer for r in args.range_policy]
+    tables = []
+    print(f"{hw.name}: {hw.description}")
+    for m, k, n in args.gemm:
+        table = fqtsim.cost.overhead(hw, m, n, k, schemes, grad_bits=args.grad_bits, b_bits=args.b_bits)
+        table.insert(0, "gemm", f"{m}x{k}x{n}")
+        tables.append(table)
+        print(f"\ndX = Q(dY) W, dY {m}x{k} at {args.grad_bits} bits, W {k}x{n}: "
+              f"extra over the fused baseline")
+        with pd.option_context("display.width", 200):
+            print(table.drop(columns="gemm").to_string(index=False, formatters={
+                **{c: "{:,.0f}".format for c in ("extra_tcm_bytes", "extra_ddr_bytes",
+                                                 "extra_vector_ops", "extra_energy_pj")},
+                "energy_x": "{:.2f}x".format, "cycles_x": "{:.2f}x".format}))
+    if args.csv:
+        write_atomic(args.csv, pd.concat(tables, ignore_index=True).to_csv(index=False))
         print(f"\nwrote {args.csv}")
     return 0
 

@@ -100,3 +100,33 @@ def _classes(dim: int, tile: int):
     if count > 1 and last != tile:
         out.append((last, 1, False))
     return out
+
+
+def overhead(hw: HWConfig, m: int, n: int, k: int, schemes, *, grad_bits: int = 8,
+             b_bits: int = 8) -> pd.DataFrame:
+    """What each gradient-quantizer scheme adds to dX = Q(dY) @ W over the fused baseline (the
+    same GEMM on codes that arrive ready, output requantized in the pipeline).
+
+    One row per scheme: extra bytes at TCM and DDR, extra vector ops, extra energy and cycles
+    (absolute and relative to the baseline), and where the wide gradient lands.
+    """
+    def totals(ledger):
+        moved = ledger[ledger.level.isin(["tcm", "ddr"])]
+        by_level = moved.groupby("level")["bytes"].sum()
+        return {"tcm_bytes": by_level.get("tcm", 0.0), "ddr_bytes": by_level.get("ddr", 0.0),
+                "vector_ops": int(ledger.loc[ledger.level == "vector", "count"].sum()),
+                "energy_pj": ledger.energy_pj.sum(), "cycles": ledger.cycles.sum()}
+
+    base = totals(gemm(hw, m, n, k, a_bits=grad_bits, b_bits=b_bits))
+    rows = []
+    for scheme in schemes:
+        ledger = gemm(hw, m, n, k, a_bits=grad_bits, b_bits=b_bits, a_quant=scheme)
+        extra = {key: value - base[key] for key, value in totals(ledger).items()}
+        wide = ledger.loc[ledger.event == "wide_write", "level"]
+        rows.append({"quantizer": scheme.method, "range": scheme.range_policy,
+                     "wide_to": wide.iloc[0] if len(wide) else "-",
+                     "extra_tcm_bytes": extra["tcm_bytes"], "extra_ddr_bytes": extra["ddr_bytes"],
+                     "extra_vector_ops": extra["vector_ops"], "extra_energy_pj": extra["energy_pj"],
+                     "energy_x": 1 + extra["energy_pj"] / base["energy_pj"],
+                     "cycles_x": 1 + extra["cycles"] / base["cycles"]})
+    return pd.DataFrame(rows)

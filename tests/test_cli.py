@@ -39,3 +39,23 @@ def test_console_entry_point_runs():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "64x64x64" in done.stdout
+
+
+def test_cost_quantizer_overhead_table(tmp_path, capsys):
+    csv = tmp_path / "overhead.csv"
+    assert main(["cost", "--hw", str(HW_DIR / "npu.yaml"), "--gemm", "128x784x512",
+                 "--quantizer", "ptq", "psq", "bhq", "--range", "dynamic", "delayed",
+                 "--grad-bits", "4", "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "extra over the fused baseline" in out and "bhq" in out
+    table = pd.read_csv(csv).set_index(["quantizer", "range"])
+    assert len(table) == 6
+    assert (table["extra_energy_pj"] > 0).all()
+    assert table.loc[("bhq", "dynamic"), "extra_ddr_bytes"] > table.loc[("ptq", "dynamic"), "extra_ddr_bytes"]
+    assert table.loc[("ptq", "delayed"), "extra_ddr_bytes"] == 0   # fused: no wide write-back
+
+
+def test_cost_rejects_unknown_quantizer(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["cost", "--gemm", "4x4x4", "--quantizer", "zsq"])
+    assert stop.value.code == 2 and "invalid choice: 'zsq'" in capsys.readouterr().err
