@@ -1,0 +1,257 @@
+"""`int_gemm`: exact integer GEMM with an emulated fixed-width accumulator and event counts.
+
+Paths, chosen per call from the operands' actual value range (all give identical results):
+- exact: if no partial sum can leave the accumulator's (and partial sum's) range, the answer is
+  the exact product and nothing overflows. It is computed with float32 sgemm, which is exact while
+  every partial sum stays within 2^24: K is split into chunks that guarantee this for the data's
+  max |a| * max |b|, and the chunk results are added in int64.
+- scan: otherwise every MAC is emulated in ascending k by the kernels in `kernels._scan`: int16
+  lanes for accumulators of <= 16 bits, int32 lanes up to 31 bits, int64 lanes beyond.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import threading
+
+import numpy as np
+from numba import njit
+
+from kernels import _scan
+
+_OVERFLOW_MODES = ("wrap", "saturate")
+_F32_EXACT = 1 << 24          # float32 holds every integer of magnitude <= 2^24 exactly
+_PLAIN_BLOCK_MIN, _PLAIN_BLOCK_MAX = 8, 256   # MACs per block of the scans' unchecked path
+
+
+def int_gemm(a, b, *, acc_bits: int = 32, overflow: str = "wrap", spill_every: int | None = None,
+             psum_bits: int = 32) -> tuple[np.ndarray, dict]:
+    """Integer GEMM `a @ b` as a MAC array computes it: products added in ascending k into an
+    `acc_bits` two's-complement accumulator that wraps or saturates after every add.
+
+    a: (M, K), b: (K, N) int8 or uint8 arrays of 2..8-bit codes (any mix of the two dtypes).
+    acc_bits: accumulator width, 8..64. overflow: "wrap" (modulo 2^acc_bits) or "saturate"
+    (clamp after every add). spill_every: None, or k >= 1: after every k MACs and after the last
+    one the accumulator is added into a `psum_bits`-wide partial sum (8..64, same overflow mode)
+    and cleared; the result is then the partial sum.
+
+    Returns (c, counts): c is the int64 (M, N) array of final accumulator (or partial-sum)
+    values; counts = {"macs": M*N*K, "overflows": add steps whose exact result left the range
+    (MAC adds and spill adds), "spills": M*N*ceil(K/k) with spilling, else 0}.
+    """
+    a = _check_operand("a", a)
+    b = _check_operand("b", b)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"a, b: inner dimensions differ: a is {a.shape[0]}x{a.shape[1]}, b is "
+                         f"{b.shape[0]}x{b.shape[1]}; a.shape[1] must equal b.shape[0]")
+    acc_bits = _check_bits("acc_bits", acc_bits)
+    psum_bits = _check_bits("psum_bits", psum_bits)
+    if not isinstance(overflow, str) or overflow not in _OVERFLOW_MODES:
+        raise ValueError(f"overflow: got {overflow!r}; allowed: 'wrap' or 'saturate'")
+    if spill_every is not None:
+        if isinstance(spill_every, (bool, np.bool_)) or not isinstance(spill_every,
+                                                                       (int, np.integer)):
+            raise ValueError(f"spill_every: got {spill_every!r} ({type(spill_every).__name__}); "
+                             "allowed: None or an int >= 1")
+        spill_every = int(spill_every)
+        if spill_every < 1:
+            raise ValueError(f"spill_every: got {spill_every}; allowed: None or an int >= 1")
+
+    _quiet_openblas()
+    a = np.ascontiguousarray(a)
+    b = np.ascontiguousarray(b)
+    m, k = a.shape
+    n = b.shape[1]
+    sat = overflow == "saturate"
+    nchunks = -(-k // spill_every) if spill_every else 0
+    counts = {"macs": m * n * k, "overflows": 0, "spills": m * n * nchunks}
+
+    # Range of one product, from the data's actual extremes.
+    amin, amax, bmin, bmax = int(a.min()), int(a.max()), int(b.min()), int(b.max())
+    corners = (amin * bmin, amin * bmax, amax * bmin, amax * bmax)
+    pmin, pmax = min(corners), max(corners)
+    pabs = max(pmax, -pmin)
+
+    # Every partial sum of j <= steps products lies in [steps*min(pmin,0), steps*max(pmax,0)].
+    steps = min(spill_every, k) if spill_every else k
+    acc_safe = _fits(steps, pmin, pmax, acc_bits)
+    # With spills, spilled values are then exact chunk sums, the partial sums exact prefix sums.
+    if acc_safe and (not spill_every or _fits(k, pmin, pmax, psum_bits)):
+        return _exact_product(a, b, pabs), counts
+
+    # Partial-sum checks are needed only if nchunks spills of the largest possible
+    # accumulator value can leave the partial sum's range.
+    spilled = min(1 << (acc_bits - 1), steps * pabs)
+    pcheck = bool(spill_every) and nchunks * spilled > (1 << (psum_bits - 1)) - 1
+    # An accumulator that cannot overflow behaves the same at any width that holds its values:
+    # emulate it at the narrowest such width (only the partial sum can overflow here).
+    bits = acc_bits
+    if acc_safe:
+        bits = next(w for w in range(8, acc_bits + 1) if _fits(steps, pmin, pmax, w))
+
+    if bits <= 16 and -32768 <= pmin and pmax <= 32767:
+        kern, mr, nr = _scan.scan16, _scan.MR16, _scan.NR16
+    elif bits <= 31:
+        kern, mr, nr = _scan.scan32, _scan.MR32, _scan.NR32
+    elif bits <= 62:
+        kern, mr, nr = _scan.scan64, _scan.MR64, _scan.NR64
+    else:  # overflow would need K * 2^16 > 2^62: no array of that size fits in memory
+        raise ValueError(f"acc_bits={acc_bits}: cannot emulate K={k} with products up to {pabs}")
+    lane = np.int16 if kern is _scan.scan16 else np.int32 if kern is _scan.scan32 else np.int64
+    # Plain blocks: blk MACs that start with |acc| inside [ls, hs] cannot overflow.
+    hi = (1 << (bits - 1)) - 1
+    pos, neg = max(pmax, 0), min(pmin, 0)
+    blk = min(_PLAIN_BLOCK_MAX, (hi // 2) // max(pos, -neg, 1))
+    if blk < _PLAIN_BLOCK_MIN or lane is np.int64:
+        blk = 0
+    ls, hs = -hi - 1 - blk * neg, hi - blk * pos
+    nti, ntj = -(-m // mr), -(-n // nr)
+    tiles = nti * ntj
+    ap = _buffer("ap", (nti, k, mr), np.int16)
+    bp = _buffer("bp", (ntj, k, nr), np.int16)
+    _scan.pack_a(a.view(np.int8), a.dtype == np.uint8, ap)   # MR rows per tile, always
+    _scan.pack_b(b.view(np.int8), b.dtype == np.uint8, bp)
+    s = _buffer("s", (tiles, mr * nr), lane)
+    cnt = _buffer("cnt", (tiles if lane is not np.int64 else 1, mr * nr), lane)
+    ps = _buffer("ps", (tiles if spill_every else 1, mr * nr), np.int64)
+    c = np.empty((m, n), np.int64)
+    counts["overflows"] = int(kern(ap, bp, c, s, cnt, ps, bits, sat, spill_every or 0,
+                                   psum_bits, pcheck, blk, ls, hs))
+    return c, counts
+
+
+def _fits(steps: int, pmin: int, pmax: int, bits: int) -> bool:
+    """True if no sum of at most `steps` products in [pmin, pmax] can leave `bits` bits."""
+    return steps * max(pmax, 0) <= (1 << (bits - 1)) - 1 and steps * min(pmin, 0) >= -(1 << (bits - 1))
+
+
+def _exact_product(a: np.ndarray, b: np.ndarray, pabs: int) -> np.ndarray:
+    """Exact int64 a @ b via float32 sgemm over K chunks whose partial sums stay <= 2^24."""
+    (m, k), n = a.shape, b.shape[1]
+    kc = k if pabs == 0 else max(1, min(k, _F32_EXACT // pabs))
+    af = _buffer("af", (m, k), np.float32)
+    bf = _buffer("bf", (k, n), np.float32)
+    cf = _buffer("cf", (m, n), np.float32)
+    _to_f32(a.view(np.int8), a.dtype == np.uint8, af)
+    _to_f32(b.view(np.int8), b.dtype == np.uint8, bf)
+    for k0 in range(0, k, kc):
+        np.matmul(af[:, k0:k0 + kc], bf[k0:k0 + kc], out=cf)
+        if k0 == 0:
+            # Allocated after the first sgemm, which mallocs and frees a work area of its own:
+            # allocated before, c would sit below it and glibc would trim both on free, so that
+            # every call faults in fresh pages again.
+            c = np.empty((m, n), np.int64)
+        _to_i64(cf, k0 > 0, c)
+    return c
+
+
+# The conversions around sgemm are serial on purpose: Numba's OpenMP threads keep spinning
+# after a parallel region and would share cores with OpenBLAS's threads (measured: sgemm 1.5x
+# slower right after a parallel conversion). Serial they cost 1-9% of the sgemm.
+
+
+@njit(cache=True)
+def _to_f32(x, unsigned, out):
+    """out = x as float32; x: int8 codes, read as uint8 when `unsigned`."""
+    m, n = x.shape
+    if unsigned:
+        for i in range(m):
+            for j in range(n):
+                out[i, j] = np.float32(np.int16(x[i, j]) & 0xFF)
+    else:
+        for i in range(m):
+            for j in range(n):
+                out[i, j] = np.float32(x[i, j])
+
+
+@njit(cache=True)
+def _to_i64(x, add, out):
+    """out (+)= x as int64; x: float32 holding integers of magnitude <= 2^24 (exact)."""
+    m, n = x.shape
+    if add:
+        for i in range(m):
+            for j in range(n):
+                out[i, j] += np.int64(x[i, j])
+    else:
+        for i in range(m):
+            for j in range(n):
+                out[i, j] = np.int64(x[i, j])
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable buffers for temporaries. Fresh pages cost ~1 us each to fault in on
+    these VMs (a 512^2 float32 temporary: ~0.3 ms, a third of the sgemm itself)."""
+
+    def __init__(self):
+        self.bufs: dict[str, np.ndarray] = {}
+
+
+_SCRATCH = _Scratch()
+_SCRATCH_KEEP = 1 << 28       # larger buffers are not kept between calls
+
+
+def _buffer(key: str, shape: tuple, dtype) -> np.ndarray:
+    """An uninitialized array of `shape` and `dtype`, backed by this thread's buffer `key`."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buf = _SCRATCH.bufs.get(key)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 64), np.uint8)
+        if nbytes <= _SCRATCH_KEEP:
+            _SCRATCH.bufs[key] = buf
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _check_operand(name: str, x) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array of int8 or uint8 codes, got "
+                         f"{type(x).__name__}")
+    if x.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"{name}: dtype {x.dtype} is not allowed; expected int8 or uint8 codes "
+                         "(e.g. x.astype(np.int8))")
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array, got {x.ndim}-D with shape {x.shape}")
+    if 0 in x.shape:
+        raise ValueError(f"{name}: shape {x.shape} has an empty dimension; every dimension must "
+                         "be >= 1")
+    return x
+
+
+def _check_bits(name: str, v) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or not 8 <= v <= 64:
+        raise ValueError(f"{name}: got {v!r}; allowed: an int from 8 to 64")
+    return int(v)
+
+
+_openblas_done = False
+
+
+def _quiet_openblas() -> None:
+    """Make numpy's OpenBLAS idle threads sleep right after a call instead of spinning ~90 ms.
+
+    By default (OPENBLAS_THREAD_TIMEOUT unset: 2^28 cycles) they spin on every core after each
+    sgemm and starve the parallel scan kernels: measured 3-20x slower scans right after a numpy
+    matmul on 2 cores. Unless the user chose a timeout, set the minimum (4) and restart the
+    thread pool so it takes effect. Does nothing where numpy does not use OpenBLAS.
+    """
+    global _openblas_done
+    if _openblas_done:
+        return
+    _openblas_done = True
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+    except OSError:
+        return
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+            timeout, read_env, shutdown = (lib.openblas_thread_timeout, lib.openblas_read_env,
+                                           lib.blas_thread_shutdown_)
+        except (OSError, AttributeError):
+            continue
+        if timeout() > 0:          # the user's own choice, read when OpenBLAS started
+            continue
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+        read_env()
+        shutdown()                 # the next BLAS call restarts the pool with the new timeout
