@@ -36,10 +36,12 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
-def _best_pair(f, g, repeat: int, rounds: int = 2, settle_s: float = 0.02) -> tuple[float, float]:
-    """Best times of f and g: `rounds` alternating blocks of `repeat` back-to-back runs each,
-    with a pause before every block so that neither thread pool is still busy-waiting from the
-    other's block (the first run of a block pays the wake-up; the best run does not)."""
+def _best_pair(f, g, repeat: int, rounds: int, settle_s: float = 0.005) -> tuple[float, float]:
+    """Best times of f and g over `rounds` alternating blocks of `repeat` back-to-back runs.
+
+    Alternating blocks let both sample the same phases of a noisy shared machine; the pause
+    before each block lets the other thread pool stop busy-waiting (the first run of a block
+    pays the wake-up, the best run does not)."""
     best_f = best_g = float("inf")
     for _ in range(rounds):
         time.sleep(settle_s)
@@ -49,12 +51,14 @@ def _best_pair(f, g, repeat: int, rounds: int = 2, settle_s: float = 0.02) -> tu
     return best_f, best_g
 
 
-def gemm_bench(shapes=None, modes=None, repeat: int = 7, seed: int = 0) -> pd.DataFrame:
+def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 8,
+               seed: int = 0) -> pd.DataFrame:
     """Time `int_gemm` per (shape, mode) against a float32 matmul of the same shape.
 
     shapes: (M, K, N) tuples (default `SHAPES`); modes: names from `MODES` (default all).
     Operands are full-range int8 codes from a fixed seed. Every kernel is compiled (or loaded
-    from Numba's cache) before timing; each time is the best of 2 x `repeat` runs.
+    from Numba's cache) before timing; each time is the best of `rounds` x `repeat` runs,
+    in alternating blocks.
     Columns: shape ("MxKxN"), mode, emulated_s, sgemm_s, ratio (= sgemm_s / emulated_s),
     gops (emulated giga-MACs per second), overflows.
     """
@@ -71,7 +75,7 @@ def gemm_bench(shapes=None, modes=None, repeat: int = 7, seed: int = 0) -> pd.Da
             _, counts = int_gemm(a, b, **kw)          # compile / load, and warm the caches
             np.matmul(af, bf)
             sgemm_s, emulated_s = _best_pair(lambda: np.matmul(af, bf),
-                                             lambda: int_gemm(a, b, **kw), repeat)
+                                             lambda: int_gemm(a, b, **kw), repeat, rounds)
             rows.append(dict(shape=f"{m}x{k}x{n}", mode=mode, emulated_s=emulated_s,
                              sgemm_s=sgemm_s, ratio=sgemm_s / emulated_s,
                              gops=m * k * n / emulated_s / 1e9, overflows=counts["overflows"]))

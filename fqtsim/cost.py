@@ -15,23 +15,29 @@ from fqtsim.hw import HWConfig
 from fqtsim.ledger import GemmSpec, add, frame, merge
 from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
                             stored_output_bits, wide_level)
-from fqtsim.schedule import QuantScheme, input_events, output_events
+from fqtsim.schedule import QuantScheme, correction_events, input_events, output_events
 
 
 def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int = 8,
          out_bits: int = 8, writeback: str = "fused", scope: str = "tensor",
-         a_quant: QuantScheme | None = None, name: str = "gemm") -> pd.DataFrame:
+         a_quant: QuantScheme | None = None, a_offset: bool | None = None,
+         b_offset: bool = False, name: str = "gemm") -> pd.DataFrame:
     """Ledger rows of one (M x K) @ (K x N) GEMM with `a_bits` x `b_bits` operand codes.
 
     `writeback="fused"` requantizes in the output pipeline and writes `out_bits` codes to DDR;
     `"materialized"` writes the raw result at accumulator width (partial-sum width when the
     accumulator spills), to TCM when the live part of its range `scope` fits beside the tiles,
-    else to DDR. `a_quant`: A is a gradient quantized by that scheme on the device, with the
-    passes of `fqtsim.schedule` before and after the GEMM (BHQ materializes the whole output).
+    else to DDR; `"handoff"` leaves it at accumulator width for the next quantizer (whose
+    wide_write stores it). `a_quant`: A is a gradient quantized by that scheme on the device,
+    with the passes of `fqtsim.schedule` before and after the GEMM (BHQ materializes the whole
+    output). `a_offset`/`b_offset`: the operand's codes are affine (offset + scale * q), which
+    costs a rank-1 correction after the GEMM; A's default is whether it is a quantized gradient.
     """
+    a_offset = a_quant is not None if a_offset is None else a_offset
     check_gemm(hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+    handoff = writeback == "handoff"
     if a_quant is not None and a_quant.method == "bhq":
-        writeback, scope = "materialized", "tensor"
+        writeback, scope = "materialized", "tensor"  # T^-1 mixes output rows
     out_store = stored_output_bits(hw, writeback, out_bits)
     tiling = plan(hw, m, n, k, a_bits, b_bits, out_store)
     level = "ddr"
@@ -60,7 +66,7 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
             compute = folds_m * folds_n * k
             out = nbytes(sm * sn, out_store)
             tcm_read = nbytes(read_a, a_bits) + nbytes(read_b, b_bits)
-            tcm_write = a_in + b_in + out
+            tcm_write = a_in + b_in + (out if writeback != "handoff" else 0.0)
             if spill is not None:
                 spills = sm * sn * math.ceil(k / spill)
                 psum_rw = (2 * spills - sm * sn) * psum_bytes
@@ -69,7 +75,7 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
                 add(events, "psum_spill", "tcm", times * spills, times * psum_rw)
                 add(events, "psum_drain", "tcm", times * sm * sn, times * sm * sn * psum_bytes)
             ddr = a_in + b_in
-            if level == "ddr":
+            if level == "ddr" and writeback != "handoff":
                 ddr += out
                 tcm_read += out
             stall_ddr, stall_tcm = phase_stalls(hw, compute, ddr, tcm_read, tcm_write)
@@ -78,14 +84,16 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
             add(events, "load_b", "ddr", times * (k * sn if load_b else 0), times * b_in)
             add(events, "read_a", "tcm", times * read_a, times * nbytes(read_a, a_bits))
             add(events, "read_b", "tcm", times * read_b, times * nbytes(read_b, b_bits))
-            add(events, "writeback", level, times * sm * sn, times * out)
+            if writeback != "handoff":
+                add(events, "writeback", level, times * sm * sn, times * out)
             if writeback == "fused":
                 add(events, "requantize", "array", times * sm * sn)
             add(events, "stall", "ddr", 0, 0.0, times * stall_ddr)
             add(events, "stall", "tcm", 0, 0.0, times * stall_tcm)
     if a_quant is not None:
         merge(events, input_events(hw, tiling, a_quant, m, k, a_bits))
-        merge(events, output_events(hw, a_quant, m, n, k, out_bits, level))
+        merge(events, output_events(hw, a_quant, m, n, out_bits, level, handoff))
+    merge(events, correction_events(m, n, k, a_offset, b_offset))
     return frame(hw, name, GemmSpec(a_bits, b_bits), events)
 
 

@@ -16,7 +16,7 @@ from fqtsim.hw import HWConfig
 from fqtsim.ledger import COLUMNS, GemmSpec, add, frame, merge
 from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
                             stored_output_bits, wide_level)
-from fqtsim.passes import input_passes, output_passes
+from fqtsim.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
 from fqtsim.schedule import QuantScheme
 from kernels import int_gemm
@@ -48,26 +48,30 @@ class Device:
         return self._run(a, b, a_bits, b_bits, out_bits, writeback, scope, name)
 
     def matmul(self, a: Quantized, b: Quantized, *, scheme: QuantScheme | None = None,
-               out_bits: int = 8, name: str | None = None) -> np.ndarray:
+               out_bits: int = 8, writeback: str = "fused", name: str | None = None) -> np.ndarray:
         """The float product of two quantized operands, computed as integer hardware does.
 
         The integer GEMM runs on the codes; scales, offsets (a rank-1 correction with the other
         operand's column or row sums) and BHQ's inverse transform are applied to its output.
         `scheme`: how `a`, a gradient, was quantized on the device (its passes are recorded);
         None for static codes. Scales must not vary along the reduction dimension: A per tensor
-        or per row, B per tensor or per column.
+        or per row, B per tensor or per column. `writeback`: as for `gemm` ("handoff" when the
+        output feeds another quantizer).
         """
         _check_realizable(a, b, scheme)
-        c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, "fused", "tensor", name,
-                      a_quant=scheme, qa=a)
+        c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, writeback, "tensor", name,
+                      a_quant=scheme, qa=a, qb=b)
         out = a.scale * (c * b.scale)
-        if b.offset.any():  # B's codes stand for offset + scale * q too
+        if a.affine:  # A's codes stand for offset + scale * q
+            out += a.offset * (b.codes.sum(axis=0, keepdims=True, dtype=np.int64) * b.scale)
+        if b.affine:
             out += (a.scale * a.codes.sum(axis=1, keepdims=True, dtype=np.int64)) * b.offset
+        if a.affine and b.affine:
             out += a.codes.shape[1] * a.offset * b.offset
-        out += a.offset * (b.codes.sum(axis=0, keepdims=True, dtype=np.int64) * b.scale)
         return out if a.transform is None else a.transform.inverse(out)
 
-    def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None, qa=None):
+    def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None,
+             qa=None, qb=None):
         if np.ndim(a) != 2 or np.ndim(b) != 2:
             raise ValueError(f"a, b: got {np.ndim(a)}-D and {np.ndim(b)}-D arrays; expected 2-D codes")
         (m, k), (kb, n) = a.shape, b.shape
@@ -76,6 +80,7 @@ class Device:
         check_gemm(self.hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope)
         _check_codes("a", a, a_bits)
         _check_codes("b", b, b_bits)
+        handoff = writeback == "handoff"
         if a_quant is not None and a_quant.method == "bhq":
             writeback, scope = "materialized", "tensor"  # T^-1 mixes output rows
         acc = self.hw.accumulator
@@ -88,7 +93,9 @@ class Device:
         add(events, "overflow", "array", counts["overflows"])
         if a_quant is not None:
             merge(events, input_passes(self.hw, tiling, a_quant, qa))
-            merge(events, output_passes(self.hw, a_quant, qa, n, out_bits, level))
+            merge(events, output_passes(self.hw, a_quant, qa, n, out_bits, level, handoff))
+        if qa is not None:
+            merge(events, corrections(qa, qb))
         name = name if name is not None else f"gemm{len(self._frames)}"
         self._frames.append(frame(self.hw, name, GemmSpec(a_bits, b_bits), events))
         self._ledger = None
@@ -150,9 +157,10 @@ class Device:
                 if spill is not None:
                     add(events, "psum_drain", "tcm", sm * sn, sm * sn * psum_bytes)
                     tcm_read += sm * sn * psum_bytes
-                add(events, "writeback", level, sm * sn, out)
-                tcm_write += out
-                if level == "ddr":
+                if writeback != "handoff":
+                    add(events, "writeback", level, sm * sn, out)
+                    tcm_write += out
+                if level == "ddr" and writeback != "handoff":
                     ddr += out
                     tcm_read += out
                 if writeback == "fused":

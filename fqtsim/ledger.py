@@ -24,8 +24,8 @@ for their ops (count = elements; ops per element in PASS_OPS):
     code_write (ddr)     b-bit codes written for the GEMM to load
     sr_rng (array)       delayed ranges: random numbers drawn in the producer's output pipeline
     clip (array)         delayed ranges: values clipped to the known range (emulation only)
-    colsum, zero_point   rank-1 correction for the codes' offsets: B's column sums, then one
-                         multiply-add per output
+    colsum, rowsum,      rank-1 corrections for affine codes' offsets: B's column sums, A's
+    zero_point           row sums, multiply-adds per output
     inverse_transform    BHQ: T^-1 on the wide output rows, then requantization
     inverse_codes (ddr)  output codes written after the inverse transform
 A pass's vector row carries its vector cycles and its memory rows the time the memory needs
@@ -62,6 +62,7 @@ PASS_OPS = {
     "transform": {"mul": 3, "add": 2},          # v^T x, x - 2 v (.), row scale
     "requant_pass": {"rng": 1, "requant": 1},
     "colsum": {"add": 1},
+    "rowsum": {"add": 1},
     "zero_point": {"mul": 1, "add": 1},
     "inverse_transform": {"mul": 3, "add": 2, "requant": 1},
 }
@@ -140,7 +141,7 @@ def frame(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> pd.DataFrame
 
 EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code_write",
           "sr_rng", "clip", "mac", "overflow", "requantize", "load_a", "load_b", "read_a",
-          "read_b", "psum_spill", "psum_drain", "colsum", "zero_point", "writeback",
+          "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "writeback",
           "inverse_transform", "inverse_codes", "stall")
 
 

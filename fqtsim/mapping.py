@@ -33,6 +33,11 @@ def nbytes(count: int, bits: int) -> float:
     return count * container_bits(bits) / 8
 
 
+# fused: b-bit codes requantized in the output pipeline; materialized: accumulator width to TCM or
+# DDR; handoff: kept at accumulator width for the next quantizer, whose wide_write stores it.
+WRITEBACKS = ("fused", "materialized", "handoff")
+
+
 def stored_output_bits(hw: HWConfig, writeback: str, out_bits: int) -> int:
     """Width at which a GEMM's output leaves the array: b-bit codes (fused) or accumulator width."""
     return out_bits if writeback == "fused" else wide_bits(hw)
@@ -190,7 +195,7 @@ def check_gemm(hw: HWConfig, m, n, k, a_bits, b_bits, out_bits, writeback, scope
                              f"bits (array.operand_bits)")
     if not isinstance(out_bits, int) or not 2 <= out_bits <= 8:
         raise ValueError(f"out_bits: got {out_bits!r}; output codes are 2..8 bits")
-    if writeback not in ("fused", "materialized"):
-        raise ValueError(f"writeback: got {writeback!r}; expected 'fused' or 'materialized'")
+    if writeback not in WRITEBACKS:
+        raise ValueError(f"writeback: got {writeback!r}; expected one of {', '.join(WRITEBACKS)}")
     if scope not in ("tensor", "rows"):
         raise ValueError(f"scope: got {scope!r}; expected 'tensor' or 'rows'")

@@ -57,8 +57,9 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
         return events
     level = wide_gradient_level(hw, tiling, scheme.method, m, k)
     for _ in range(m):
-        add(events, "wide_write", level, k, row_wide)
-        add(events, "range_pass", level, k, row_wide)
+        if not scheme.shared:
+            add(events, "wide_write", level, k, row_wide)
+            add(events, "range_pass", level, k, row_wide)
         add(events, "range_pass", "vector", k)
     fused_requant = False
     if scheme.method == "bhq":
@@ -84,19 +85,31 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
 
 
 def output_passes(hw: HWConfig, scheme: QuantScheme, a: Quantized, n: int, out_bits: int,
-                  level: str) -> dict:
-    """Events after the GEMM: B's column sums, one zero-point multiply-add per output, and for
-    BHQ the inverse transform of the wide output, block by block."""
+                  level: str, handoff: bool) -> dict:
+    """Events after the GEMM for BHQ: the inverse transform of the wide output, block by block."""
     events = {}
-    m, k = a.codes.shape
-    for _ in range(n):
-        add(events, "colsum", "vector", k)
-    for _ in range(m):
-        add(events, "zero_point", "vector", n)
     if scheme.method == "bhq":
         for rows in a.transform.blocks:
             size = len(rows) * n
             add(events, "inverse_transform", level, size, nbytes(size, wide_bits(hw)))
             add(events, "inverse_transform", "vector", size)
-            add(events, "inverse_codes", "ddr", size, nbytes(size, out_bits))
+            if not handoff:
+                add(events, "inverse_codes", "ddr", size, nbytes(size, out_bits))
+    return events
+
+
+def corrections(a: Quantized, b: Quantized) -> dict:
+    """Events of the rank-1 offset corrections, per column and row as the vector unit runs them."""
+    events = {}
+    (m, k), n = a.codes.shape, b.codes.shape[1]
+    if a.affine:
+        for _ in range(n):
+            add(events, "colsum", "vector", k)
+    if b.affine:
+        for _ in range(m):
+            add(events, "rowsum", "vector", k)
+    terms = int(a.affine) + int(b.affine) + int(a.affine and b.affine)
+    if terms:
+        for _ in range(m):
+            add(events, "zero_point", "vector", terms * n)
     return events

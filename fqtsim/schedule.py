@@ -19,11 +19,14 @@ requantize in the producer's output pipeline (sr_rng: one random number per elem
 codes are written; values outside the range are clipped (counted by the device). BHQ still needs
 the wide tensor, one range pass and the sort to build its transform, but requantizes on the way
 out of the transform pass.
-after the GEMM, for every scheme:
+after the GEMM:
     colsum, zero_point   the codes stand for offset + scale * q: add offset_i * colsum(W)_j
+                         (`correction_events`, for any GEMM with affine operands)
     BHQ: the output is written at accumulator width (whole tensor), T^-1 is applied to its rows
     and the result requantized (inverse_transform) and written as codes (inverse_codes), in place
     of the fused write-back.
+A gradient quantized twice (per row for dX, per column for dW) is written wide once: the second
+scheme is `shared`.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ class QuantScheme:
     """A gradient quantizer and its range policy."""
     method: str
     range_policy: str = "dynamic"
+    shared: bool = False   # another quantizer of the same gradient already wrote it wide and
+                           # reads it for ranges: no second wide_write, its min/max ride along
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -87,8 +92,9 @@ def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: i
         add(events, "sr_rng", "array", elements)
         return events
     level = wide_gradient_level(hw, tiling, scheme.method, m, k)
-    add(events, "wide_write", level, elements, wide)
-    add(events, "range_pass", level, elements, wide)
+    if not scheme.shared:
+        add(events, "wide_write", level, elements, wide)
+        add(events, "range_pass", level, elements, wide)
     add(events, "range_pass", "vector", elements)
     codes_from = "requant_pass"
     if scheme.method == "bhq":
@@ -109,15 +115,30 @@ def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: i
     return events
 
 
-def output_events(hw: HWConfig, scheme: QuantScheme, m: int, n: int, k: int, out_bits: int,
-                  level: str) -> dict:
-    """Raw events after the GEMM: zero-point correction and (BHQ) the inverse transform on the
-    output, which was written at accumulator width to `level`."""
+def output_events(hw: HWConfig, scheme: QuantScheme, m: int, n: int, out_bits: int, level: str,
+                  handoff: bool) -> dict:
+    """Raw events after the GEMM for BHQ: T^-1 on the output, which was written at accumulator
+    width to `level`, then requantized and written as codes (unless handed off at full width)."""
     events = {}
-    add(events, "colsum", "vector", k * n)
-    add(events, "zero_point", "vector", m * n)
     if scheme.method == "bhq":
         add(events, "inverse_transform", level, m * n, nbytes(m * n, wide_bits(hw)))
         add(events, "inverse_transform", "vector", m * n)
-        add(events, "inverse_codes", "ddr", m * n, nbytes(m * n, out_bits))
+        if not handoff:
+            add(events, "inverse_codes", "ddr", m * n, nbytes(m * n, out_bits))
+    return events
+
+
+def correction_events(m: int, n: int, k: int, a_offset: bool, b_offset: bool) -> dict:
+    """Rank-1 corrections for affine codes (offset + scale * q): with A's offsets, B's column
+    sums and one multiply-add per output; with B's, A's row sums and another; with both, a third
+    for the K * offset_a * offset_b term."""
+    events = {}
+    if a_offset:
+        add(events, "colsum", "vector", k * n)
+        add(events, "zero_point", "vector", m * n)
+    if b_offset:
+        add(events, "rowsum", "vector", m * k)
+        add(events, "zero_point", "vector", m * n)
+    if a_offset and b_offset:
+        add(events, "zero_point", "vector", m * n)
     return events

@@ -98,7 +98,8 @@ def test_forward_gemm_with_static_codes():
     dev = Device(hw)
     out = dev.matmul(qx, qw.T)                      # Y = X W^T: B = W^T, per column
     np.testing.assert_allclose(out, qx.dequantize() @ qw.dequantize().T, rtol=1e-12, atol=1e-12)
-    assert not {"wide_write", "colsum"} & set(dev.ledger.event)
+    assert "wide_write" not in set(dev.ledger.event)   # static codes: no quantizer passes
+    assert {"colsum", "zero_point"} <= set(dev.ledger.event)  # affine activations: offset fix-up
 
 
 def test_scales_along_the_reduction_dimension_are_refused():
@@ -174,3 +175,28 @@ def test_delayed_range_history():
     assert h.bounds() == (0.5 - 0.75, 0.5 + 0.75)
     with pytest.raises(ValueError, match="history: got 0"):
         DelayedRange(history=0)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("method", ["ptq", "psq"])
+def test_weight_gradient_gemm_shared_handoff_equals_closed_form(name, method):
+    """dW = Q(dY)^T X with affine codes on both sides, the gradient already written wide by the
+    dX quantizer (shared), and the output handed off at full width."""
+    hw = load_hw(HW_DIR / f"{name}.yaml")
+    rng = np.random.default_rng(7)
+    dy, x = gradient(rng, 96, 40), np.maximum(rng.standard_normal((96, 50)), 0)
+    qa = quantize_gradient(dy.T, method, 8, rng)          # per output feature: rows of dY^T
+    qb = quantize_activation(x)
+    scheme = QuantScheme(method, "dynamic", shared=True)
+    dev = Device(hw)
+    out = dev.matmul(qa, qb, scheme=scheme, writeback="handoff", name="g")
+    if dev.ledger.query("event == 'overflow'")["count"].sum() == 0:   # 16-bit accumulators saturate
+        np.testing.assert_allclose(out, qa.dequantize() @ qb.dequantize(), rtol=1e-11, atol=1e-9)
+    emulated = dev.ledger[~dev.ledger.event.isin(EMULATION_ONLY)].set_index(KEY).sort_index()
+    closed = fqtsim.cost.gemm(hw, 40, 50, 96, a_quant=scheme, b_offset=True, writeback="handoff",
+                              name="g").set_index(KEY).sort_index()
+    assert list(emulated.index) == list(closed.index)
+    assert (emulated["count"] == closed["count"]).all() and (emulated["bytes"] == closed["bytes"]).all()
+    np.testing.assert_allclose(emulated["cycles"], closed["cycles"], rtol=1e-12, atol=1e-9)
+    events = set(emulated.index.get_level_values("event"))
+    assert {"rowsum", "colsum"} <= events and not {"writeback", "wide_write"} & events

@@ -43,7 +43,7 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
     row_lo, row_hi = group_range(x, "rows")
     transform = block_householder((row_hi - row_lo).ravel())
     q = quantize_affine(transform.apply(x), bits, "rows", stochastic=True, rng=rng, lo=lo, hi=hi)
-    return Quantized(q.codes, q.scale, q.offset, q.bits, "rows", transform, q.clipped, q.ranges)
+    return Quantized(q.codes, q.scale, q.offset, q.bits, "rows", True, transform, q.clipped, q.ranges)
 
 
 def fake_quantize(x: np.ndarray, method: str, bits: int, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -60,7 +60,8 @@ def quantize_weight(w: np.ndarray, bits: int = 8, per_channel: bool = False) -> 
     peak = np.abs(w).max(axis=1 if per_channel else None, keepdims=True)
     scale = np.where(peak > 0, peak / half, 1.0)
     codes = np.clip(np.rint(w / scale), -half, half).astype(np.int8)
-    return Quantized(codes, scale, np.zeros_like(scale), bits, "rows" if per_channel else "tensor")
+    return Quantized(codes, scale, np.zeros_like(scale), bits, "rows" if per_channel else "tensor",
+                     affine=False)
 
 
 def quantize_activation(x: np.ndarray, bits: int = 8) -> Quantized:

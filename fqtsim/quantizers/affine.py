@@ -1,10 +1,13 @@
 """Affine quantization of a float tensor into b-bit codes, one range per group.
 
-A group is the whole tensor, a row or a column. Codes are unsigned, q in 0..B with B = 2^b - 1, and
-the float each code stands for is `offset + scale * q`, with offset = the group's min and
-scale = range / B. The offset stays a real number (no integer zero point), so stochastic rounding
-is exactly unbiased whenever the range covers the data; integer hardware applies it after the GEMM
-as a rank-1 correction with the other operand's column sums (see `fqtsim.quantizers.schedule`).
+A group is the whole tensor, a row or a column. The range [lo, hi] is cut into B = 2^b - 1 bins
+(scale = (hi - lo) / B) and x is rounded to a bin edge u in 0..B; the code is centred, q = u -
+2^(b-1), a signed b-bit value, and stands for `offset + scale * q` with offset = lo + scale *
+2^(b-1). Centred codes keep products and sums small, as narrow accumulators need (unsigned 8-bit
+codes make 16-bit products that saturate a 16-bit accumulator at once). The offset stays a real
+number (no integer zero point), so stochastic rounding is exactly unbiased whenever the range
+covers the data; integer hardware applies it after the GEMM as a rank-1 correction with the other
+operand's column or row sums (see `fqtsim.schedule`).
 """
 from __future__ import annotations
 
@@ -19,15 +22,18 @@ GROUP_AXES = {"tensor": None, "rows": 1, "cols": 0}  # axis reduced to get one r
 class Quantized:
     """Integer codes plus what turns them back into floats.
 
-    `codes` (uint8 for affine codes, int8 for symmetric ones; x's shape), `scale` and `offset` broadcast against it (shape (1, 1), (N, 1) or
-    (1, D) for tensor, rows, cols), `transform` (BHQ's block Householder, or None) to undo after
-    dequantizing, and `clipped`: how many values fell outside a given range and were clipped.
+    `codes` (int8, signed b-bit values, x's shape), `scale` and `offset` broadcast against it
+    (shape (1, 1), (N, 1) or (1, D) for tensor, rows, cols), `affine`: whether the offset can be
+    nonzero (symmetric codes have none), `transform` (BHQ's block Householder, or None) to undo
+    after dequantizing, `clipped`: how many values fell outside a given range, `ranges`: the
+    groups' hi - lo.
     """
     codes: np.ndarray
     scale: np.ndarray
     offset: np.ndarray
     bits: int
     group: str
+    affine: bool = True
     transform: object = None
     clipped: int = 0
     ranges: np.ndarray = field(default=None, repr=False)
@@ -38,7 +44,7 @@ class Quantized:
         if self.transform is not None:
             raise ValueError("a BHQ-quantized tensor mixes rows and cannot be used transposed")
         group = {"rows": "cols", "cols": "rows"}.get(self.group, self.group)
-        return Quantized(self.codes.T, self.scale.T, self.offset.T, self.bits, group,
+        return Quantized(self.codes.T, self.scale.T, self.offset.T, self.bits, group, self.affine,
                          clipped=self.clipped, ranges=None if self.ranges is None else self.ranges.T)
 
     def dequantize(self) -> np.ndarray:
@@ -88,5 +94,6 @@ def quantize_affine(x: np.ndarray, bits: int, group: str, *, stochastic: bool,
     else:
         y = np.floor(y + 0.5)
     clipped = int(np.count_nonzero((x < lo) | (x > hi)))
-    codes = np.clip(y, 0, top).astype(np.uint8)
-    return Quantized(codes, scale, lo.copy(), bits, group, clipped=clipped, ranges=width)
+    half = 1 << (bits - 1)
+    codes = (np.clip(y, 0, top) - half).astype(np.int8)
+    return Quantized(codes, scale, lo + scale * half, bits, group, clipped=clipped, ranges=width)
