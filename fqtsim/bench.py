@@ -1,9 +1,9 @@
 """Benchmark of the integer GEMM kernels against numpy float32 matmul (sgemm) in the same process.
 
-`gemm_bench()` returns one row per (shape, mode) with the best-of-`repeat` times and
-ratio = sgemm_s / emulated_s (higher is better; 1.0 means as fast as sgemm). The sgemm baseline
-is timed on the same shape, in blocks of runs alternating with the emulated ones. Nothing is printed; the
-command line (`fqtsim bench`) formats the table with `format_bench`.
+`gemm_bench()` returns one row per (shape, mode) with best-of times and ratio = sgemm_s /
+emulated_s (higher is better; 1.0 means as fast as sgemm). The sgemm baseline is timed on the
+same shape in the same process, in blocks alternating with the emulated runs. Nothing is
+printed; the command line (`fqtsim bench`) formats the table with `format_bench`.
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ MODES = {
 }
 
 
+_SETTLE_S = 0.005     # pause before each timed block: longer than either pool's busy-wait
+
+
 def _best(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -36,50 +39,45 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
-def _best_pair(f, g, repeat: int, rounds: int, settle_s: float = 0.005) -> tuple[float, float]:
-    """Best times of f and g over `rounds` alternating blocks of `repeat` back-to-back runs.
-
-    Alternating blocks let both sample the same phases of a noisy shared machine; the pause
-    before each block lets the other thread pool stop busy-waiting (the first run of a block
-    pays the wake-up, the best run does not)."""
-    best_f = best_g = float("inf")
-    for _ in range(rounds):
-        time.sleep(settle_s)
-        best_f = min(best_f, _best(f, repeat))
-        time.sleep(settle_s)
-        best_g = min(best_g, _best(g, repeat))
-    return best_f, best_g
-
-
-def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 8,
+def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 5,
                seed: int = 0) -> pd.DataFrame:
     """Time `int_gemm` per (shape, mode) against a float32 matmul of the same shape.
 
     shapes: (M, K, N) tuples (default `SHAPES`); modes: names from `MODES` (default all).
     Operands are full-range int8 codes from a fixed seed. Every kernel is compiled (or loaded
-    from Numba's cache) before timing; each time is the best of `rounds` x `repeat` runs,
-    in alternating blocks.
+    from Numba's cache) before timing. Each round times, for every (shape, mode) in turn, a
+    block of `repeat` back-to-back sgemm runs and then a block of `repeat` int_gemm runs, each
+    block after a short pause (so that neither thread pool is still busy-waiting from the other
+    block); a time is the best over all rounds. Rounds sweep the whole table, so that a burst of
+    load on a shared machine spoils one round of a row, not all of them.
     Columns: shape ("MxKxN"), mode, emulated_s, sgemm_s, ratio (= sgemm_s / emulated_s),
     gops (emulated giga-MACs per second), overflows.
     """
     shapes = SHAPES if shapes is None else shapes
     modes = list(MODES) if modes is None else list(modes)
-    rows = []
+    cases = []
     for m, k, n in shapes:
         rng = np.random.default_rng([seed, m, k, n])     # same data whatever the shape list
         a = rng.integers(-128, 128, (m, k), dtype=np.int8)
         b = rng.integers(-128, 128, (k, n), dtype=np.int8)
         af, bf = a.astype(np.float32), b.astype(np.float32)
         for mode in modes:
-            kw = MODES[mode]
-            _, counts = int_gemm(a, b, **kw)          # compile / load, and warm the caches
+            _, counts = int_gemm(a, b, **MODES[mode])   # compile or load, warm the caches
             np.matmul(af, bf)
-            sgemm_s, emulated_s = _best_pair(lambda: np.matmul(af, bf),
-                                             lambda: int_gemm(a, b, **kw), repeat, rounds)
-            rows.append(dict(shape=f"{m}x{k}x{n}", mode=mode, emulated_s=emulated_s,
-                             sgemm_s=sgemm_s, ratio=sgemm_s / emulated_s,
-                             gops=m * k * n / emulated_s / 1e9, overflows=counts["overflows"]))
-    return pd.DataFrame(rows)
+            cases.append(dict(shape=f"{m}x{k}x{n}", mode=mode, macs=m * k * n,
+                              overflows=counts["overflows"],
+                              sgemm=lambda af=af, bf=bf: np.matmul(af, bf),
+                              emulated=lambda a=a, b=b, kw=MODES[mode]: int_gemm(a, b, **kw),
+                              sgemm_s=float("inf"), emulated_s=float("inf")))
+    for _ in range(rounds):
+        for case in cases:
+            for key in ("sgemm", "emulated"):
+                time.sleep(_SETTLE_S)
+                case[key + "_s"] = min(case[key + "_s"], _best(case[key], repeat))
+    return pd.DataFrame([dict(shape=c["shape"], mode=c["mode"], emulated_s=c["emulated_s"],
+                              sgemm_s=c["sgemm_s"], ratio=c["sgemm_s"] / c["emulated_s"],
+                              gops=c["macs"] / c["emulated_s"] / 1e9, overflows=c["overflows"])
+                         for c in cases])
 
 
 def format_bench(df: pd.DataFrame) -> str:

@@ -2,16 +2,17 @@
 
 Each kernel walks k in ascending order and applies the accumulator's overflow rule after every
 MAC, counting the steps whose exact result left the accumulator's range. Operands arrive packed
-by `pack_a` / `pack_b` into zero-padded int16 panels, so that one tile of MR rows x NR columns
+(by `kernels.gemm`) into zero-padded int16 panels, so that one tile of MR rows x NR columns
 reads contiguous memory: `Ap[ti, k, r]` and `Bp[tj, k, j]`. Zero padding is harmless: padded
 lanes add products of 0, never overflow and are not written out.
 
 Per-tile state lives in 2-D scratch arrays indexed `[t, r * NR + j]`: the offsets between a
 tile's rows are compile-time constants, so LLVM can prove that they do not overlap and keeps the
 tile's accumulators and counters in vector registers across the k loop (with a 3-D array the row
-stride is a run-time value and every MAC loads and stores them). The caller passes the scratch
-arrays and the packed operands, so that repeated calls reuse memory instead of faulting in fresh
-pages.
+stride is a run-time value and every MAC loads and stores them). This also needs the arrays to be
+noalias, which Numba grants a prange body only if it creates no views: no slicing inside. The
+caller passes the scratch arrays and the packed operands, so that repeated calls reuse memory
+instead of faulting in fresh pages.
 
 Lane widths:
 - `scan16`: int16 lanes, accumulators of at most 16 bits, products that fit int16;
@@ -31,66 +32,12 @@ an int64 partial sum `PS` with the partial sum's own range [plo, phi] and mode, 
 import numpy as np
 from numba import njit, prange
 
-MR = 4                   # rows per tile, in every kernel (pack_a relies on it)
+MR = 4                   # rows per tile, in every kernel (the packing relies on it)
 MR16, NR16 = MR, 64      # int16 tile: 8 zmm accumulators + 8 zmm counters
 MR32, NR32 = MR, 32      # int32 tile: 8 zmm accumulators + 8 zmm counters
 MR64, NR64 = MR, 16      # int64 tile
 FLUSH16 = 32767      # int16 lane counters are flushed after at most this many MACs
 FLUSH_WIDE = 1 << 30
-
-
-@njit(cache=True, parallel=True)
-def pack_a(a, unsigned, ap):
-    """(M, K) int8 codes (uint8 viewed as int8 when `unsigned`) -> ap[ti, k, r] = a[ti*MR + r, k],
-    zero where ti*MR + r >= M. ap: (ceil(M/MR), K, MR) int16; every kernel uses MR rows."""
-    m, k = a.shape
-    nti = ap.shape[0]
-    for ti in prange(nti):
-        i0 = ti * MR
-        if i0 + MR <= m and unsigned:
-            for kk in range(k):
-                for r in range(MR):
-                    ap[ti, kk, r] = np.int16(a[i0 + r, kk]) & 0xFF
-        elif i0 + MR <= m:
-            for kk in range(k):
-                for r in range(MR):
-                    ap[ti, kk, r] = a[i0 + r, kk]
-        else:
-            for kk in range(k):
-                for r in range(MR):
-                    v = np.int16(0)
-                    if i0 + r < m:
-                        v = np.int16(a[i0 + r, kk])
-                        if unsigned:
-                            v = np.int16(v & 0xFF)
-                    ap[ti, kk, r] = v
-
-
-@njit(cache=True, parallel=True)
-def pack_b(b, unsigned, bp):
-    """(K, N) int8 codes (uint8 viewed as int8 when `unsigned`) -> bp[tj, k, j] = b[k, tj*nr + j],
-    zero where tj*nr + j >= N. bp: (ceil(N/nr), K, nr) int16."""
-    k, n = b.shape
-    ntj, _, nr = bp.shape
-    full = n // nr
-    for kk in prange(k):
-        for tj in range(full):
-            j0 = tj * nr
-            if unsigned:
-                for j in range(nr):
-                    bp[tj, kk, j] = np.int16(b[kk, j0 + j]) & 0xFF
-            else:
-                for j in range(nr):
-                    bp[tj, kk, j] = b[kk, j0 + j]
-        if full < ntj:
-            j0 = full * nr
-            for j in range(nr):
-                v = np.int16(0)
-                if j0 + j < n:
-                    v = np.int16(b[kk, j0 + j])
-                    if unsigned:
-                        v = np.int16(v & 0xFF)
-                bp[full, kk, j] = v
 
 
 @njit(inline="always")
@@ -100,25 +47,27 @@ def _sadd16(x, p):
 
 
 @njit(inline="always")
-def _mac16(x, p, lo, hi, sh, sat, narrow):
-    """One int16-lane MAC step: (new accumulator, 1 if the step overflowed else 0)."""
+def _mac16(x, p, lo, hi, mask, sat, narrow):
+    """One int16-lane MAC step: (new accumulator, 1 if the step overflowed else 0).
+    Wrapping to bits < 16: ((w - lo) & mask) + lo with mask = 2^bits - 1, all in int16 (a
+    shift by a run-time count would be widened to int64 lanes)."""
     s = _sadd16(x, p)
     w = np.int16(x + p)
     if sat:
         c = min(max(s, lo), hi) if narrow else s
         return c, np.int16(c != w)
-    c = np.int16(np.int16(w << sh) >> sh) if narrow else w
+    c = np.int16(np.int16(np.int16(w - lo) & mask) + lo) if narrow else w
     return c, np.int16(c != s)
 
 
 @njit(inline="always")
-def _mac32(x, p, lo, hi, sh, sat):
+def _mac32(x, p, lo, hi, mask, sat):
     """One int32-lane MAC step; e = x + p is exact in int32 because bits <= 31."""
     e = np.int32(x + p)
     if sat:
         c = min(max(e, lo), hi)
     else:
-        c = np.int32(np.int32(e << sh) >> sh)
+        c = np.int32(np.int32(np.int32(e - lo) & mask) + lo)
     return c, np.int32(c != e)
 
 
@@ -185,9 +134,12 @@ def _flush(CNT, t, nl):
 def _write(out, src, t, i0, j0, mr, nr):
     """Copy tile t of the scratch `src` into the valid part of `out` (int64)."""
     m, n = out.shape
+    # Unsigned indices: no negative-index wraparound, so contiguous stores instead of scatters
+    # (a row slice would do too, but any view in a prange body costs every array its noalias).
     for r in range(min(mr, m - i0)):
+        i = np.uint64(i0 + r)
         for j in range(min(nr, n - j0)):
-            out[i0 + r, j0 + j] = src[t, r * nr + j]
+            out[i, np.uint64(j0 + j)] = src[t, r * nr + j]
 
 
 # The tile loops below share one structure. K is cut into spill chunks (or one chunk), each chunk
@@ -200,7 +152,7 @@ def _write(out, src, t, i0, j0, mr, nr):
 
 
 @njit(inline="always")
-def _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh, pcheck, blk,
+def _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, mask, spill, plo, phi, psh, pcheck, blk,
             ls, hs, sat, narrow):
     tj = t // nti
     ti = t - tj * nti
@@ -228,7 +180,7 @@ def _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh
                         av = Ap[ti, k, r]
                         for j in range(NR16):
                             p = np.int16(av * Bp[tj, k, j])
-                            c, o = _mac16(S[t, r * NR16 + j], p, lo, hi, sh, sat, narrow)
+                            c, o = _mac16(S[t, r * NR16 + j], p, lo, hi, mask, sat, narrow)
                             S[t, r * NR16 + j] = c
                             CNT[t, r * NR16 + j] = np.int16(CNT[t, r * NR16 + j] + o)
                 total += _flush(CNT, t, L)
@@ -257,7 +209,7 @@ def scan16(Ap, Bp, out, S, CNT, PS, bits, sat, spill, pbits, pcheck, blk, ls, hs
     tot = np.zeros(nt, np.int64)
     lo = np.int16(-(1 << (bits - 1)))
     hi = np.int16((1 << (bits - 1)) - 1)
-    sh = 16 - bits
+    mask = np.int16((1 << bits) - 1)        # the wrap mask (unused at 16 bits)
     plo = -(1 << (pbits - 1))
     phi = (1 << (pbits - 1)) - 1
     psh = 64 - pbits
@@ -266,25 +218,25 @@ def scan16(Ap, Bp, out, S, CNT, PS, bits, sat, spill, pbits, pcheck, blk, ls, hs
     # One loop per (mode, narrow) so that each inner loop is specialized at compile time.
     if sat and bits < 16:
         for t in prange(nt):
-            tot[t] = _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh,
+            tot[t] = _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, mask, spill, plo, phi, psh,
                              pcheck, blk, ls16, hs16, True, True)
     elif sat:
         for t in prange(nt):
-            tot[t] = _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh,
+            tot[t] = _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, mask, spill, plo, phi, psh,
                              pcheck, blk, ls16, hs16, True, False)
     elif bits < 16:
         for t in prange(nt):
-            tot[t] = _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh,
+            tot[t] = _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, mask, spill, plo, phi, psh,
                              pcheck, blk, ls16, hs16, False, True)
     else:
         for t in prange(nt):
-            tot[t] = _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh,
+            tot[t] = _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, mask, spill, plo, phi, psh,
                              pcheck, blk, ls16, hs16, False, False)
     return tot.sum()
 
 
 @njit(inline="always")
-def _tile32(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh, pcheck, blk,
+def _tile32(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, mask, spill, plo, phi, psh, pcheck, blk,
             ls, hs, sat):
     tj = t // nti
     ti = t - tj * nti
@@ -312,7 +264,7 @@ def _tile32(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh
                         av = np.int32(Ap[ti, k, r])
                         for j in range(NR32):
                             p = np.int32(av * np.int32(Bp[tj, k, j]))
-                            c, o = _mac32(S[t, r * NR32 + j], p, lo, hi, sh, sat)
+                            c, o = _mac32(S[t, r * NR32 + j], p, lo, hi, mask, sat)
                             S[t, r * NR32 + j] = c
                             CNT[t, r * NR32 + j] = np.int32(CNT[t, r * NR32 + j] + o)
                 total += _flush(CNT, t, L)
@@ -335,7 +287,7 @@ def scan32(Ap, Bp, out, S, CNT, PS, bits, sat, spill, pbits, pcheck, blk, ls, hs
     tot = np.zeros(nt, np.int64)
     lo = np.int32(-(1 << (bits - 1)))
     hi = np.int32((1 << (bits - 1)) - 1)
-    sh = np.int32(32 - bits)
+    mask = np.int32((1 << bits) - 1)        # the wrap mask
     plo = -(1 << (pbits - 1))
     phi = (1 << (pbits - 1)) - 1
     psh = 64 - pbits
@@ -343,11 +295,11 @@ def scan32(Ap, Bp, out, S, CNT, PS, bits, sat, spill, pbits, pcheck, blk, ls, hs
     hs32 = np.int32(hs)
     if sat:
         for t in prange(nt):
-            tot[t] = _tile32(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh,
+            tot[t] = _tile32(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, mask, spill, plo, phi, psh,
                              pcheck, blk, ls32, hs32, True)
     else:
         for t in prange(nt):
-            tot[t] = _tile32(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh,
+            tot[t] = _tile32(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, mask, spill, plo, phi, psh,
                              pcheck, blk, ls32, hs32, False)
     return tot.sum()
 

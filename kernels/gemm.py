@@ -1,12 +1,14 @@
 """`int_gemm`: exact integer GEMM with an emulated fixed-width accumulator and event counts.
 
-Paths, chosen per call from the operands' actual value range (all give identical results):
+Paths, chosen per call from the operands' value range (all give identical results):
 - exact: if no partial sum can leave the accumulator's (and partial sum's) range, the answer is
   the exact product and nothing overflows. It is computed with float32 sgemm, which is exact while
   every partial sum stays within 2^24: K is split into chunks that guarantee this for the data's
-  max |a| * max |b|, and the chunk results are added in int64.
+  max |a * b|, and the chunk results are added in int64.
 - scan: otherwise every MAC is emulated in ascending k by the kernels in `kernels._scan`: int16
-  lanes for accumulators of <= 16 bits, int32 lanes up to 31 bits, int64 lanes beyond.
+  lanes for accumulators of <= 16 bits (when the products fit int16), int32 lanes up to 31 bits,
+  int64 lanes beyond. An accumulator that provably cannot overflow (only its partial sum can)
+  is emulated at the narrowest width that holds its values.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import os
 import threading
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from kernels import _scan
 
+_MR = _scan.MR                # rows per tile, in every scan kernel
 _OVERFLOW_MODES = ("wrap", "saturate")
 _F32_EXACT = 1 << 24          # float32 holds every integer of magnitude <= 2^24 exactly
 _PLAIN_BLOCK_MIN, _PLAIN_BLOCK_MAX = 8, 256   # MACs per block of the scans' unchecked path
@@ -39,91 +42,93 @@ def int_gemm(a, b, *, acc_bits: int = 32, overflow: str = "wrap", spill_every: i
     Returns (c, counts): c is the int64 (M, N) array of final accumulator (or partial-sum)
     values; counts = {"macs": M*N*K, "overflows": add steps whose exact result left the range
     (MAC adds and spill adds), "spills": M*N*ceil(K/k) with spilling, else 0}.
+    Raises ValueError, naming the argument, on bad input.
     """
-    a = _check_operand("a", a)
-    b = _check_operand("b", b)
-    if a.shape[1] != b.shape[0]:
-        raise ValueError(f"a, b: inner dimensions differ: a is {a.shape[0]}x{a.shape[1]}, b is "
-                         f"{b.shape[0]}x{b.shape[1]}; a.shape[1] must equal b.shape[0]")
-    acc_bits = _check_bits("acc_bits", acc_bits)
-    psum_bits = _check_bits("psum_bits", psum_bits)
-    if not isinstance(overflow, str) or overflow not in _OVERFLOW_MODES:
-        raise ValueError(f"overflow: got {overflow!r}; allowed: 'wrap' or 'saturate'")
-    if spill_every is not None:
-        if isinstance(spill_every, (bool, np.bool_)) or not isinstance(spill_every,
-                                                                       (int, np.integer)):
-            raise ValueError(f"spill_every: got {spill_every!r} ({type(spill_every).__name__}); "
-                             "allowed: None or an int >= 1")
-        spill_every = int(spill_every)
-        if spill_every < 1:
-            raise ValueError(f"spill_every: got {spill_every}; allowed: None or an int >= 1")
-
+    a, b, acc_bits, psum_bits, spill_every = _validate(a, b, acc_bits, overflow, spill_every,
+                                                       psum_bits)
     _quiet_openblas()
     a = np.ascontiguousarray(a)
     b = np.ascontiguousarray(b)
-    m, k = a.shape
-    n = b.shape[1]
-    sat = overflow == "saturate"
+    (m, k), n = a.shape, b.shape[1]
     nchunks = -(-k // spill_every) if spill_every else 0
     counts = {"macs": m * n * k, "overflows": 0, "spills": m * n * nchunks}
+    steps = min(spill_every, k) if spill_every else k     # MACs between accumulator clears
 
-    # Range of one product, from the data's actual extremes.
-    amin, amax, bmin, bmax = int(a.min()), int(a.max()), int(b.min()), int(b.max())
-    corners = (amin * bmin, amin * bmax, amax * bmin, amax * bmax)
-    pmin, pmax = min(corners), max(corners)
-    pabs = max(pmax, -pmin)
+    def exact_suffices(pmin, pmax):
+        # Every partial sum of j <= steps products in [pmin, pmax] lies in [steps*min(pmin, 0),
+        # steps*max(pmax, 0)]; if that fits, nothing overflows. With spills the spilled values
+        # are then exact chunk sums and the partial sums exact prefix sums of all K products.
+        return _fits(steps, pmin, pmax, acc_bits) and (
+            not spill_every or _fits(k, pmin, pmax, psum_bits))
 
-    # Every partial sum of j <= steps products lies in [steps*min(pmin,0), steps*max(pmax,0)].
-    steps = min(spill_every, k) if spill_every else k
-    acc_safe = _fits(steps, pmin, pmax, acc_bits)
-    # With spills, spilled values are then exact chunk sums, the partial sums exact prefix sums.
-    if acc_safe and (not spill_every or _fits(k, pmin, pmax, psum_bits)):
-        return _exact_product(a, b, pabs), counts
+    # First the range that the dtypes allow: if it settles the path and one sgemm chunk, the
+    # data need not be scanned for its extremes. Then the data's actual range.
+    pmin, pmax = _product_range(*_DTYPE_RANGE[a.dtype], *_DTYPE_RANGE[b.dtype])
+    if k * max(pmax, -pmin) > _F32_EXACT or not exact_suffices(pmin, pmax):
+        pmin, pmax = _product_range(int(a.min()), int(a.max()), int(b.min()), int(b.max()))
+    if exact_suffices(pmin, pmax):
+        return _exact_product(a, b, max(pmax, -pmin)), counts
 
     # Partial-sum checks are needed only if nchunks spills of the largest possible
     # accumulator value can leave the partial sum's range.
-    spilled = min(1 << (acc_bits - 1), steps * pabs)
+    spilled = min(1 << (acc_bits - 1), steps * max(pmax, -pmin))
     pcheck = bool(spill_every) and nchunks * spilled > (1 << (psum_bits - 1)) - 1
     # An accumulator that cannot overflow behaves the same at any width that holds its values:
-    # emulate it at the narrowest such width (only the partial sum can overflow here).
+    # emulate it at the narrowest such width (then only the partial sum can overflow).
     bits = acc_bits
-    if acc_safe:
+    if _fits(steps, pmin, pmax, acc_bits):
         bits = next(w for w in range(8, acc_bits + 1) if _fits(steps, pmin, pmax, w))
+    c = np.empty((m, n), np.int64)
+    counts["overflows"] = _scan_gemm(a, b, c, bits, overflow == "saturate", spill_every or 0,
+                                     psum_bits, pcheck, pmin, pmax)
+    return c, counts
 
+
+def _scan_gemm(a, b, c, bits, sat, spill, psum_bits, pcheck, pmin, pmax) -> int:
+    """Per-MAC emulation into c; returns the overflow count. Picks the narrowest lanes."""
     if bits <= 16 and -32768 <= pmin and pmax <= 32767:
-        kern, mr, nr = _scan.scan16, _scan.MR16, _scan.NR16
+        kern, nr, lane = _scan.scan16, _scan.NR16, np.int16
     elif bits <= 31:
-        kern, mr, nr = _scan.scan32, _scan.MR32, _scan.NR32
+        kern, nr, lane = _scan.scan32, _scan.NR32, np.int32
     elif bits <= 62:
-        kern, mr, nr = _scan.scan64, _scan.MR64, _scan.NR64
-    else:  # overflow would need K * 2^16 > 2^62: no array of that size fits in memory
-        raise ValueError(f"acc_bits={acc_bits}: cannot emulate K={k} with products up to {pabs}")
-    lane = np.int16 if kern is _scan.scan16 else np.int32 if kern is _scan.scan32 else np.int64
-    # Plain blocks: blk MACs that start with |acc| inside [ls, hs] cannot overflow.
+        kern, nr, lane = _scan.scan64, _scan.NR64, np.int64
+    else:  # an overflow would need K * 2^16 > 2^62: no such array fits in memory
+        raise ValueError(f"acc_bits={bits}: cannot emulate K={a.shape[1]} with products in "
+                         f"[{pmin}, {pmax}]")
+    # Plain blocks: blk MACs that start with every accumulator inside [ls, hs] cannot overflow.
     hi = (1 << (bits - 1)) - 1
     pos, neg = max(pmax, 0), min(pmin, 0)
     blk = min(_PLAIN_BLOCK_MAX, (hi // 2) // max(pos, -neg, 1))
     if blk < _PLAIN_BLOCK_MIN or lane is np.int64:
         blk = 0
     ls, hs = -hi - 1 - blk * neg, hi - blk * pos
-    nti, ntj = -(-m // mr), -(-n // nr)
-    tiles = nti * ntj
-    ap = _buffer("ap", (nti, k, mr), np.int16)
+
+    (m, k), n = a.shape, b.shape[1]
+    nti, ntj = -(-m // _MR), -(-n // nr)
+    ap = _buffer("ap", (nti, k, _MR), np.int16)
     bp = _buffer("bp", (ntj, k, nr), np.int16)
-    _scan.pack_a(a.view(np.int8), a.dtype == np.uint8, ap)   # MR rows per tile, always
-    _scan.pack_b(b.view(np.int8), b.dtype == np.uint8, bp)
-    s = _buffer("s", (tiles, mr * nr), lane)
-    cnt = _buffer("cnt", (tiles if lane is not np.int64 else 1, mr * nr), lane)
-    ps = _buffer("ps", (tiles if spill_every else 1, mr * nr), np.int64)
-    c = np.empty((m, n), np.int64)
-    counts["overflows"] = int(kern(ap, bp, c, s, cnt, ps, bits, sat, spill_every or 0,
-                                   psum_bits, pcheck, blk, ls, hs))
-    return c, counts
+    _pack_a(a.view(np.int8), a.dtype == np.uint8, ap)
+    _pack_b(b.view(np.int8), b.dtype == np.uint8, bp)
+    tiles = nti * ntj
+    s = _buffer("s", (tiles, _MR * nr), lane)
+    cnt = _buffer("cnt", (tiles if lane is not np.int64 else 1, _MR * nr), lane)
+    ps = _buffer("ps", (tiles if spill else 1, _MR * nr), np.int64)
+    return int(kern(ap, bp, c, s, cnt, ps, bits, sat, spill, psum_bits, pcheck, blk, ls, hs))
+
+
+_DTYPE_RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
+
+
+def _product_range(amin: int, amax: int, bmin: int, bmax: int) -> tuple[int, int]:
+    """Smallest and largest product of a in [amin, amax] and b in [bmin, bmax]."""
+    corners = (amin * bmin, amin * bmax, amax * bmin, amax * bmax)
+    return min(corners), max(corners)
 
 
 def _fits(steps: int, pmin: int, pmax: int, bits: int) -> bool:
     """True if no sum of at most `steps` products in [pmin, pmax] can leave `bits` bits."""
-    return steps * max(pmax, 0) <= (1 << (bits - 1)) - 1 and steps * min(pmin, 0) >= -(1 << (bits - 1))
+    half = 1 << (bits - 1)
+    return steps * max(pmax, 0) <= half - 1 and steps * min(pmin, 0) >= -half
 
 
 def _exact_product(a: np.ndarray, b: np.ndarray, pabs: int) -> np.ndarray:
@@ -144,6 +149,60 @@ def _exact_product(a: np.ndarray, b: np.ndarray, pabs: int) -> np.ndarray:
             c = np.empty((m, n), np.int64)
         _to_i64(cf, k0 > 0, c)
     return c
+
+
+@njit(cache=True, parallel=True)
+def _pack_a(a, unsigned, ap):
+    """Pack (M, K) int8 codes (uint8 viewed as int8 when `unsigned`) into the scans' A panels:
+    ap[ti, k, r] = a[ti*MR + r, k], zero where ti*MR + r >= M; ap: (ceil(M/MR), K, MR) int16."""
+    m, k = a.shape
+    nti = ap.shape[0]
+    for ti in prange(nti):
+        i0 = ti * _MR
+        if i0 + _MR <= m and unsigned:
+            for kk in range(k):
+                for r in range(_MR):
+                    ap[ti, kk, r] = np.int16(a[i0 + r, kk]) & 0xFF
+        elif i0 + _MR <= m:
+            for kk in range(k):
+                for r in range(_MR):
+                    ap[ti, kk, r] = a[i0 + r, kk]
+        else:
+            for kk in range(k):
+                for r in range(_MR):
+                    v = np.int16(0)
+                    if i0 + r < m:
+                        v = np.int16(a[i0 + r, kk])
+                        if unsigned:
+                            v = np.int16(v & 0xFF)
+                    ap[ti, kk, r] = v
+
+
+@njit(cache=True, parallel=True)
+def _pack_b(b, unsigned, bp):
+    """Pack (K, N) int8 codes (uint8 viewed as int8 when `unsigned`) into the scans' B panels:
+    bp[tj, k, j] = b[k, tj*nr + j], zero where tj*nr + j >= N; bp: (ceil(N/nr), K, nr) int16."""
+    k, n = b.shape
+    ntj, _, nr = bp.shape
+    full = n // nr
+    for kk in prange(k):
+        for tj in range(full):
+            j0 = tj * nr
+            if unsigned:
+                for j in range(nr):
+                    bp[tj, kk, j] = np.int16(b[kk, j0 + j]) & 0xFF
+            else:
+                for j in range(nr):
+                    bp[tj, kk, j] = b[kk, j0 + j]
+        if full < ntj:
+            j0 = full * nr
+            for j in range(nr):
+                v = np.int16(0)
+                if j0 + j < n:
+                    v = np.int16(b[kk, j0 + j])
+                    if unsigned:
+                        v = np.int16(v & 0xFF)
+                bp[full, kk, j] = v
 
 
 # The conversions around sgemm are serial on purpose: Numba's OpenMP threads keep spinning
@@ -202,6 +261,28 @@ def _buffer(key: str, shape: tuple, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
+def _validate(a, b, acc_bits, overflow, spill_every, psum_bits):
+    """Check the arguments of `int_gemm`; return (a, b, acc_bits, psum_bits, spill_every)."""
+    a = _check_operand("a", a)
+    b = _check_operand("b", b)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"a, b: inner dimensions differ: a is {a.shape[0]}x{a.shape[1]}, b is "
+                         f"{b.shape[0]}x{b.shape[1]}; a.shape[1] must equal b.shape[0]")
+    acc_bits = _check_bits("acc_bits", acc_bits)
+    psum_bits = _check_bits("psum_bits", psum_bits)
+    if not isinstance(overflow, str) or overflow not in _OVERFLOW_MODES:
+        raise ValueError(f"overflow: got {overflow!r}; allowed: 'wrap' or 'saturate'")
+    if spill_every is not None:
+        if isinstance(spill_every, (bool, np.bool_)) or not isinstance(spill_every,
+                                                                       (int, np.integer)):
+            raise ValueError(f"spill_every: got {spill_every!r} ({type(spill_every).__name__}); "
+                             "allowed: None or an int >= 1")
+        spill_every = int(spill_every)
+        if spill_every < 1:
+            raise ValueError(f"spill_every: got {spill_every}; allowed: None or an int >= 1")
+    return a, b, acc_bits, psum_bits, spill_every
+
+
 def _check_operand(name: str, x) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise ValueError(f"{name}: expected a numpy array of int8 or uint8 codes, got "
@@ -223,6 +304,7 @@ def _check_bits(name: str, v) -> int:
     return int(v)
 
 
+_openblas_lock = threading.Lock()
 _openblas_done = False
 
 
@@ -235,9 +317,14 @@ def _quiet_openblas() -> None:
     thread pool so it takes effect. Does nothing where numpy does not use OpenBLAS.
     """
     global _openblas_done
-    if _openblas_done:
-        return
-    _openblas_done = True
+    with _openblas_lock:
+        if _openblas_done:
+            return
+        _openblas_done = True
+        _set_openblas_timeout()
+
+
+def _set_openblas_timeout() -> None:
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}

@@ -297,8 +297,8 @@ def test_saturating_int16_kernel_is_vectorized():
     mr, nr = _scan.MR16, _scan.NR16
     ap = np.empty((3, 50, mr), np.int16)
     bp = np.empty((2, 50, nr), np.int16)
-    _scan.pack_a(a, False, ap)
-    _scan.pack_b(b, False, bp)
+    gemm._pack_a(a, False, ap)
+    gemm._pack_b(b, False, bp)
     s = np.empty((6, mr * nr), np.int16)
     cnt = np.empty_like(s)
     ps = np.empty((1, mr * nr), np.int64)
