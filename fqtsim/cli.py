@@ -1,6 +1,7 @@
-"""The `fqtsim` command line: closed-form costs and kernel benchmarks.
+"""The `fqtsim` command line: training on the simulated device, closed-form costs, benchmarks.
 
-    fqtsim cost --hw hw_configs/npu.yaml --gemm 128x784x512 [--gemm ...] [--csv costs.csv]
+    fqtsim run --hw hw_configs/npu.yaml --quantizer psq
+    fqtsim cost --hw hw_configs/npu.yaml --gemm 128x784x512 [--gemm ...] [--quantizer ptq psq bhq]
     fqtsim bench
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import pandas as pd
 
 from fqtsim.schedule import METHODS, RANGE_POLICIES
+from fqtsim.train import RunConfig
 
 DEFAULT_HW = "hw_configs/npu.yaml"
 
@@ -55,7 +57,34 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
 
     sub.add_parser("bench", help="emulated integer GEMM time against numpy float32 matmul")
+
+    defaults = RunConfig()
+    run = sub.add_parser("run", help="train a model with its GEMMs on the simulated device")
+    run.add_argument("--hw", default=defaults.hw, help=f"hardware config YAML (default {defaults.hw})")
+    run.add_argument("--quantizer", default=defaults.quantizer,
+                     help=f"activation-gradient quantizer: {', '.join(METHODS)} (default psq)")
+    run.add_argument("--mode", default=defaults.mode,
+                     help="fp32 (no quantization), qat (forward quantized) or fqt (default)")
+    run.add_argument("--model", default=defaults.model, help="mlp (default) or cnn")
+    run.add_argument("--dataset", default=defaults.dataset,
+                     help="digits (default), mnist1d or synthetic")
+    run.add_argument("--grad-bits", type=integer, default=defaults.grad_bits,
+                     help="activation-gradient bits, 2..8 (default 8)")
+    run.add_argument("--range", dest="range_policy", default=defaults.range_policy,
+                     help="gradient ranges: dynamic (default) or delayed")
+    run.add_argument("--epochs", type=integer, default=defaults.epochs)
+    run.add_argument("--batch-size", type=integer, default=defaults.batch_size)
+    run.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    run.add_argument("--seed", type=integer, default=defaults.seed)
+    run.add_argument("--out", help="run directory (default runs/<hw>-<model>-<dataset>-<mode>-seed<seed>)")
     return parser
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +154,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"cost": cmd_cost, "bench": cmd_bench}
+def cmd_run(args) -> int:
+    from fqtsim.train import Diverged, train
+
+    cfg = RunConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()):
+        print(f"note: {cfg.run_dir} exists; its files will be replaced", file=sys.stderr)
+    try:
+        summary = train(cfg)
+    except Diverged as e:
+        print(f"fqtsim run: stopped: {e}. Metrics and ledger so far are in {cfg.run_dir}",
+              file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    print(f"\nwrote {cfg.run_dir}/: config.json metrics.csv ledger.csv summary.json")
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    mode = s["mode"] if s["mode"] != "fqt" else f"fqt, {s['quantizer']} {s['grad_bits']}-bit gradients, {s['range_policy']} ranges"
+    lines = [f"{s['model']} on {s['dataset']}, {mode}, {s['hw']}: {s['steps']} steps in {s['seconds']:.0f} s",
+             f"  test accuracy  {100 * s['accuracy']:.2f} %", f"  test loss      {s['loss']:.4f}"]
+    for level, moved in s["bytes_by_level"].items():
+        lines.append(f"  {level} bytes      {moved:,.0f}")
+    for kind, count in s["ops"].items():
+        lines.append(f"  {kind + ' ops':<14} {count:,}")
+    lines += [f"  energy         {s['energy_pj'] / 1e6:,.2f} uJ", f"  cycles         {s['cycles']:,.0f}",
+              f"  overflows      {s['overflows']:,}", f"  clips          {s['clips']:,}"]
+    return "\n".join(lines)
+
+
+COMMANDS = {"cost": cmd_cost, "bench": cmd_bench, "run": cmd_run}
 
 if __name__ == "__main__":
     sys.exit(main())

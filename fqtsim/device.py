@@ -37,6 +37,12 @@ class Device:
                             else pd.DataFrame(columns=COLUMNS))
         return self._ledger
 
+    def take(self) -> pd.DataFrame:
+        """The ledger so far; the device starts a fresh one."""
+        ledger = self.ledger
+        self._frames, self._ledger = [], None
+        return ledger
+
     def gemm(self, a: np.ndarray, b: np.ndarray, *, a_bits: int = 8, b_bits: int = 8,
              out_bits: int = 8, writeback: str = "fused", scope: str = "tensor",
              name: str | None = None) -> np.ndarray:

@@ -55,7 +55,7 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
             add(events, "sr_rng", "array", k)
         add(events, "clip", "array", q.clipped)
         return events
-    level = wide_gradient_level(hw, tiling, scheme.method, m, k)
+    level = wide_gradient_level(hw, tiling, scheme, m, k)
     for _ in range(m):
         if not scheme.shared:
             add(events, "wide_write", level, k, row_wide)

@@ -48,6 +48,7 @@ class QuantScheme:
     range_policy: str = "dynamic"
     shared: bool = False   # another quantizer of the same gradient already wrote it wide and
                            # reads it for ranges: no second wide_write, its min/max ride along
+    rows_per_sample: int = 1   # conv layers: im2col rows per sample (PSQ/BHQ group by sample)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -70,15 +71,16 @@ def bitonic_compares(n: int) -> int:
     return (1 << p) // 2 * p * (p + 1) // 2
 
 
-def wide_live_elements(hw: HWConfig, method: str, m: int, k: int) -> int:
-    """Elements of the wide gradient held at once until their range scope is complete."""
-    if method == "psq" and hw.mapping.loop_order[0] == "m":
-        return min(hw.array.rows, m) * k
+def wide_live_elements(hw: HWConfig, scheme: QuantScheme, m: int, k: int) -> int:
+    """Elements of the wide gradient held at once until their range scope is complete: a PSQ
+    band must hold whole samples."""
+    if scheme.method == "psq" and hw.mapping.loop_order[0] == "m":
+        return min(max(hw.array.rows, scheme.rows_per_sample), m) * k
     return m * k
 
 
-def wide_gradient_level(hw: HWConfig, tiling: Tiling, method: str, m: int, k: int) -> str:
-    live = nbytes(wide_live_elements(hw, method, m, k), wide_bits(hw))
+def wide_gradient_level(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: int) -> str:
+    live = nbytes(wide_live_elements(hw, scheme, m, k), wide_bits(hw))
     return "tcm" if live <= hw.tcm.size_bytes - tiling.footprint else "ddr"
 
 
@@ -91,14 +93,14 @@ def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: i
     if not scheme.materializes:
         add(events, "sr_rng", "array", elements)
         return events
-    level = wide_gradient_level(hw, tiling, scheme.method, m, k)
+    level = wide_gradient_level(hw, tiling, scheme, m, k)
     if not scheme.shared:
         add(events, "wide_write", level, elements, wide)
         add(events, "range_pass", level, elements, wide)
     add(events, "range_pass", "vector", elements)
     codes_from = "requant_pass"
     if scheme.method == "bhq":
-        add(events, "sort", "vector", bitonic_compares(m))
+        add(events, "sort", "vector", bitonic_compares(m // scheme.rows_per_sample))
         add(events, "transform", "vector", elements)
         add(events, "transform", level, elements, wide)
         if scheme.range_policy == "dynamic":  # transformed rows written wide again, ranged on the way

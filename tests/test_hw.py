@@ -22,7 +22,7 @@ def test_config_is_immutable():
 
 def test_acc16_config_spills_and_saturates():
     acc = fqtsim.load_hw(HW_DIR / "npu-acc16.yaml").accumulator
-    assert (acc.bits, acc.overflow, acc.spill_every, acc.psum_bits) == (16, "saturate", 64, 32)
+    assert (acc.bits, acc.overflow, acc.spill_every, acc.psum_bits) == (16, "saturate", 16, 32)
 
 
 def write(tmp_path, data, text=None):

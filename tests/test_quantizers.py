@@ -88,12 +88,13 @@ def test_edge_cases_finite_in_range_and_zero_stays_zero(case, method):
     q = quantize_gradient(x, method, 4, np.random.default_rng(0))
     y = q.dequantize()
     assert y.shape == x.shape and np.isfinite(y).all()
-    assert -8 <= q.codes.min() and q.codes.max() <= 7 and q.clipped == 0
+    first = 0 if q.codes.dtype == np.uint8 else -8      # unsigned codes for non-negative data
+    assert first <= q.codes.min() and q.codes.max() <= first + 15 and q.clipped == 0
     if not x.any():
         assert not y.any()
     # every quantized value lies within its group's range (BHQ: after the transform)
     values = q.offset + q.scale * q.codes
-    lo, hi = q.offset - 8 * q.scale, q.offset + 7 * q.scale
+    lo, hi = q.offset + first * q.scale, q.offset + (first + 15) * q.scale
     assert ((values >= lo) & (values <= hi)).all()
     np.testing.assert_allclose(np.where(q.ranges > 0, 15 * q.scale, 0.0), q.ranges, rtol=1e-12)
 
@@ -123,7 +124,7 @@ def test_forward_quantizers_round_to_nearest():
     assert per_channel.scale.shape == (6, 1)
     assert np.abs(per_channel.dequantize() - w).max() <= np.abs(q.dequantize() - w).max() + 1e-12
     a = quantize_activation(np.maximum(w, 0))
-    assert a.codes.dtype == np.int8 and a.affine and np.abs(a.dequantize() - np.maximum(w, 0)).max() <= a.scale.max() / 2 + 1e-12
+    assert a.codes.dtype == np.uint8 and a.codes.min() == 0 and a.affine and np.abs(a.dequantize() - np.maximum(w, 0)).max() <= a.scale.max() / 2 + 1e-12
 
 
 @pytest.mark.parametrize("kwargs, expect", [

@@ -11,30 +11,43 @@ equivalent. Rows are samples (axis 0), as in the gradient dY of a layer.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from fqtsim.quantizers.affine import Quantized, check_bits, group_range, quantize_affine
-from fqtsim.quantizers.bhq import BlockHouseholder, block_householder
+from fqtsim.quantizers.affine import (NonFiniteError, Quantized, check_bits, group_range,
+                                     quantize_affine)
+from fqtsim.quantizers.bhq import BlockHouseholder, SampleRows, block_householder
 from fqtsim.quantizers.ranges import DelayedRange
 
 GRADIENT_METHODS = ("ptq", "psq", "bhq")
 _GROUPS = {"ptq": "tensor", "psq": "rows", "bhq": "rows", "pcq": "cols"}
 
-__all__ = ["BlockHouseholder", "DelayedRange", "GRADIENT_METHODS", "Quantized", "fake_quantize",
+__all__ = ["BlockHouseholder", "DelayedRange", "GRADIENT_METHODS", "NonFiniteError", "Quantized", "fake_quantize",
            "quantize_activation", "quantize_gradient", "quantize_weight", "variance_bound"]
 
 
 def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Generator | None = None,
-                      *, lo=None, hi=None) -> Quantized:
+                      *, lo=None, hi=None, rows_per_sample: int = 1) -> Quantized:
     """Stochastically rounded codes of gradient `x` (rows = samples) by `method`.
 
     `lo`/`hi`: ranges known before the data (delayed policy), shaped per group (BHQ: of the
     transformed rows); values outside are clipped and counted in `clipped`. None: the data's own
-    ranges (dynamic policy).
+    ranges (dynamic policy). `rows_per_sample`: x's rows come in consecutive groups of that many
+    per sample (a conv layer's im2col rows, one per output position); PSQ and BHQ then take one
+    range, and BHQ one transform row, per sample.
     """
     if method not in _GROUPS:
         raise ValueError(f"method: got {method!r}; expected one of {', '.join(_GROUPS)}")
     x = np.asarray(x, dtype=np.float64)
+    if rows_per_sample > 1 and method in ("psq", "bhq"):
+        m, d = x.shape
+        q = quantize_gradient(x.reshape(m // rows_per_sample, rows_per_sample * d), method, bits,
+                              rng, lo=lo, hi=hi)
+        return replace(q, codes=q.codes.reshape(m, d),
+                       scale=np.repeat(q.scale, rows_per_sample, axis=0),
+                       offset=np.repeat(q.offset, rows_per_sample, axis=0),
+                       transform=None if q.transform is None else SampleRows(q.transform, rows_per_sample))
     if method != "bhq":
         return quantize_affine(x, bits, _GROUPS[method], stochastic=True, rng=rng, lo=lo, hi=hi)
     check_bits(bits)
@@ -43,7 +56,7 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
     row_lo, row_hi = group_range(x, "rows")
     transform = block_householder((row_hi - row_lo).ravel())
     q = quantize_affine(transform.apply(x), bits, "rows", stochastic=True, rng=rng, lo=lo, hi=hi)
-    return Quantized(q.codes, q.scale, q.offset, q.bits, "rows", True, transform, q.clipped, q.ranges)
+    return replace(q, transform=transform)
 
 
 def fake_quantize(x: np.ndarray, method: str, bits: int, rng: np.random.Generator | None = None) -> np.ndarray:

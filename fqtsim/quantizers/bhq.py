@@ -47,6 +47,33 @@ class BlockHouseholder:
         return np.array([len(b) for b in self.blocks])
 
 
+@dataclass(frozen=True)
+class SampleRows:
+    """A transform over samples, applied to a matrix whose rows come `per` to a sample (im2col)."""
+    transform: BlockHouseholder
+    per: int
+
+    def _samples(self, x, fn):
+        m, d = x.shape
+        return fn(x.reshape(m // self.per, self.per * d)).reshape(m, d)
+
+    def apply(self, x):
+        return self._samples(x, self.transform.apply)
+
+    def inverse(self, y):
+        return self._samples(y, self.transform.inverse)
+
+    @property
+    def blocks(self) -> tuple:
+        """The blocks as matrix rows: each sample stands for its `per` consecutive rows."""
+        return tuple((np.asarray(b)[:, None] * self.per + np.arange(self.per)).ravel()
+                     for b in self.transform.blocks)
+
+    @property
+    def ranges(self) -> np.ndarray:
+        return self.transform.ranges
+
+
 def reflection(n: int) -> tuple[np.ndarray, float]:
     """Unit v with (I - 2 v v^T) e_1 = 1/sqrt(n) * 1, and q_n = max |entry| of that reflection."""
     u = np.full(n, 1.0 / np.sqrt(n))

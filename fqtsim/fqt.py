@@ -1,0 +1,171 @@
+"""FQT layers: Linear and Conv2d whose GEMMs run as integer GEMMs on the simulated device.
+
+For a layer y = x W^T (a conv layer is the same on its im2col matrix, one row per sample and
+output position), with x~, W~ the 8-bit forward-quantized input and weight:
+
+    output       y  = x~ W~^T                 8-bit activations (per tensor, round to nearest)
+                                              x 8-bit symmetric weights (per tensor)
+    grad_input   dx = Q_ba(dy) W~             Q_ba: PTQ, PSQ or BHQ at grad_bits, stochastic
+    grad_weight  dW = Q_bw(dy)^T x~           Q_bw: 8-bit, per tensor with PTQ, per output
+                                              feature (column of dy) with PSQ and BHQ
+
+Modes: `fp32` leaves the model alone; `qat` runs the forward GEMM on the device and the backward
+in float (straight-through); `fqt` runs all three on the device. Weights stay FP32 masters that
+the optimizer updates; BatchNorm, ReLU and pooling stay float.
+
+Cost accounting: dy arrives at accumulator width from the layer above, so `grad_input` charges
+its quantizer's passes (wide write, ranges, ...) and `grad_weight` shares that wide tensor; the
+grad_input output is handed off at accumulator width to the next quantizer down. The forward
+activation ranges are computed from the data but charged as calibrated (fused write-back): the
+catch-22 the paper's reviewers raise concerns the gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fqtsim.device import Device
+from fqtsim.quantizers import (DelayedRange, check_bits, quantize_activation, quantize_gradient,
+                               quantize_weight)
+from fqtsim.schedule import QuantScheme
+
+MODES = ("fp32", "qat", "fqt")
+
+
+@dataclass(frozen=True)
+class FQTConfig:
+    """How a converted model quantizes: mode, the activation-gradient quantizer and its bits."""
+    mode: str = "fqt"
+    quantizer: str = "psq"
+    grad_bits: int = 8
+    range_policy: str = "dynamic"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: got {self.mode!r}; expected one of {', '.join(MODES)}")
+        QuantScheme(self.quantizer, self.range_policy)   # validates both
+        check_bits(self.grad_bits)
+
+
+class Simulator:
+    """What the converted layers of one model share: the device, the config, the random
+    stream for stochastic rounding and the delayed-range histories."""
+
+    def __init__(self, device: Device, config: FQTConfig, seed: int = 0):
+        self.device = device
+        self.config = config
+        self.rng = np.random.default_rng(seed)
+        self._histories: dict[str, DelayedRange] = {}
+
+    def quantize(self, key: str, x: np.ndarray, method: str, bits: int, rows_per_sample: int = 1,
+                 shared: bool = False):
+        """Quantize gradient `x` under the run's range policy; returns (codes, scheme used).
+
+        Delayed ranges come from this tensor's history; before it has any, the step is dynamic.
+        """
+        bounds, policy = {}, "dynamic"
+        history = None
+        if self.config.range_policy == "delayed":
+            history = self._histories.setdefault(key, DelayedRange())
+            if history.bounds() is not None:
+                lo, hi = history.bounds()
+                bounds, policy = {"lo": lo, "hi": hi}, "delayed"
+        q = quantize_gradient(x, method, bits, self.rng, rows_per_sample=rows_per_sample, **bounds)
+        if history is not None:
+            history.observe(*q.observed)
+        return q, QuantScheme(method, policy, shared=shared, rows_per_sample=rows_per_sample)
+
+
+class _FQTMatmul(torch.autograd.Function):
+    """y = x @ w^T for x (M x K), w (N x K), with the GEMMs of the layer's mode on the device."""
+
+    @staticmethod
+    def forward(ctx, x, w, layer):
+        sim = layer.sim
+        qx = quantize_activation(x.detach().double().numpy())
+        qw = quantize_weight(w.detach().double().numpy())
+        y = sim.device.matmul(qx, qw.T, name=f"{layer.name}.output")
+        ctx.qx, ctx.qw, ctx.layer = qx, qw, layer
+        return torch.from_numpy(y).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        qx, qw, layer = ctx.qx, ctx.qw, ctx.layer
+        sim, config = layer.sim, layer.sim.config
+        need_dx = ctx.needs_input_grad[0]
+        if config.mode == "qat":  # straight-through: float backward with the quantized operands
+            x_q, w_q = (torch.from_numpy(q.dequantize()).to(dy.dtype) for q in (qx, qw))
+            return (dy @ w_q if need_dx else None), dy.t() @ x_q, None
+        dy64 = dy.detach().double().numpy()
+        dx = None
+        if need_dx:
+            q, scheme = sim.quantize(f"{layer.name}.grad_input", dy64, config.quantizer,
+                                     config.grad_bits, layer.rows_per_sample)
+            out = sim.device.matmul(q, qw, scheme=scheme, writeback="handoff",
+                                    name=f"{layer.name}.grad_input")
+            dx = torch.from_numpy(out).to(dy.dtype)
+        per_feature = "ptq" if config.quantizer == "ptq" else "psq"   # rows of dy^T = features
+        q, scheme = sim.quantize(f"{layer.name}.grad_weight", dy64.T, per_feature, 8,
+                                 shared=need_dx)
+        dw = sim.device.matmul(q, qx, scheme=scheme, writeback="materialized",
+                               name=f"{layer.name}.grad_weight")
+        return dx, torch.from_numpy(dw).to(dy.dtype), None
+
+
+class FQTLinear(nn.Module):
+    """nn.Linear with its GEMMs on the simulated device; shares the original parameters."""
+    rows_per_sample = 1
+
+    def __init__(self, linear: nn.Linear, sim: Simulator, name: str):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.sim, self.name = sim, name
+
+    def forward(self, x):
+        y = _FQTMatmul.apply(x, self.weight, self)
+        return y if self.bias is None else y + self.bias
+
+
+class FQTConv2d(nn.Module):
+    """nn.Conv2d as im2col + an FQT GEMM; shares the original parameters."""
+
+    def __init__(self, conv: nn.Conv2d, sim: Simulator, name: str):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"{name}: only ungrouped convolutions with numeric zero padding "
+                             f"are supported")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.sim, self.name = sim, name
+        self.rows_per_sample = 1
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, CKK, L)
+        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        self.rows_per_sample = oh * ow
+        rows = cols.transpose(1, 2).reshape(n * oh * ow, -1)            # (N*L, CKK)
+        y = _FQTMatmul.apply(rows, self.weight.reshape(self.weight.shape[0], -1), self)
+        y = y.reshape(n, oh * ow, -1).transpose(1, 2).reshape(n, -1, oh, ow)
+        return y if self.bias is None else y + self.bias[None, :, None, None]
+
+
+def convert(model: nn.Module, sim: Simulator) -> nn.Module:
+    """Swap every nn.Linear and nn.Conv2d of `model`, in place, for its FQT twin (a no-op in
+    fp32 mode); other modules stay float. Returns the model."""
+    if sim.config.mode == "fp32":
+        return model
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, nn.Linear):
+                setattr(parent, child_name, FQTLinear(child, sim, name))
+            elif isinstance(child, nn.Conv2d):
+                setattr(parent, child_name, FQTConv2d(child, sim, name))
+    return model

@@ -1,0 +1,157 @@
+"""FQT layers and training runs: unbiased FQT gradients, conv as im2col, runs, files, errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from conftest import HW_DIR
+from fqtsim import load_hw
+from fqtsim.device import Device
+from fqtsim.fqt import FQTConfig, Simulator, convert
+from fqtsim.train import RunConfig, train
+
+NPU = str(HW_DIR / "npu.yaml")
+
+
+def sim(mode="fqt", quantizer="psq", bits=8, policy="dynamic", seed=0, hw="npu"):
+    return Simulator(Device(load_hw(HW_DIR / f"{hw}.yaml")), FQTConfig(mode, quantizer, bits, policy), seed)
+
+
+def grads(model, x, y):
+    model.zero_grad()
+    x = x.clone().requires_grad_(True)
+    F.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+
+@pytest.mark.parametrize("quantizer", ["ptq", "psq", "bhq"])
+@pytest.mark.parametrize("arch", ["linear", "conv"])
+def test_fqt_gradient_is_an_unbiased_estimate_of_the_qat_gradient(quantizer, arch):
+    torch.manual_seed(0)
+    if arch == "linear":
+        net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+        x = torch.randn(24, 12)
+    else:
+        net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 5))
+        x = torch.randn(6, 2, 5, 5)
+    y = torch.randint(0, 5, (len(x),))
+    qat = convert(net, sim("qat"))
+    reference = grads(qat, x, y)
+    fqt_sim = sim("fqt", quantizer, 4)
+    for module in net.modules():
+        if hasattr(module, "sim"):
+            module.sim = fqt_sim
+    draws = [grads(net, x, y) for _ in range(300)]
+    for i, ref in enumerate(reference):
+        stack = torch.stack([d[i] for d in draws]).double()
+        mean, err = stack.mean(0), stack.std(0) / len(draws) ** 0.5
+        # 4-bit stochastic gradients: the mean over 300 draws lies within 5 standard errors; an
+        # element that rarely moves (its std badly estimated) within 3/300 of the largest spread
+        spread = (stack.max(0).values - stack.min(0).values).max()
+        bound = 5 * err + 3 / len(draws) * spread + 1e-6 * ref.abs().max()
+        assert ((mean - ref.double()).abs() <= bound).all(), (i, (mean - ref).abs().max())
+
+
+def test_conv_forward_is_im2col_of_the_quantized_operands():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=True)
+    x = torch.relu(torch.randn(4, 3, 9, 7))
+    reference_conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=True)
+    reference_conv.load_state_dict(conv.state_dict())
+    net = convert(nn.Sequential(conv), sim("qat"))
+    out = net(x)
+    # the same conv in float on the fake-quantized operands
+    from fqtsim.quantizers import quantize_activation, quantize_weight
+    cols = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27)
+    x_q = torch.from_numpy(quantize_activation(cols.double().numpy()).dequantize()).float()
+    w_q = torch.from_numpy(quantize_weight(conv.weight.detach().double().numpy().reshape(5, -1)).dequantize()).float()
+    expect = (x_q @ w_q.T).reshape(4, -1, 5).transpose(1, 2).reshape(4, 5, 5, 4) + conv.bias[None, :, None, None]
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    assert out.shape == reference_conv(x).shape
+
+
+def small(tmp_path, name, **kw):
+    return RunConfig(hw=NPU, dataset="synthetic", epochs=1, batch_size=100, out=str(tmp_path / name), **kw)
+
+
+def test_run_writes_summary_metrics_and_ledger(tmp_path):
+    summary = train(small(tmp_path, "a", quantizer="bhq", grad_bits=5), progress=False)
+    run = tmp_path / "a"
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "ledger.csv", "metrics.csv", "summary.json"]
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == summary
+    for key in ("accuracy", "loss", "bytes_by_level", "energy_pj", "cycles", "overflows", "clips"):
+        assert key in summary
+    assert set(summary["bytes_by_level"]) == {"ddr", "tcm"} and summary["energy_pj"] > 0
+    ledger = pd.read_csv(run / "ledger.csv")
+    assert list(ledger.columns[:4]) == ["step", "layer", "gemm", "event"]
+    assert set(ledger.gemm) == {"output", "grad_input", "grad_weight"}
+    assert {"sort", "transform", "inverse_transform"} <= set(ledger.event)   # BHQ's passes
+    assert len(pd.read_csv(run / "metrics.csv")) == summary["steps"] == 8
+    config = json.loads((run / "config.json").read_text())
+    assert config["quantizer"] == "bhq" and config["hw_config"]["accumulator"]["bits"] == 32
+
+
+def test_same_seed_same_results(tmp_path):
+    a = train(small(tmp_path, "a", model="cnn", range_policy="delayed"), progress=False)
+    b = train(small(tmp_path, "b", model="cnn", range_policy="delayed"), progress=False)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    assert (tmp_path / "a" / "ledger.csv").read_bytes() == (tmp_path / "b" / "ledger.csv").read_bytes()
+    assert a["ops"]["vector"] > 0
+
+
+def test_modes_differ_in_what_runs_on_the_device(tmp_path):
+    fp32 = train(small(tmp_path, "f", mode="fp32"), progress=False)
+    qat = train(small(tmp_path, "q", mode="qat"), progress=False)
+    fqt = train(small(tmp_path, "x", mode="fqt"), progress=False)
+    assert fp32["energy_pj"] == 0 and 0 < qat["energy_pj"] < fqt["energy_pj"]
+    assert set(pd.read_csv(tmp_path / "q" / "ledger.csv").gemm) == {"output"}
+
+
+def test_narrow_accumulators_change_what_training_sees(tmp_path):
+    wide = train(small(tmp_path, "w"), progress=False)
+    narrow = train(RunConfig(hw=str(HW_DIR / "npu-acc16.yaml"), dataset="synthetic", epochs=1,
+                             batch_size=100, out=str(tmp_path / "n")), progress=False)
+    assert wide["overflows"] == 0 and narrow["overflows"] > 0
+    assert narrow["loss"] != wide["loss"]
+
+
+@pytest.mark.parametrize("field, value, expect", [
+    ("quantizer", "zsq", "--quantizer: got 'zsq'; expected one of ptq, psq, bhq"),
+    ("mode", "int8", "--mode: got 'int8'; expected one of fp32, qat, fqt"),
+    ("model", "resnet", "--model: got 'resnet'"),
+    ("dataset", "mnist", "--dataset: got 'mnist'"),
+    ("grad_bits", 1, "--grad-bits: got 1"),
+    ("epochs", 0, "--epochs: got 0"),
+    ("batch_size", 0, "--batch-size: got 0"),
+])
+def test_bad_run_options(field, value, expect):
+    with pytest.raises(ValueError, match=expect):
+        RunConfig(**{field: value})
+
+
+def test_cli_bad_input_exits_2_without_output(tmp_path):
+    out = tmp_path / "never"
+    for args in (["--quantizer", "zsq"], ["--hw", str(tmp_path / "missing.yaml")], ["--grad-bits", "9"]):
+        done = subprocess.run([sys.executable, "-m", "fqtsim.cli", "run", "--out", str(out), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert not out.exists()
+
+
+def test_divergence_stops_with_message_and_keeps_files(tmp_path):
+    out = tmp_path / "nan"
+    done = subprocess.run([sys.executable, "-m", "fqtsim.cli", "run", "--dataset", "synthetic",
+                           "--epochs", "1", "--lr", "1e9", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "NaN or Inf at step" in done.stderr and "Traceback" not in done.stderr
+    assert (out / "metrics.csv").exists() and not (out / "summary.json").exists()
