@@ -39,7 +39,7 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
-def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 5,
+def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 7,
                seed: int = 0) -> pd.DataFrame:
     """Time `int_gemm` per (shape, mode) against a float32 matmul of the same shape.
 
@@ -48,8 +48,10 @@ def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 5,
     from Numba's cache) before timing. Each round times, for every (shape, mode) in turn, a
     block of `repeat` back-to-back sgemm runs and then a block of `repeat` int_gemm runs, each
     block after a short pause (so that neither thread pool is still busy-waiting from the other
-    block); a time is the best over all rounds. Rounds sweep the whole table, so that a burst of
-    load on a shared machine spoils one round of a row, not all of them.
+    block); a time is the best over all rounds. Rounds sweep the whole table in a shuffled
+    order, so that a burst of load on a shared machine, or a spell in which the OS keeps two
+    busy threads on one core (seen for ~0.1 s at a time on 2-core VMs), spoils one round of a
+    row, not all of them.
     Columns: shape ("MxKxN"), mode, emulated_s, sgemm_s, ratio (= sgemm_s / emulated_s),
     gops (emulated giga-MACs per second), overflows.
     """
@@ -69,11 +71,12 @@ def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 5,
                               sgemm=lambda af=af, bf=bf: np.matmul(af, bf),
                               emulated=lambda a=a, b=b, kw=MODES[mode]: int_gemm(a, b, **kw),
                               sgemm_s=float("inf"), emulated_s=float("inf")))
+    order = np.random.default_rng(seed)
     for _ in range(rounds):
-        for case in cases:
+        for i in order.permutation(len(cases)):
             for key in ("sgemm", "emulated"):
                 time.sleep(_SETTLE_S)
-                case[key + "_s"] = min(case[key + "_s"], _best(case[key], repeat))
+                cases[i][key + "_s"] = min(cases[i][key + "_s"], _best(cases[i][key], repeat))
     return pd.DataFrame([dict(shape=c["shape"], mode=c["mode"], emulated_s=c["emulated_s"],
                               sgemm_s=c["sgemm_s"], ratio=c["sgemm_s"] / c["emulated_s"],
                               gops=c["macs"] / c["emulated_s"] / 1e9, overflows=c["overflows"])

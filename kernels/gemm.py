@@ -22,7 +22,12 @@ from numba import njit, prange
 
 from kernels import _scan
 
-_MR = _scan.MR                # rows per tile, in every scan kernel
+# Rows per tile of every scan kernel. A literal, not `_scan.MR`: Numba's cache of `_pack_a` is
+# invalidated by edits to this file only, so a change must be made here too (checked below).
+_MR = 4
+if _MR != _scan.MR:
+    raise ImportError(f"kernels.gemm packs {_MR} rows per tile, kernels._scan expects {_scan.MR}")
+
 _OVERFLOW_MODES = ("wrap", "saturate")
 _F32_EXACT = 1 << 24          # float32 holds every integer of magnitude <= 2^24 exactly
 _PLAIN_BLOCK_MIN, _PLAIN_BLOCK_MAX = 8, 256   # MACs per block of the scans' unchecked path

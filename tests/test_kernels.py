@@ -237,6 +237,33 @@ def test_contiguity_and_dtype_mix_do_not_matter():
         assert c1[1] == c2[1]
 
 
+def test_inputs_are_not_modified():
+    rng = np.random.default_rng(10)
+    a = codes(rng, (9, 70), 8, False)
+    b = codes(rng, (70, 66), 4, True)
+    a0, b0 = a.copy(), b.copy()
+    for kw in (dict(acc_bits=12, overflow="saturate", spill_every=5), dict(acc_bits=32)):
+        int_gemm(a, b, **kw)
+        np.testing.assert_array_equal(a, a0)
+        np.testing.assert_array_equal(b, b0)
+
+
+def test_openblas_idle_threads_do_not_spin():
+    """After a call, numpy's OpenBLAS (if that is its BLAS) has a thread timeout set."""
+    import ctypes
+    int_gemm(A, B)
+    with open("/proc/self/maps") as f:
+        libs = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+    found = False
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        if hasattr(lib, "openblas_thread_timeout"):
+            found = True
+            assert lib.openblas_thread_timeout() > 0, path
+    if not found:
+        pytest.skip("numpy does not use a (recognised) OpenBLAS here")
+
+
 def test_deterministic():
     rng = np.random.default_rng(8)
     a = codes(rng, (33, 200), 8, True)
