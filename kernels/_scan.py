@@ -40,13 +40,13 @@ FLUSH16 = 32767      # int16 lane counters are flushed after at most this many M
 FLUSH_WIDE = 1 << 30
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _sadd16(x, p):
     """Saturating int16 add (LLVM: sadd.sat, vpaddsw)."""
     return np.int16(min(max(np.int32(x) + np.int32(p), np.int32(-32768)), np.int32(32767)))
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _mac16(x, p, lo, hi, mask, sat, narrow):
     """One int16-lane MAC step: (new accumulator, 1 if the step overflowed else 0).
     Wrapping to bits < 16: ((w - lo) & mask) + lo with mask = 2^bits - 1, all in int16 (a
@@ -60,7 +60,7 @@ def _mac16(x, p, lo, hi, mask, sat, narrow):
     return c, np.int16(c != s)
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _mac32(x, p, lo, hi, mask, sat):
     """One int32-lane MAC step; e = x + p is exact in int32 because bits <= 31."""
     e = np.int32(x + p)
@@ -71,7 +71,7 @@ def _mac32(x, p, lo, hi, mask, sat):
     return c, np.int32(c != e)
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _mac64(x, p, lo, hi, sh, sat):
     """One int64-lane MAC step; e = x + p is exact in int64 because bits <= 62."""
     e = x + p
@@ -82,7 +82,7 @@ def _mac64(x, p, lo, hi, sh, sat):
     return c, c != e
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _spill(S, PS, t, nl, plo, phi, psh, psat, pcheck):
     """Add the accumulators of tile t into its partial sums, clear them; return overflows."""
     ov = 0
@@ -101,7 +101,7 @@ def _spill(S, PS, t, nl, plo, phi, psh, psat, pcheck):
     return ov
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _inside(S, t, nl, ls, hs):
     """True if every accumulator of tile t lies in [ls, hs]."""
     bad = 0
@@ -111,7 +111,7 @@ def _inside(S, t, nl, ls, hs):
     return bad == 0
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _init(S, CNT, PS, t, nl, spill):
     for l in range(nl):
         S[t, l] = 0
@@ -120,7 +120,7 @@ def _init(S, CNT, PS, t, nl, spill):
             PS[t, l] = 0
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _flush(CNT, t, nl):
     """Sum and clear the per-lane overflow counters of tile t."""
     total = 0
@@ -130,7 +130,7 @@ def _flush(CNT, t, nl):
     return total
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _write(out, src, t, i0, j0, mr, nr):
     """Copy tile t of the scratch `src` into the valid part of `out` (int64)."""
     m, n = out.shape
@@ -151,7 +151,7 @@ def _write(out, src, t, i0, j0, mr, nr):
 # before vectorizing, then either vectorizes over k with gathers (add-reductions) or not at all.
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _tile16(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, mask, spill, plo, phi, psh, pcheck, blk,
             ls, hs, sat, narrow):
     tj = t // nti
@@ -235,7 +235,7 @@ def scan16(Ap, Bp, out, S, CNT, PS, bits, sat, spill, pbits, pcheck, blk, ls, hs
     return tot.sum()
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _tile32(Ap, Bp, S, CNT, PS, out, t, nti, K, lo, hi, mask, spill, plo, phi, psh, pcheck, blk,
             ls, hs, sat):
     tj = t // nti
@@ -304,7 +304,7 @@ def scan32(Ap, Bp, out, S, CNT, PS, bits, sat, spill, pbits, pcheck, blk, ls, hs
     return tot.sum()
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def _tile64(Ap, Bp, S, PS, out, t, nti, K, lo, hi, sh, spill, plo, phi, psh, pcheck, sat):
     tj = t // nti
     ti = t - tj * nti

@@ -29,8 +29,8 @@ def codes(rng, shape, bits, signed, mode="rand"):
 
 
 @pytest.fixture
-def path(monkeypatch):
-    """Records which path each int_gemm call took: path.taken is a list of names from PATHS."""
+def taken(monkeypatch):
+    """The paths (names from PATHS) that int_gemm calls took, in call order."""
     taken = []
 
     def spy(name, fn):
@@ -42,12 +42,7 @@ def path(monkeypatch):
     monkeypatch.setattr(gemm, "_exact_product", spy("exact", gemm._exact_product))
     for name in PATHS[1:]:
         monkeypatch.setattr(_scan, name, spy(name, getattr(_scan, name)))
-
-    class Path:
-        pass
-    p = Path()
-    p.taken = taken
-    return p
+    return taken
 
 
 def check(a, b, ref=ref_gemm, **kw):
@@ -104,13 +99,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_designed_cases(case, path):
+def test_designed_cases(case, taken):
     name, m, k, n, aspec, bspec, kw, expected = case
     rng = np.random.default_rng(sum(map(ord, name)))
     a = codes(rng, (m, k), *aspec)
     b = codes(rng, (k, n), *bspec)
     counts = check(a, b, ref=ref_gemm_np if m * n * k > 20000 else ref_gemm, **kw)
-    assert path.taken == [expected]
+    assert taken == [expected]
     if expected != "exact":
         assert counts["overflows"] > 0, "case meant to overflow"
 
@@ -128,7 +123,7 @@ def test_reference_np_equals_reference():
         assert rc == rc2 and rc["overflows"] > 0
 
 
-def test_wide_accumulator_scan64(path):
+def test_wide_accumulator_scan64(taken):
     """32..62-bit accumulators overflow only for long K: uint8 255 x 255, K = 40000."""
     k = 40000
     a = np.full((2, k), 255, np.uint8)
@@ -141,16 +136,16 @@ def test_wide_accumulator_scan64(path):
                          # is emulated at the 30 bits that its 5000-MAC sums need
                          (dict(acc_bits=48, overflow="saturate", spill_every=5000, psum_bits=32),
                           "scan32")):
-        path.taken.clear()
+        taken.clear()
         counts = check(a, b, ref=ref_gemm_np, **kw)
-        assert path.taken == [expected] and counts["overflows"] > 0
+        assert taken == [expected] and counts["overflows"] > 0
     assert int_gemm(a, b, acc_bits=64)[1]["overflows"] == 0
 
 
 # --- the sgemm path: K beyond one float32-exact chunk ----------------------------------------
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_long_k_exact_chunks(signed, path):
+def test_long_k_exact_chunks(signed, taken):
     rng = np.random.default_rng(5)
     k = 3001
     a = codes(rng, (7, k), 8, signed, E)     # includes -128 (or 255)
@@ -158,7 +153,7 @@ def test_long_k_exact_chunks(signed, path):
     c, counts = int_gemm(a, b, acc_bits=48)
     np.testing.assert_array_equal(c, exact_product(a, b))
     assert counts == {"macs": 7 * 9 * k, "overflows": 0, "spills": 0}
-    assert path.taken == ["exact"]
+    assert taken == ["exact"]
 
 
 def test_long_k_wrap_counts():
