@@ -12,7 +12,7 @@ import math
 import pandas as pd
 
 from fqtsim.hw import HWConfig
-from fqtsim.ledger import GemmSpec, add, frame, merge
+from fqtsim.ledger import GemmSpec, add, frame, merge, price
 from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
                             stored_output_bits, wide_level)
 from fqtsim.schedule import QuantScheme, correction_events, input_events, output_events
@@ -94,7 +94,7 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
         merge(events, input_events(hw, tiling, a_quant, m, k, a_bits))
         merge(events, output_events(hw, a_quant, m, n, out_bits, level, handoff))
     merge(events, correction_events(m, n, k, a_offset, b_offset))
-    return frame(hw, name, GemmSpec(a_bits, b_bits), events)
+    return frame(price(hw, name, GemmSpec(a_bits, b_bits), events))
 
 
 def _classes(dim: int, tile: int):

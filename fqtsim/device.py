@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from fqtsim.hw import HWConfig
-from fqtsim.ledger import COLUMNS, GemmSpec, add, frame, merge
+from fqtsim.ledger import GemmSpec, add, frame, merge, price
 from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
                             stored_output_bits, wide_level)
 from fqtsim.passes import corrections, input_passes, output_passes
@@ -27,20 +27,17 @@ class Device:
 
     def __init__(self, hw: HWConfig):
         self.hw = hw
-        self._frames: list[pd.DataFrame] = []
-        self._ledger: pd.DataFrame | None = None
+        self._rows: list[tuple] = []
+        self._gemms = 0
 
     @property
     def ledger(self) -> pd.DataFrame:
-        if self._ledger is None:
-            self._ledger = (pd.concat(self._frames, ignore_index=True) if self._frames
-                            else pd.DataFrame(columns=COLUMNS))
-        return self._ledger
+        return frame(self._rows)
 
     def take(self) -> pd.DataFrame:
         """The ledger so far; the device starts a fresh one."""
         ledger = self.ledger
-        self._frames, self._ledger = [], None
+        self._rows = []
         return ledger
 
     def gemm(self, a: np.ndarray, b: np.ndarray, *, a_bits: int = 8, b_bits: int = 8,
@@ -102,9 +99,9 @@ class Device:
             merge(events, output_passes(self.hw, a_quant, qa, n, out_bits, level, handoff))
         if qa is not None:
             merge(events, corrections(qa, qb))
-        name = name if name is not None else f"gemm{len(self._frames)}"
-        self._frames.append(frame(self.hw, name, GemmSpec(a_bits, b_bits), events))
-        self._ledger = None
+        name = name if name is not None else f"gemm{self._gemms}"
+        self._gemms += 1
+        self._rows += price(self.hw, name, GemmSpec(a_bits, b_bits), events)
         return c
 
     def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope):

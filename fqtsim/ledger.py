@@ -124,7 +124,11 @@ def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float
     raise KeyError(f"no energy rule for event {event!r}")
 
 
-def frame(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> pd.DataFrame:
+def frame(rows: list) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def price(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> list[tuple]:
     """Price raw events {(event, level): [count, bytes, cycles]} into ledger rows."""
     vector = {ev: vector_cycles(hw, ev, c) for (ev, lvl), (c, b, cy) in events.items()
               if lvl == "vector"}
@@ -136,7 +140,7 @@ def frame(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> pd.DataFrame
             cy = max(0.0, pass_memory_cycles(hw, lvl, PASS_MEMORY[ev], b) - vector.get(ev, 0.0))
         rows.append((gemm, spec.name(ev), lvl, int(c), float(b),
                      energy_pj(hw, spec, ev, lvl, c, b), float(cy)))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return rows
 
 
 EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code_write",

@@ -17,6 +17,7 @@ their accumulators over the whole K loop, a K tile shorter than K allows only on
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from fqtsim.hw import HWConfig
 
 def container_bits(bits: int) -> int:
     """Storage width of a `bits`-wide value: the next power of two, packed (4-bit codes two a byte)."""
-    return 1 << max(0, math.ceil(math.log2(bits)))
+    return 1 << (bits - 1).bit_length()
 
 
 def nbytes(count: int, bits: int) -> float:
@@ -86,6 +87,7 @@ def operand_loads(tiling: Tiling, m: int, n: int, k: int) -> tuple[int, int]:
     return a, b
 
 
+@functools.lru_cache(maxsize=4096)
 def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int) -> Tiling:
     """Tiles from the config where given, else the fitting tiles with the fewest estimated cycles."""
     mp, arr = hw.mapping, hw.array

@@ -1,8 +1,9 @@
-"""The device's quantizer passes, walked over the actual tensor row by row and block by block.
+"""The device's quantizer passes, counted over the tensors it actually processes.
 
 The counterpart of `fqtsim.schedule`'s closed form: the same passes, counted as the device
 performs them (BHQ's sort runs a real bitonic network over the row ranges and counts its
-compare-exchanges; the transform visits the actual blocks), so that tests can hold the two equal.
+compare-exchanges; the transform visits the actual data-dependent blocks; clips are counted by
+the quantizer), so that tests can hold the two equal.
 """
 from __future__ import annotations
 
@@ -46,39 +47,39 @@ def bitonic_sort(keys: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized) -> dict:
-    """Events of producing codes `q` (M x K) from the wide gradient, pass by pass."""
+    """Events of producing codes `q` (M x K) from the wide gradient, pass by pass, over the
+    elements the device touched (BHQ: block by block)."""
     events = {}
-    m, k = q.codes.shape
-    row_wide = nbytes(k, wide_bits(hw))
+    elements = q.codes.size
+    wide = nbytes(elements, wide_bits(hw))
     if not scheme.materializes:
-        for _ in range(m):
-            add(events, "sr_rng", "array", k)
+        add(events, "sr_rng", "array", elements)
         add(events, "clip", "array", q.clipped)
         return events
-    level = wide_gradient_level(hw, tiling, scheme, m, k)
-    for _ in range(m):
-        if not scheme.shared:
-            add(events, "wide_write", level, k, row_wide)
-            add(events, "range_pass", level, k, row_wide)
-        add(events, "range_pass", "vector", k)
+    level = wide_gradient_level(hw, tiling, scheme, *q.codes.shape)
+    if not scheme.shared:
+        add(events, "wide_write", level, elements, wide)
+        add(events, "range_pass", level, elements, wide)
+    add(events, "range_pass", "vector", elements)
     fused_requant = False
     if scheme.method == "bhq":
         order, compares = bitonic_sort(q.transform.ranges)
         if not np.array_equal(q.transform.ranges[order], np.sort(q.transform.ranges)[::-1]):
             raise AssertionError("bitonic network did not sort the row ranges")
         add(events, "sort", "vector", compares)
+        k = q.codes.shape[1]
         for rows in q.transform.blocks:
-            add(events, "transform", level, len(rows) * k, len(rows) * row_wide)
-            add(events, "transform", "vector", len(rows) * k)
+            size = len(rows) * k
+            add(events, "transform", level, size, nbytes(size, wide_bits(hw)))
+            add(events, "transform", "vector", size)
             if scheme.range_policy == "dynamic":
-                add(events, "wide_write", level, len(rows) * k, len(rows) * row_wide)
-                add(events, "range_pass", "vector", len(rows) * k)
+                add(events, "wide_write", level, size, nbytes(size, wide_bits(hw)))
+                add(events, "range_pass", "vector", size)
         fused_requant = scheme.range_policy == "delayed"
-    for _ in range(m):
-        if not fused_requant:
-            add(events, "requant_pass", level, k, row_wide)
-        add(events, "requant_pass", "vector", k)
-        add(events, "code_write", "ddr", k, nbytes(k, q.bits))
+    if not fused_requant:
+        add(events, "requant_pass", level, elements, wide)
+    add(events, "requant_pass", "vector", elements)
+    add(events, "code_write", "ddr", elements, nbytes(elements, q.bits))
     if scheme.range_policy == "delayed":
         add(events, "clip", "array", q.clipped)
     return events
@@ -99,17 +100,13 @@ def output_passes(hw: HWConfig, scheme: QuantScheme, a: Quantized, n: int, out_b
 
 
 def corrections(a: Quantized, b: Quantized) -> dict:
-    """Events of the rank-1 offset corrections, per column and row as the vector unit runs them."""
+    """Events of the rank-1 offset corrections for the operands' offsets."""
     events = {}
-    (m, k), n = a.codes.shape, b.codes.shape[1]
     if a.affine:
-        for _ in range(n):
-            add(events, "colsum", "vector", k)
+        add(events, "colsum", "vector", b.codes.size)
     if b.affine:
-        for _ in range(m):
-            add(events, "rowsum", "vector", k)
+        add(events, "rowsum", "vector", a.codes.size)
     terms = int(a.affine) + int(b.affine) + int(a.affine and b.affine)
     if terms:
-        for _ in range(m):
-            add(events, "zero_point", "vector", terms * n)
+        add(events, "zero_point", "vector", terms * a.codes.shape[0] * b.codes.shape[1])
     return events
