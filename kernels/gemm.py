@@ -2,9 +2,10 @@
 
 Paths, chosen per call from the operands' value range (all give identical results):
 - exact: if no partial sum can leave the accumulator's (and partial sum's) range, the answer is
-  the exact product and nothing overflows. It is computed with float32 sgemm, which is exact while
-  every partial sum stays within 2^24: K is split into chunks that guarantee this for the data's
-  max |a * b|, and the chunk results are added in int64.
+  the exact product and nothing overflows. While K * max|a * b| fits int32 it is computed by the
+  scans below as plain multiply-adds (int16 lanes where the sums fit them); beyond, by float32
+  sgemm, which is exact while every partial sum stays within 2^24: K is split into chunks that
+  guarantee this for the data's max |a * b|, and the chunk results are added in int64.
 - scan: otherwise every MAC is emulated in ascending k by the kernels in `kernels._scan`: int16
   lanes for accumulators of <= 16 bits (when the products fit int16), int32 lanes up to 31 bits,
   int64 lanes beyond. An accumulator that provably cannot overflow (only its partial sum can)
@@ -66,13 +67,9 @@ def int_gemm(a, b, *, acc_bits: int = 32, overflow: str = "wrap", spill_every: i
         return _fits(steps, pmin, pmax, acc_bits) and (
             not spill_every or _fits(k, pmin, pmax, psum_bits))
 
-    # First the range that the dtypes allow: if it settles the path and one sgemm chunk, the
-    # data need not be scanned for its extremes. Then the data's actual range.
-    pmin, pmax = _product_range(*_DTYPE_RANGE[a.dtype], *_DTYPE_RANGE[b.dtype])
-    if k * max(pmax, -pmin) > _F32_EXACT or not exact_suffices(pmin, pmax):
-        pmin, pmax = _product_range(int(a.min()), int(a.max()), int(b.min()), int(b.max()))
+    pmin, pmax = _product_range(int(a.min()), int(a.max()), int(b.min()), int(b.max()))
     if exact_suffices(pmin, pmax):
-        return _exact_product(a, b, max(pmax, -pmin)), counts
+        return _exact_product(a, b, pmin, pmax), counts
 
     # Partial-sum checks are needed only if nchunks spills of the largest possible
     # accumulator value can leave the partial sum's range.
@@ -89,8 +86,9 @@ def int_gemm(a, b, *, acc_bits: int = 32, overflow: str = "wrap", spill_every: i
     return c, counts
 
 
-def _scan_gemm(a, b, c, bits, sat, spill, psum_bits, pcheck, pmin, pmax) -> int:
-    """Per-MAC emulation into c; returns the overflow count. Picks the narrowest lanes."""
+def _scan_gemm(a, b, c, bits, sat, spill, psum_bits, pcheck, pmin, pmax, exact=False) -> int:
+    """Per-MAC emulation into c; returns the overflow count. Picks the narrowest lanes.
+    exact: the caller has proven that nothing overflows: all K MACs run as one plain block."""
     if bits <= 16 and -32768 <= pmin and pmax <= 32767:
         kern, nr, lane = _scan.scan16, _scan.NR16, np.int16
     elif bits <= 31:
@@ -107,6 +105,8 @@ def _scan_gemm(a, b, c, bits, sat, spill, psum_bits, pcheck, pmin, pmax) -> int:
     if blk < _PLAIN_BLOCK_MIN or lane is np.int64:
         blk = 0
     ls, hs = -hi - 1 - blk * neg, hi - blk * pos
+    if exact:
+        blk, ls, hs = a.shape[1], -hi - 1, hi
 
     (m, k), n = a.shape, b.shape[1]
     nti, ntj = -(-m // _MR), -(-n // nr)
@@ -121,9 +121,6 @@ def _scan_gemm(a, b, c, bits, sat, spill, psum_bits, pcheck, pmin, pmax) -> int:
     return int(kern(ap, bp, c, s, cnt, ps, bits, sat, spill, psum_bits, pcheck, blk, ls, hs))
 
 
-_DTYPE_RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
-
-
 def _product_range(amin: int, amax: int, bmin: int, bmax: int) -> tuple[int, int]:
     """Smallest and largest product of a in [amin, amax] and b in [bmin, bmax]."""
     corners = (amin * bmin, amin * bmax, amax * bmin, amax * bmax)
@@ -136,7 +133,19 @@ def _fits(steps: int, pmin: int, pmax: int, bits: int) -> bool:
     return steps * max(pmax, 0) <= half - 1 and steps * min(pmin, 0) >= -half
 
 
-def _exact_product(a: np.ndarray, b: np.ndarray, pabs: int) -> np.ndarray:
+def _exact_product(a: np.ndarray, b: np.ndarray, pmin: int, pmax: int) -> np.ndarray:
+    """Exact int64 a @ b for products in [pmin, pmax]. While every partial sum fits int16 or
+    int32 lanes: the scans' plain path as one block (no checks; faster than sgemm here, as it
+    needs no float conversions). Beyond that: float32 sgemm in K chunks."""
+    c = np.empty((a.shape[0], b.shape[1]), np.int64)
+    for bits in (16, 31):
+        if _fits(a.shape[1], pmin, pmax, bits):
+            _scan_gemm(a, b, c, bits, False, 0, 64, False, pmin, pmax, exact=True)
+            return c
+    return _sgemm_product(a, b, max(pmax, -pmin))
+
+
+def _sgemm_product(a: np.ndarray, b: np.ndarray, pabs: int) -> np.ndarray:
     """Exact int64 a @ b via float32 sgemm over K chunks whose partial sums stay <= 2^24."""
     (m, k), n = a.shape, b.shape[1]
     kc = k if pabs == 0 else max(1, min(k, _F32_EXACT // pabs))

@@ -1,7 +1,8 @@
 """kernels.int_gemm against the slow references in tests/reference.py.
 
-Every case is compared on values and on all counts. Spies on the dispatch (sgemm path, scan16,
-scan32, scan64) make sure the designed cases reach the path they are meant for.
+Every case is compared on values and on all counts. Spies on the dispatch (exact product, via
+the scans' plain path or chunked sgemm; scan16, scan32, scan64) make sure the designed cases
+reach the path they are meant for.
 """
 import re
 
@@ -14,7 +15,7 @@ from kernels import _scan, gemm, int_gemm
 from reference import (bounds, exact_product, ref_gemm, ref_gemm_np, wrap_array,
                        wrap_overflows)
 
-PATHS = ("exact", "scan16", "scan32", "scan64")
+PATHS = ("exact", "sgemm", "scan16", "scan32", "scan64")
 
 
 def codes(rng, shape, bits, signed, mode="rand"):
@@ -40,7 +41,8 @@ def taken(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(gemm, "_exact_product", spy("exact", gemm._exact_product))
-    for name in PATHS[1:]:
+    monkeypatch.setattr(gemm, "_sgemm_product", spy("sgemm", gemm._sgemm_product))
+    for name in PATHS[2:]:
         monkeypatch.setattr(_scan, name, spy(name, getattr(_scan, name)))
     return taken
 
@@ -91,10 +93,10 @@ CASES = [
      dict(acc_bits=24, overflow="saturate", spill_every=7, psum_bits=16), "scan32"),
     ("spill20/13-wrap-psum18", 5, 60, 33, (8, False, E), (8, False, E),
      dict(acc_bits=20, spill_every=13, psum_bits=18), "scan32"),
-    ("exact-acc32", 9, 50, 70, (8, True, R), (8, False, R), dict(acc_bits=32), "exact"),
-    ("exact-narrow", 9, 50, 70, (4, True, E), (2, False, E), dict(acc_bits=12), "exact"),
+    ("exact-acc32", 9, 50, 70, (8, True, R), (8, False, R), dict(acc_bits=32), "exact+scan32"),
+    ("exact-narrow", 9, 50, 70, (4, True, E), (2, False, E), dict(acc_bits=12), "exact+scan16"),
     ("exact-spill", 9, 50, 70, (8, True, E), (8, True, E),
-     dict(acc_bits=19, overflow="saturate", spill_every=8, psum_bits=24), "exact"),
+     dict(acc_bits=19, overflow="saturate", spill_every=8, psum_bits=24), "exact+scan32"),
 ]
 
 
@@ -105,8 +107,8 @@ def test_designed_cases(case, taken):
     a = codes(rng, (m, k), *aspec)
     b = codes(rng, (k, n), *bspec)
     counts = check(a, b, ref=ref_gemm_np if m * n * k > 20000 else ref_gemm, **kw)
-    assert taken == [expected]
-    if expected != "exact":
+    assert taken == expected.split("+")
+    if not expected.startswith("exact"):
         assert counts["overflows"] > 0, "case meant to overflow"
 
 
@@ -142,18 +144,30 @@ def test_wide_accumulator_scan64(taken):
     assert int_gemm(a, b, acc_bits=64)[1]["overflows"] == 0
 
 
-# --- the sgemm path: K beyond one float32-exact chunk ----------------------------------------
+# --- long K: the exact path (integer lanes, or sgemm in float32-exact chunks), and wraps -------
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_long_k_exact_chunks(signed, taken):
+@pytest.mark.parametrize("k, abits, signed", [(140001, 8, True), (40001, 8, False)])
+def test_long_k_exact_sgemm_chunks(k, abits, signed, taken):
+    """K * max|a*b| beyond int32: chunked float32 sgemm (chunks of 1024 and 258 MACs)."""
     rng = np.random.default_rng(5)
-    k = 3001
-    a = codes(rng, (7, k), 8, signed, E)     # includes -128 (or 255)
-    b = codes(rng, (k, 9), 8, True, E)
+    a = codes(rng, (2, k), abits, signed, E)     # includes -128 (or 255)
+    b = codes(rng, (k, 3), 8, signed, E)
     c, counts = int_gemm(a, b, acc_bits=48)
     np.testing.assert_array_equal(c, exact_product(a, b))
-    assert counts == {"macs": 7 * 9 * k, "overflows": 0, "spills": 0}
-    assert taken == ["exact"]
+    assert counts == {"macs": 2 * 3 * k, "overflows": 0, "spills": 0}
+    assert taken == ["exact", "sgemm"]
+
+
+@pytest.mark.parametrize("k, abits, bbits, path", [(3001, 8, 8, "scan32"), (511, 4, 4, "scan16"),
+                                                   (1100, 2, 4, "scan16")])
+def test_long_k_exact_integer_lanes(k, abits, bbits, path, taken):
+    rng = np.random.default_rng(4)
+    a = codes(rng, (37, k), abits, True, E)
+    b = codes(rng, (k, 70), bbits, True, E)
+    c, counts = int_gemm(a, b, acc_bits=32, overflow="saturate")
+    np.testing.assert_array_equal(c, exact_product(a, b))
+    assert counts["overflows"] == 0
+    assert taken == ["exact", path]
 
 
 def test_long_k_wrap_counts():
