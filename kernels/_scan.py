@@ -22,8 +22,8 @@ Lane widths:
 Overflow detection (int16 lanes), with s the saturating int16 sum, w the wrapping int16 sum,
 [lo, hi] the accumulator's range and e = acc + p the exact sum:
 - saturate: new acc c = clamp(s, lo, hi); the step overflowed iff c != w;
-- wrap: new acc c = w sign-extended from `bits`; the step overflowed iff c != s.
-(Both hold for every e, including e outside int16: then s is +-2^15 and w is e -+ 2^16.)
+- wrap: new acc c = w reduced to `bits` bits; the step overflowed iff c != s.
+(Both hold for every e, including e outside int16: then s is an int16 limit, w = e -+ 2^16.)
 Wider lanes hold e exactly: the step overflowed iff the new accumulator differs from e.
 
 Spilling (`spill` > 0): every `spill` MACs and after the last one, the accumulator is added into
