@@ -97,3 +97,58 @@ def format_bench(df: pd.DataFrame) -> str:
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digits", 32),
+                     ("cnn", "digits", 32)), steps: int = 60, rounds: int = 3,
+                     quantizer: str = "psq") -> pd.DataFrame:
+    """One training step (forward, backward, SGD update) of FQT on the device against the same
+    model's fp32 torch step, same batch, timed alternately in this process.
+
+    ratio = fqt step time / fp32 step time (lower is better).
+    """
+    import torch
+    from torch.nn import functional as F
+
+    from fqtsim.data import load
+    from fqtsim.device import Device
+    from fqtsim.fqt import FQTConfig, Simulator, convert
+    from fqtsim.hw import load_hw
+    from fqtsim.models import build
+
+    hw = load_hw(hw_path)
+    rows = []
+    for model_name, dataset, batch in cases:
+        data = load(dataset)
+        data = data.as_images() if model_name == "cnn" else data
+        x, y = torch.from_numpy(data.x_train[:batch]), torch.from_numpy(data.y_train[:batch])
+        runners = {}
+        for mode in ("fp32", "fqt"):
+            torch.manual_seed(0)
+            model = build(model_name, data.image_shape, data.classes)
+            sim = Simulator(Device(hw), FQTConfig(mode, quantizer))
+            convert(model, sim)
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+            def step(model=model, optimizer=optimizer, device=sim.device):
+                loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                device.take()
+
+            for _ in range(3):
+                step()                                 # compile, warm up
+            runners[mode] = step
+        best = {"fp32": float("inf"), "fqt": float("inf")}
+        for _ in range(rounds):
+            for mode, step in runners.items():
+                time.sleep(_SETTLE_S)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                best[mode] = min(best[mode], (time.perf_counter() - t0) / steps)
+        rows.append(dict(model=model_name, dataset=dataset, batch=batch, quantizer=quantizer,
+                         fp32_ms=best["fp32"] * 1e3, fqt_ms=best["fqt"] * 1e3,
+                         ratio=best["fqt"] / best["fp32"]))
+    return pd.DataFrame(rows)

@@ -146,11 +146,14 @@ def quantizer_table(hw, args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from fqtsim.bench import format_bench, gemm_bench
+    from fqtsim.bench import format_bench, gemm_bench, train_step_bench
 
     print("emulated integer GEMM vs numpy float32 matmul, same shape, same process "
           "(ratio = sgemm time / emulated time; higher is better)")
     print(format_bench(gemm_bench()))
+    print("\ntraining step: FQT on the device (npu.yaml, 32-bit accumulators, PSQ 8-bit) vs the "
+          "same model's fp32 torch step (ratio = fqt / fp32; lower is better)")
+    print(train_step_bench().to_string(index=False, float_format="{:.2f}".format))
     return 0
 
 

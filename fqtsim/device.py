@@ -29,6 +29,7 @@ class Device:
         self.hw = hw
         self._rows: list[tuple] = []
         self._gemms = 0
+        self._walks: dict[tuple, tuple] = {}
 
     @property
     def ledger(self) -> pd.DataFrame:
@@ -89,7 +90,11 @@ class Device:
         acc = self.hw.accumulator
         c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
                              spill_every=acc.spill_every, psum_bits=acc.psum_bits)
-        tiling, level, events = self._walk(m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+        key = (m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+        if key not in self._walks:   # the loop nest depends on shapes only: walk each once
+            self._walks[key] = self._walk(*key)
+        tiling, level, walked = self._walks[key]
+        events = {event: list(totals) for event, totals in walked.items()}
         if events[("mac", "array")][0] != counts["macs"] or \
                 events.get(("psum_spill", "tcm"), [0])[0] != counts["spills"]:
             raise AssertionError("loop-nest walk and kernel disagree on MACs or spills")
