@@ -15,7 +15,8 @@ from fqtsim.hw import HWConfig
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
 from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
                             stored_output_bits, wide_level)
-from fqtsim.schedule import QuantScheme, correction_events, input_events, output_events
+from fqtsim.schedule import (QuantScheme, correction_events, input_events, output_events,
+                             update_events)
 
 
 def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int = 8,
@@ -138,3 +139,43 @@ def overhead(hw: HWConfig, m: int, n: int, k: int, schemes, *, grad_bits: int = 
                      "energy_x": 1 + extra["energy_pj"] / base["energy_pj"],
                      "cycles_x": 1 + extra["cycles"] / base["cycles"]})
     return pd.DataFrame(rows)
+
+
+def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
+                  range_policy: str = "dynamic", grad_bits: int = 8) -> pd.DataFrame:
+    """Every event of one FQT training step, layer by layer (the `layer` column), as
+    `fqtsim.fqt` runs it: the forward GEMM on 8-bit codes; grad_input with the gradient
+    quantized by `quantizer` at `grad_bits` (all but the first layer), handed off at full width
+    to the next quantizer down; grad_weight with the 8-bit per-tensor (PTQ) or per-feature
+    quantizer sharing the wide gradient; and the SGD update of FP32 masters.
+
+    `model`: a name from `fqtsim.workloads` or a list of its `Layer`s.
+    """
+    from fqtsim.workloads import workload
+
+    layers = workload(model) if isinstance(model, str) else model
+    per_feature = "ptq" if quantizer == "ptq" else "psq"
+    frames = []
+    for i, layer in enumerate(layers):
+        m = batch * layer.rows
+        gemms = [("output", gemm(hw, m, layer.n, layer.k, a_offset=True,
+                                 b_offset=not layer.weights, name="output"))]
+        if i > 0:
+            scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows)
+            gemms.append(("grad_input", gemm(hw, m, layer.k, layer.n, a_bits=grad_bits,
+                                             a_quant=scheme, writeback="handoff",
+                                             name="grad_input")))
+        scheme = QuantScheme(per_feature, range_policy, shared=i > 0)
+        dw = gemm(hw, layer.n, layer.k, m, a_quant=scheme, b_offset=True,
+                  writeback="materialized" if layer.weights else "handoff", name="grad_weight")
+        gemms.append(("grad_weight", dw))
+        if layer.weights:
+            level = dw.loc[dw.event == "writeback", "level"].iloc[0]
+            events = update_events(hw, layer.weights, level)
+            gemms.append(("update", frame(price(hw, "update", GemmSpec(8, 8), events))))
+        for _, ledger in gemms:
+            ledger = ledger.copy()
+            ledger[["count", "bytes", "energy_pj", "cycles"]] *= layer.repeat
+            ledger.insert(0, "layer", layer.name)
+            frames.append(ledger)
+    return pd.concat(frames, ignore_index=True)

@@ -18,7 +18,7 @@ from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls
                             stored_output_bits, wide_level)
 from fqtsim.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
-from fqtsim.schedule import QuantScheme
+from fqtsim.schedule import QuantScheme, update_events
 from kernels import int_gemm
 
 
@@ -30,6 +30,7 @@ class Device:
         self._rows: list[tuple] = []
         self._gemms = 0
         self._walks: dict[tuple, tuple] = {}
+        self.last_output_level = "ddr"
 
     @property
     def ledger(self) -> pd.DataFrame:
@@ -107,7 +108,14 @@ class Device:
         name = name if name is not None else f"gemm{self._gemms}"
         self._gemms += 1
         self._rows += price(self.hw, name, GemmSpec(a_bits, b_bits), events)
+        self.last_output_level = level
         return c
+
+    def update(self, params: int, name: str):
+        """Record an SGD-with-momentum step of `params` FP32 master weights whose gradient the
+        last GEMM wrote (see `fqtsim.schedule.update_events`)."""
+        events = update_events(self.hw, params, self.last_output_level)
+        self._rows += price(self.hw, name, GemmSpec(8, 8), events)
 
     def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope):
         """Walk the loop nest tile by tile, recording raw events per phase (one output tile).

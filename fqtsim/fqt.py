@@ -15,7 +15,8 @@ the optimizer updates; BatchNorm, ReLU and pooling stay float.
 
 Cost accounting: dy arrives at accumulator width from the layer above, so `grad_input` charges
 its quantizer's passes (wide write, ranges, ...) and `grad_weight` shares that wide tensor; the
-grad_input output is handed off at accumulator width to the next quantizer down. The forward
+grad_input output is handed off at accumulator width to the next quantizer down; the weight
+update of FP32 masters (the optimizer itself runs in torch) is charged as `update`. The forward
 activation ranges are computed from the data but charged as calibrated (fused write-back): the
 catch-22 the paper's reviewers raise concerns the gradients.
 """
@@ -113,6 +114,7 @@ class _FQTMatmul(torch.autograd.Function):
                                  shared=need_dx)
         dw = sim.device.matmul(q, qx, scheme=scheme, writeback="materialized",
                                name=f"{layer.name}.grad_weight")
+        sim.device.update(qw.codes.size, name=f"{layer.name}.update")
         return dx, torch.from_numpy(dw).to(dy.dtype), None
 
 

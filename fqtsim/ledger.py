@@ -28,6 +28,9 @@ for their ops (count = elements; ops per element in PASS_OPS):
     zero_point           row sums, multiply-adds per output
     inverse_transform    BHQ: T^-1 on the wide output rows, then requantization
     inverse_codes (ddr)  output codes written after the inverse transform
+    optimizer_read       SGD with momentum on FP32 masters: read the weight gradient (where its
+    optimizer_write      GEMM left it), master weights and momentum; write masters, momentum and
+    weight_update        the 8-bit weight codes of the next forward pass
 A pass's vector row carries its vector cycles and its memory rows the time the memory needs
 beyond that, so that cycles still sum to elapsed time.
 Units: bytes, pJ, cycles of the array clock.
@@ -65,11 +68,12 @@ PASS_OPS = {
     "rowsum": {"add": 1},
     "zero_point": {"mul": 1, "add": 1},
     "inverse_transform": {"mul": 3, "add": 2, "requant": 1},
+    "weight_update": {"mul": 3, "add": 3, "requant": 1},   # decay, momentum, step; new codes
 }
 # Direction of each pass's memory traffic at its level.
 PASS_MEMORY = {"wide_write": "write", "range_pass": "read", "transform": "read",
                "requant_pass": "read", "code_write": "write", "inverse_transform": "read",
-               "inverse_codes": "write"}
+               "inverse_codes": "write", "optimizer_read": "read", "optimizer_write": "write"}
 
 
 def pass_transfer_pj(hw: HWConfig, level: str, direction: str) -> float:
@@ -146,7 +150,8 @@ def price(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> list[tuple]:
 EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code_write",
           "sr_rng", "clip", "mac", "overflow", "requantize", "load_a", "load_b", "read_a",
           "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "writeback",
-          "inverse_transform", "inverse_codes", "stall")
+          "inverse_transform", "inverse_codes", "optimizer_read", "optimizer_write",
+          "weight_update", "stall")
 
 
 def _order(item):

@@ -144,3 +144,19 @@ def correction_events(m: int, n: int, k: int, a_offset: bool, b_offset: bool) ->
     if a_offset and b_offset:
         add(events, "zero_point", "vector", m * n)
     return events
+
+
+MASTER_BYTES = 4    # FP32 master weight and FP32 momentum per parameter
+WEIGHT_CODE_BITS = 8
+
+
+def update_events(hw: HWConfig, params: int, grad_level: str) -> dict:
+    """SGD with momentum on FP32 master weights, for `params` parameters whose gradient the
+    weight-gradient GEMM left at accumulator width in `grad_level`."""
+    events = {}
+    add(events, "optimizer_read", grad_level, params, nbytes(params, wide_bits(hw)))
+    add(events, "optimizer_read", "ddr", 2 * params, 2 * params * MASTER_BYTES)
+    add(events, "optimizer_write", "ddr", 2 * params, 2 * params * MASTER_BYTES)
+    add(events, "optimizer_write", "ddr", params, nbytes(params, WEIGHT_CODE_BITS))
+    add(events, "weight_update", "vector", params)
+    return events

@@ -155,3 +155,27 @@ def test_divergence_stops_with_message_and_keeps_files(tmp_path):
     assert done.returncode == 1
     assert "NaN or Inf at step" in done.stderr and "Traceback" not in done.stderr
     assert (out / "metrics.csv").exists() and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("quantizer", ["ptq", "psq", "bhq"])
+def test_a_training_step_on_the_device_equals_the_closed_form_step(tmp_path, model, quantizer):
+    """The whole step (forward, both backward GEMMs, quantizer passes, update) of a real run equals
+    fqtsim.cost.training_step for the model's layer shapes, event by event."""
+    import fqtsim.cost
+    from fqtsim import workloads
+
+    # synthetic: 800 training samples, 8 batches of exactly 100
+    train(RunConfig(hw=NPU, model=model, dataset="synthetic", quantizer=quantizer, epochs=1,
+                    batch_size=100, out=str(tmp_path / "r")), progress=False)
+    ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
+    step = ledger[(ledger.step == 3) & ~ledger.event.isin(["overflow", "clip"])]
+    layers = workloads.mlp() if model == "mlp" else workloads.cnn((1, 8, 8))
+    closed = fqtsim.cost.training_step(load_hw(NPU), layers, 100, quantizer)
+    key = ["layer", "gemm", "event", "level"]
+    step, closed = step.set_index(key).sort_index(), closed.set_index(key).sort_index()
+    assert list(step.index) == list(closed.index)
+    assert (step["count"].values == closed["count"].values).all()
+    np.testing.assert_allclose(step["bytes"], closed["bytes"], rtol=1e-12)
+    np.testing.assert_allclose(step["energy_pj"], closed["energy_pj"], rtol=1e-9)
+    np.testing.assert_allclose(step["cycles"], closed["cycles"], rtol=1e-9, atol=1e-6)
