@@ -91,7 +91,7 @@ def test_run_writes_summary_metrics_and_ledger(tmp_path):
     assert set(summary["bytes_by_level"]) == {"ddr", "tcm"} and summary["energy_pj"] > 0
     ledger = pd.read_csv(run / "ledger.csv")
     assert list(ledger.columns[:4]) == ["step", "layer", "gemm", "event"]
-    assert set(ledger.gemm) == {"output", "grad_input", "grad_weight"}
+    assert set(ledger.gemm) == {"output", "grad_input", "grad_weight", "update"}
     assert {"sort", "transform", "inverse_transform"} <= set(ledger.event)   # BHQ's passes
     assert len(pd.read_csv(run / "metrics.csv")) == summary["steps"] == 8
     config = json.loads((run / "config.json").read_text())
