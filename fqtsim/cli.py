@@ -2,12 +2,14 @@
 
     fqtsim run --hw hw_configs/npu.yaml --quantizer psq
     fqtsim cost --hw hw_configs/npu.yaml --gemm 128x784x512 [--gemm ...] [--quantizer ptq psq bhq]
+    fqtsim report runs/A runs/B --model resnet50 --hw hw_configs/npu.yaml --out reports/NAME
     fqtsim bench
 """
 from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 
 import pandas as pd
@@ -77,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     run.add_argument("--seed", type=integer, default=defaults.seed)
     run.add_argument("--out", help="run directory (default runs/<hw>-<model>-<dataset>-<mode>-seed<seed>)")
+
+    rep = sub.add_parser("report", help="overhead report (HTML, Markdown, PNG, CSV) from runs "
+                                        "and/or the cost model")
+    rep.add_argument("runs", nargs="*", help="run directories written by fqtsim run")
+    rep.add_argument("--model", help="cost-model workload: resnet18, resnet50, transformer, mlp, cnn")
+    rep.add_argument("--batch", type=integer, default=64, help="batch for --model (default 64)")
+    rep.add_argument("--hw", action="append", default=[], help="hardware config(s) for --model")
+    rep.add_argument("--grad-bits", type=bits, default=8, help="gradient bits for --model")
+    rep.add_argument("--out", required=True, help="report directory (replaced whole)")
     return parser
 
 
@@ -89,7 +100,9 @@ def integer(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except ValueError as e:  # bad configs and impossible GEMMs: one line, no traceback
@@ -160,7 +173,7 @@ def cmd_bench(args) -> int:
 def cmd_run(args) -> int:
     from fqtsim.train import Diverged, train
 
-    cfg = RunConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    cfg = RunConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "argv")})
     if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()):
         print(f"note: {cfg.run_dir} exists; its files will be replaced", file=sys.stderr)
     try:
@@ -187,7 +200,16 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"cost": cmd_cost, "bench": cmd_bench, "run": cmd_run}
+def cmd_report(args) -> int:
+    from fqtsim.report import build_report
+
+    out = build_report(args.out, args.runs, args.model, args.batch, args.hw, args.grad_bits,
+                       command="fqtsim " + shlex.join(args.argv))
+    print(f"wrote {out}/report.html and report.md, with PNG plots and CSV tables")
+    return 0
+
+
+COMMANDS = {"cost": cmd_cost, "bench": cmd_bench, "run": cmd_run, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Regenerates reports/example: the default `fqtsim run` with each gradient quantizer, its fp32 and
+# QAT baselines, and the cost model's ResNet-50 (batch 64) on npu.yaml and npu-acc16.yaml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fqtsim=${FQTSIM:-.venv/bin/fqtsim}
+for q in ptq psq bhq; do
+  "$fqtsim" run --quantizer "$q" --out "runs/example/fqt-$q" > /dev/null
+done
+for mode in fp32 qat; do
+  "$fqtsim" run --mode "$mode" --out "runs/example/$mode" > /dev/null
+done
+"$fqtsim" report runs/example/fp32 runs/example/qat runs/example/fqt-ptq runs/example/fqt-psq \
+  runs/example/fqt-bhq --model resnet50 --batch 64 --hw hw_configs/npu.yaml \
+  --hw hw_configs/npu-acc16.yaml --out reports/example
