@@ -225,6 +225,7 @@ def build_report(out: str | Path, runs=(), model: str | None = None, batch: int 
         raise ValueError("--model needs at least one --hw")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp.chmod(0o755)   # mkdtemp's 0700 would carry over to the report
     try:
         sections = []
         if runs:

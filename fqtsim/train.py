@@ -97,7 +97,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     metrics, ledgers = [], []
     started = time.perf_counter()
     bar = tqdm(total=total_steps, desc=f"{cfg.mode} {cfg.quantizer}{cfg.grad_bits}",
-               disable=not progress, unit="step")
+               disable=None if progress else True, unit="step")   # None: only on a terminal
     try:
         step = 0
         for epoch in range(cfg.epochs):
