@@ -163,7 +163,7 @@ class Device:
                     if spill is not None:  # spill points: every `spill` MACs, and after the last
                         points = (k0 + sk) // spill - k0 // spill
                         points += k0 + sk == k and k % spill != 0
-                        first = k0 < spill  # each output's first spill writes without reading
+                        first = points > 0 and k0 < spill  # the first spill writes, nothing to read
                         written = sm * sn * points * psum_bytes
                         read = written - (sm * sn * psum_bytes if first else 0.0)
                         add(events, "psum_spill", "tcm", sm * sn * points, written + read)

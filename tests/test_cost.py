@@ -62,6 +62,8 @@ VARIANTS = {
     "tiny tcm": {"tcm.size_kib": 2},
     "spill 7": {"accumulator.spill_every": 7, "accumulator.bits": 20, "accumulator.psum_bits": 24},
     "spill 1000": {"accumulator.spill_every": 1000},
+    "spill, k tiled": {"accumulator.spill_every": 40, "mapping.tile_m": 16, "mapping.tile_n": 16,
+                       "mapping.tile_k": 24},
 }
 
 
