@@ -16,7 +16,8 @@ from fqtsim.ledger import GemmSpec, add, frame, merge, price
 from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
                             stored_output_bits, wide_level)
 from fqtsim.schedule import (QuantScheme, correction_events, input_events, output_events,
-                             update_events)
+                             output_writeback, rename_wide_output, update_events,
+                             GRAD_WEIGHT_BITS, weight_gradient_method)
 
 
 def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int = 8,
@@ -37,13 +38,12 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     a_offset = a_quant is not None if a_offset is None else a_offset
     check_gemm(hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope)
     handoff = writeback == "handoff"
-    if a_quant is not None and a_quant.method == "bhq":
-        writeback, scope = "materialized", "tensor"  # T^-1 mixes output rows
+    writeback, scope = output_writeback(a_quant, writeback, scope)
     out_store = stored_output_bits(hw, writeback, out_bits)
     tiling = plan(hw, m, n, k, a_bits, b_bits, out_store)
     level = "ddr"
     if writeback == "materialized":
-        level = wide_level(hw, tiling, nbytes(live_wide_elements(scope, tiling, m, n), out_store))
+        level = wide_level(hw, tiling, live_wide_elements(scope, tiling, m, n))
 
     rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
     psum_bytes = nbytes(1, hw.accumulator.psum_bits)
@@ -91,6 +91,7 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
                 add(events, "requantize", "array", times * sm * sn)
             add(events, "stall", "ddr", 0, 0.0, times * stall_ddr)
             add(events, "stall", "tcm", 0, 0.0, times * stall_tcm)
+    rename_wide_output(events, a_quant)
     if a_quant is not None:
         merge(events, input_events(hw, tiling, a_quant, m, k, a_bits))
         merge(events, output_events(hw, a_quant, m, n, out_bits, level, handoff))
@@ -154,19 +155,23 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
     from fqtsim.workloads import workload
 
     layers = workload(model) if isinstance(model, str) else model
-    per_feature = "ptq" if quantizer == "ptq" else "psq"
+    if batch < 1:
+        raise ValueError(f"batch: got {batch}; expected an integer >= 1")
     frames = []
     for i, layer in enumerate(layers):
         m = batch * layer.rows
         gemms = [("output", gemm(hw, m, layer.n, layer.k, a_offset=True,
                                  b_offset=not layer.weights, name="output"))]
+        wide_at = None
         if i > 0:
             scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows)
-            gemms.append(("grad_input", gemm(hw, m, layer.k, layer.n, a_bits=grad_bits,
-                                             a_quant=scheme, writeback="handoff",
-                                             name="grad_input")))
-        scheme = QuantScheme(per_feature, range_policy, shared=i > 0)
-        dw = gemm(hw, layer.n, layer.k, m, a_quant=scheme, b_offset=True,
+            dx = gemm(hw, m, layer.k, layer.n, a_bits=grad_bits, a_quant=scheme,
+                      writeback="handoff", name="grad_input")
+            gemms.append(("grad_input", dx))
+            wide = dx.loc[dx.event == "wide_write", "level"]
+            wide_at = wide.iloc[0] if len(wide) else None
+        scheme = QuantScheme(weight_gradient_method(quantizer), range_policy, shared_at=wide_at)
+        dw = gemm(hw, layer.n, layer.k, m, a_bits=GRAD_WEIGHT_BITS, a_quant=scheme, b_offset=True,
                   writeback="materialized" if layer.weights else "handoff", name="grad_weight")
         gemms.append(("grad_weight", dw))
         if layer.weights:

@@ -18,7 +18,8 @@ from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls
                             stored_output_bits, wide_level)
 from fqtsim.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
-from fqtsim.schedule import QuantScheme, update_events
+from fqtsim.schedule import (QuantScheme, output_writeback, rename_wide_output, update_events,
+                             wide_gradient_level)
 from kernels import int_gemm
 
 
@@ -30,7 +31,8 @@ class Device:
         self._rows: list[tuple] = []
         self._gemms = 0
         self._walks: dict[tuple, tuple] = {}
-        self.last_output_level = "ddr"
+        self.last_output_level = "ddr"      # where the last GEMM wrote its output
+        self.last_gradient_level = None     # where the last quantized gradient was written wide
 
     @property
     def ledger(self) -> pd.DataFrame:
@@ -86,8 +88,7 @@ class Device:
         _check_codes("a", a, a_bits)
         _check_codes("b", b, b_bits)
         handoff = writeback == "handoff"
-        if a_quant is not None and a_quant.method == "bhq":
-            writeback, scope = "materialized", "tensor"  # T^-1 mixes output rows
+        writeback, scope = output_writeback(a_quant, writeback, scope)
         acc = self.hw.accumulator
         c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
                              spill_every=acc.spill_every, psum_bits=acc.psum_bits)
@@ -100,8 +101,11 @@ class Device:
                 events.get(("psum_spill", "tcm"), [0])[0] != counts["spills"]:
             raise AssertionError("loop-nest walk and kernel disagree on MACs or spills")
         add(events, "overflow", "array", counts["overflows"])
+        rename_wide_output(events, a_quant)
         if a_quant is not None:
             merge(events, input_passes(self.hw, tiling, a_quant, qa))
+            if a_quant.materializes:
+                self.last_gradient_level = wide_gradient_level(self.hw, tiling, a_quant, m, k)
             merge(events, output_passes(self.hw, a_quant, qa, n, out_bits, level, handoff))
         if qa is not None:
             merge(events, corrections(qa, qb))
@@ -127,7 +131,7 @@ class Device:
         t = plan(hw, m, n, k, a_bits, b_bits, out_store)
         level = "ddr"
         if writeback == "materialized":
-            level = wide_level(hw, t, nbytes(live_wide_elements(scope, t, m, n), out_store))
+            level = wide_level(hw, t, live_wide_elements(scope, t, m, n))
         starts = {"m": range(0, m, t.tm), "n": range(0, n, t.tn)}
         resident_a = resident_b = None
         events = {}

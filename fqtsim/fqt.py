@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from fqtsim.device import Device
 from fqtsim.quantizers import (DelayedRange, check_bits, quantize_activation, quantize_gradient,
                                quantize_weight)
-from fqtsim.schedule import QuantScheme
+from fqtsim.schedule import GRAD_WEIGHT_BITS, QuantScheme, weight_gradient_method
 
 MODES = ("fp32", "qat", "fqt")
 
@@ -63,7 +63,7 @@ class Simulator:
         self._histories: dict[str, DelayedRange] = {}
 
     def quantize(self, key: str, x: np.ndarray, method: str, bits: int, rows_per_sample: int = 1,
-                 shared: bool = False):
+                 shared_at: str | None = None):
         """Quantize gradient `x` under the run's range policy; returns (codes, scheme used).
 
         Delayed ranges come from this tensor's history; before it has any, the step is dynamic.
@@ -78,7 +78,7 @@ class Simulator:
         q = quantize_gradient(x, method, bits, self.rng, rows_per_sample=rows_per_sample, **bounds)
         if history is not None:
             history.observe(*q.observed)
-        return q, QuantScheme(method, policy, shared=shared, rows_per_sample=rows_per_sample)
+        return q, QuantScheme(method, policy, shared_at=shared_at, rows_per_sample=rows_per_sample)
 
 
 class _FQTMatmul(torch.autograd.Function):
@@ -102,16 +102,17 @@ class _FQTMatmul(torch.autograd.Function):
             x_q, w_q = (torch.from_numpy(q.dequantize()).to(dy.dtype) for q in (qx, qw))
             return (dy @ w_q if need_dx else None), dy.t() @ x_q, None
         dy64 = dy.detach().double().numpy()
-        dx = None
+        dx, wide_at = None, None
         if need_dx:
             q, scheme = sim.quantize(f"{layer.name}.grad_input", dy64, config.quantizer,
                                      config.grad_bits, layer.rows_per_sample)
             out = sim.device.matmul(q, qw, scheme=scheme, writeback="handoff",
                                     name=f"{layer.name}.grad_input")
             dx = torch.from_numpy(out).to(dy.dtype)
-        per_feature = "ptq" if config.quantizer == "ptq" else "psq"   # rows of dy^T = features
-        q, scheme = sim.quantize(f"{layer.name}.grad_weight", dy64.T, per_feature, 8,
-                                 shared=need_dx)
+            wide_at = sim.device.last_gradient_level if scheme.materializes else None
+        q, scheme = sim.quantize(f"{layer.name}.grad_weight", dy64.T,
+                                 weight_gradient_method(config.quantizer), GRAD_WEIGHT_BITS,
+                                 shared_at=wide_at)
         dw = sim.device.matmul(q, qx, scheme=scheme, writeback="materialized",
                                name=f"{layer.name}.grad_weight")
         sim.device.update(qw.codes.size, name=f"{layer.name}.update")

@@ -26,6 +26,8 @@ for their ops (count = elements; ops per element in PASS_OPS):
     clip (array)         delayed ranges: values clipped to the known range (emulation only)
     colsum, rowsum,      rank-1 corrections for affine codes' offsets: B's column sums, A's
     zero_point           row sums, multiply-adds per output
+    wide_output          BHQ: the GEMM output written at accumulator width for T^-1 (in place of
+                         the write-back)
     inverse_transform    BHQ: T^-1 on the wide output rows, then requantization
     inverse_codes (ddr)  output codes written after the inverse transform
     optimizer_read       SGD with momentum on FP32 masters: read the weight gradient (where its
@@ -116,7 +118,7 @@ def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float
         written = count * container_bits(acc.psum_bits) / 8
         return (count * hw.energy.add_pj(acc.psum_bits) + written * tcm.write_pj_per_byte
                 + (nbytes - written) * tcm.read_pj_per_byte)
-    if event == "writeback":
+    if event in ("writeback", "wide_output"):
         if level == "tcm":
             return nbytes * tcm.write_pj_per_byte
         # staged through the TCM output tile, then DMA'd out
@@ -150,7 +152,7 @@ def price(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> list[tuple]:
 EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code_write",
           "sr_rng", "clip", "mac", "overflow", "requantize", "load_a", "load_b", "read_a",
           "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "writeback",
-          "inverse_transform", "inverse_codes", "optimizer_read", "optimizer_write",
+          "wide_output", "inverse_transform", "inverse_codes", "optimizer_read", "optimizer_write",
           "weight_update", "stall")
 
 

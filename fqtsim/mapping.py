@@ -149,24 +149,25 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
     return min(fitting, key=score)
 
 
-def live_wide_elements(scope: str, tiling: Tiling, m: int, n: int) -> int:
+def live_wide_elements(scope: str, tiling: Tiling, m: int, n: int, rows_per_sample: int = 1) -> int:
     """Wide output elements held at once until a range scope is complete.
 
-    A "rows" scope completes a band of rows per inner step only when rows finish inside one outer
-    iteration (m outer, or a single column tile); with column tiles outer, no row is complete
-    before the last one, so the whole output is held, as for a "tensor" scope.
+    A "rows" scope completes a band of whole rows (whole samples, when a sample spans several
+    rows) per inner step only when rows finish inside one outer iteration (m outer, or a single
+    column tile); with column tiles outer, no row is complete before the last one, so the whole
+    output is held, as for a "tensor" scope.
     """
-    if scope == "tensor":
-        return m * n
-    if scope == "rows":
-        nn = math.ceil(n / tiling.tn)
-        return min(tiling.tm, m) * n if tiling.order[0] == "m" or nn == 1 else m * n
-    raise ValueError(f"scope: got {scope!r}; expected 'tensor' or 'rows'")
+    if scope == "rows" and (tiling.order[0] == "m" or tiling.tn >= n):
+        band = -(-tiling.tm // rows_per_sample) * rows_per_sample
+        return min(band, m) * n
+    return m * n
 
 
-def wide_level(hw: HWConfig, tiling: Tiling, live_bytes: float) -> str:
-    """Where a materialized wide output lands: TCM if it fits beside the tiles, else DDR."""
-    return "tcm" if live_bytes <= hw.tcm.size_bytes - tiling.footprint else "ddr"
+def wide_level(hw: HWConfig, tiling: Tiling, live_elements: int) -> str:
+    """Where a wide (accumulator-width) tensor lands: TCM if its live part fits beside the
+    tiles, else DDR."""
+    fits = nbytes(live_elements, wide_bits(hw)) <= hw.tcm.size_bytes - tiling.footprint
+    return "tcm" if fits else "ddr"
 
 
 def phase_stalls(hw: HWConfig, compute: float, ddr_bytes: float, tcm_read: float,

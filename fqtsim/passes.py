@@ -57,7 +57,7 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
         add(events, "clip", "array", q.clipped)
         return events
     level = wide_gradient_level(hw, tiling, scheme, *q.codes.shape)
-    if not scheme.shared:
+    if scheme.shared_at is None:
         add(events, "wide_write", level, elements, wide)
         add(events, "range_pass", level, elements, wide)
     add(events, "range_pass", "vector", elements)

@@ -26,7 +26,7 @@ after the GEMM:
     and the result requantized (inverse_transform) and written as codes (inverse_codes), in place
     of the fused write-back.
 A gradient quantized twice (per row for dX, per column for dW) is written wide once: the second
-scheme is `shared`.
+scheme is `shared_at` the level the first one wrote it to.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from fqtsim.hw import HWConfig
 from fqtsim.ledger import add
-from fqtsim.mapping import Tiling, nbytes, wide_bits
+from fqtsim.mapping import Tiling, live_wide_elements, nbytes, wide_bits, wide_level
 
 METHODS = ("ptq", "psq", "bhq")
 RANGE_POLICIES = ("dynamic", "delayed")
@@ -46,8 +46,9 @@ class QuantScheme:
     """A gradient quantizer and its range policy."""
     method: str
     range_policy: str = "dynamic"
-    shared: bool = False   # another quantizer of the same gradient already wrote it wide and
-                           # reads it for ranges: no second wide_write, its min/max ride along
+    shared_at: str | None = None   # another quantizer of the same gradient already wrote it wide
+                                   # to this level and reads it for ranges: no second wide_write,
+                                   # its min/max ride along
     rows_per_sample: int = 1   # conv layers: im2col rows per sample (PSQ/BHQ group by sample)
 
     def __post_init__(self):
@@ -71,17 +72,28 @@ def bitonic_compares(n: int) -> int:
     return (1 << p) // 2 * p * (p + 1) // 2
 
 
-def wide_live_elements(hw: HWConfig, scheme: QuantScheme, m: int, k: int) -> int:
-    """Elements of the wide gradient held at once until their range scope is complete: a PSQ
-    band must hold whole samples."""
-    if scheme.method == "psq" and hw.mapping.loop_order[0] == "m":
-        return min(max(hw.array.rows, scheme.rows_per_sample), m) * k
-    return m * k
-
-
 def wide_gradient_level(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: int) -> str:
-    live = nbytes(wide_live_elements(hw, scheme, m, k), wide_bits(hw))
-    return "tcm" if live <= hw.tcm.size_bytes - tiling.footprint else "ddr"
+    """Where the wide gradient A (M x K) lives: where a sharing quantizer put it, else TCM if its
+    live scope fits (its producer taken to be tiled like this GEMM), else DDR."""
+    if scheme.shared_at is not None:
+        return scheme.shared_at
+    scope = "rows" if scheme.method == "psq" else "tensor"
+    return wide_level(hw, tiling, live_wide_elements(scope, tiling, m, k, scheme.rows_per_sample))
+
+
+def output_writeback(scheme: QuantScheme | None, writeback: str, scope: str) -> tuple[str, str]:
+    """BHQ's T^-1 mixes output rows: its GEMM output is materialized whole at accumulator width."""
+    if scheme is not None and scheme.method == "bhq":
+        return "materialized", "tensor"
+    return writeback, scope
+
+
+def rename_wide_output(events: dict, scheme: QuantScheme | None):
+    """Charge BHQ's forced wide output write to BHQ (wide_output), not to the plain write-back."""
+    if scheme is not None and scheme.method == "bhq":
+        for level in ("tcm", "ddr"):
+            if ("writeback", level) in events:
+                events[("wide_output", level)] = events.pop(("writeback", level))
 
 
 def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: int,
@@ -94,7 +106,7 @@ def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: i
         add(events, "sr_rng", "array", elements)
         return events
     level = wide_gradient_level(hw, tiling, scheme, m, k)
-    if not scheme.shared:
+    if scheme.shared_at is None:
         add(events, "wide_write", level, elements, wide)
         add(events, "range_pass", level, elements, wide)
     add(events, "range_pass", "vector", elements)
@@ -148,6 +160,12 @@ def correction_events(m: int, n: int, k: int, a_offset: bool, b_offset: bool) ->
 
 MASTER_BYTES = 4    # FP32 master weight and FP32 momentum per parameter
 WEIGHT_CODE_BITS = 8
+GRAD_WEIGHT_BITS = 8   # Q_bw, the weight-gradient GEMM's quantizer
+
+
+def weight_gradient_method(quantizer: str) -> str:
+    """Q_bw on dY^T (rows = output features): per tensor with PTQ, per feature with PSQ/BHQ."""
+    return "ptq" if quantizer == "ptq" else "psq"
 
 
 def update_events(hw: HWConfig, params: int, grad_level: str) -> dict:

@@ -155,8 +155,8 @@ def test_dynamic_ranges_cost_more_than_delayed_and_bhq_most(make_hw):
 
 
 def test_psq_rows_fit_on_chip_when_rows_finish_early(make_hw):
-    # m outer: a PSQ row band is complete early and fits TCM; PTQ's whole tensor does not
-    hw = make_hw("npu", **{"mapping.loop_order": ["m", "n"]})
+    # m outer: a PSQ band of 16-row tiles is complete early and fits TCM; PTQ's whole tensor does not
+    hw = make_hw("npu", **{"mapping.loop_order": ["m", "n"], "mapping.tile_m": 16})
     m, k, n = 512, 512, 64
     psq = fqtsim.cost.gemm(hw, m, n, k, a_quant=QuantScheme("psq")).set_index(KEY)
     ptq = fqtsim.cost.gemm(hw, m, n, k, a_quant=QuantScheme("ptq")).set_index(KEY)
@@ -187,7 +187,7 @@ def test_weight_gradient_gemm_shared_handoff_equals_closed_form(name, method):
     dy, x = gradient(rng, 96, 40), np.maximum(rng.standard_normal((96, 50)), 0)
     qa = quantize_gradient(dy.T, method, 8, rng)          # per output feature: rows of dY^T
     qb = quantize_activation(x)
-    scheme = QuantScheme(method, "dynamic", shared=True)
+    scheme = QuantScheme(method, "dynamic", shared_at="ddr")
     dev = Device(hw)
     out = dev.matmul(qa, qb, scheme=scheme, writeback="handoff", name="g")
     if dev.ledger.query("event == 'overflow'")["count"].sum() == 0:   # 16-bit accumulators saturate

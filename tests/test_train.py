@@ -179,3 +179,10 @@ def test_a_training_step_on_the_device_equals_the_closed_form_step(tmp_path, mod
     np.testing.assert_allclose(step["bytes"], closed["bytes"], rtol=1e-12)
     np.testing.assert_allclose(step["energy_pj"], closed["energy_pj"], rtol=1e-9)
     np.testing.assert_allclose(step["cycles"], closed["cycles"], rtol=1e-9, atol=1e-6)
+    # the weight-gradient quantizer reads the wide gradient where grad_input's quantizer wrote it
+    rows = step.reset_index()
+    for layer, group in rows.groupby("layer"):
+        written = group.query("gemm == 'grad_input' and event == 'wide_write'")
+        read = group.query("gemm == 'grad_weight' and event == 'requant_pass' and level != 'vector'")
+        if len(written):
+            assert set(read.level) == set(written.level), layer
