@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return COMMANDS[args.command](args)
-    except ValueError as e:  # bad configs and impossible GEMMs: one line, no traceback
-        parser.exit(2, f"fqtsim {args.command}: error: {e}\n")
+    except (ValueError, OSError) as e:  # bad input, unwritable paths: one line, no traceback
+        message = e if isinstance(e, ValueError) else f"{e.filename}: {e.strerror}"
+        parser.exit(2, f"fqtsim {args.command}: error: {message}\n")
 
 
 def cmd_cost(args) -> int:
@@ -174,6 +175,8 @@ def cmd_run(args) -> int:
     from fqtsim.train import Diverged, train
 
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "argv")})
+    if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
+        raise ValueError(f"--out: {cfg.run_dir} is a file; give a directory")
     if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()):
         print(f"note: {cfg.run_dir} exists; its files will be replaced", file=sys.stderr)
     try:
@@ -196,6 +199,7 @@ def format_summary(s: dict) -> str:
     for kind, count in s["ops"].items():
         lines.append(f"  {kind + ' ops':<14} {count:,}")
     lines += [f"  energy         {s['energy_pj'] / 1e6:,.2f} uJ", f"  cycles         {s['cycles']:,.0f}",
+              f"  device time    {1e3 * s['device_seconds']:,.2f} ms",
               f"  overflows      {s['overflows']:,}", f"  clips          {s['clips']:,}"]
     return "\n".join(lines)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 def write_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to `path` so that readers never see a half-written file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -9,6 +9,7 @@ Units: sizes in KiB, bandwidths in bytes per cycle, energies in pJ, clock in MHz
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,12 +22,12 @@ def _check(test, allowed):
     return field(metadata={"test": test, "allowed": allowed})
 
 
-def _positive(allowed="a number > 0"):
-    return _check(lambda v: v > 0, allowed)
+def _positive(allowed="a finite number > 0"):
+    return _check(lambda v: 0 < v < math.inf, allowed)
 
 
 def _non_negative():
-    return _check(lambda v: v >= 0, "a number >= 0")
+    return _check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
 
 def _int_range(lo, hi):
@@ -39,7 +40,7 @@ class Array:
     rows: int = _positive("an integer > 0")
     cols: int = _positive("an integer > 0")
     operand_bits: int = _int_range(2, 8)  # widest operand code the MACs take; narrower codes run too
-    clock_mhz: float = _positive()
+    clock_mhz: float = _positive()   # turns cycles into time
 
 
 @dataclass(frozen=True)

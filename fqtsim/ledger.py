@@ -51,7 +51,7 @@ COLUMNS = ["gemm", "event", "level", "count", "bytes", "energy_pj", "cycles"]
 
 @dataclass(frozen=True)
 class GemmSpec:
-    """What a GEMM's events are priced by: operand widths and the hardware's accumulator."""
+    """What a GEMM's events are priced by beyond the config: its operand widths."""
     a_bits: int
     b_bits: int
 

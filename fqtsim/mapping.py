@@ -57,11 +57,15 @@ class Tiling:
     tn: int
     tk: int
     order: tuple
-    buffers: int
     footprint: int
 
     def tile_counts(self, m: int, n: int, k: int) -> tuple[int, int, int]:
         return math.ceil(m / self.tm), math.ceil(n / self.tn), math.ceil(k / self.tk)
+
+
+def buffers(hw: HWConfig) -> int:
+    """Copies of each tile in TCM: two with double buffering (the second is the prefetch slot)."""
+    return 2 if hw.mapping.double_buffer else 1
 
 
 def footprint(hw: HWConfig, tm, tn, tk, a_bits, b_bits, out_bits) -> int:
@@ -69,8 +73,7 @@ def footprint(hw: HWConfig, tm, tn, tk, a_bits, b_bits, out_bits) -> int:
     buf_bits = out_bits
     if hw.accumulator.spill_every is not None:
         buf_bits = max(buf_bits, hw.accumulator.psum_bits)  # partial sums live in the output tile
-    buffers = 2 if hw.mapping.double_buffer else 1
-    return math.ceil(buffers * (nbytes(tm * tk, a_bits) + nbytes(tk * tn, b_bits)
+    return math.ceil(buffers(hw) * (nbytes(tm * tk, a_bits) + nbytes(tk * tn, b_bits)
                                 + nbytes(tm * tn, buf_bits)))
 
 
@@ -91,11 +94,10 @@ def operand_loads(tiling: Tiling, m: int, n: int, k: int) -> tuple[int, int]:
 def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int) -> Tiling:
     """Tiles from the config where given, else the fitting tiles with the fewest estimated cycles."""
     mp, arr = hw.mapping, hw.array
-    buffers = 2 if mp.double_buffer else 1
     capacity = hw.tcm.size_bytes
 
     def make(tm, tn, tk):
-        return Tiling(tm, tn, tk, tuple(mp.loop_order), buffers,
+        return Tiling(tm, tn, tk, tuple(mp.loop_order),
                       footprint(hw, tm, tn, tk, a_bits, b_bits, out_bits))
 
     def one_fold_ok(t):
@@ -125,7 +127,7 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
     if mp.tile_k is None:  # K does not fit whole: one fold per tile, the longest K slice that fits
         for tm in choices(mp.tile_m, m, arr.rows) if mp.tile_m else choices(None, min(m, arr.rows), 1):
             for tn in choices(mp.tile_n, n, arr.cols) if mp.tile_n else choices(None, min(n, arr.cols), 1):
-                per_k = buffers * (nbytes(tm, a_bits) + nbytes(tn, b_bits))
+                per_k = buffers(hw) * (nbytes(tm, a_bits) + nbytes(tn, b_bits))
                 tk = min(k - 1, int((capacity - make(tm, tn, 0).footprint) // per_k))
                 while tk >= 1 and make(tm, tn, tk).footprint > capacity:  # packed sub-byte tiles
                     tk -= 1
@@ -133,9 +135,12 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
                     candidates.append(make(tm, tn, tk))
     fitting = [t for t in candidates if t.footprint <= capacity and one_fold_ok(t)]
     if not fitting:
+        big = [f"mapping.{f} = {v}" for f, v, a in (("tile_m", mp.tile_m, arr.rows),
+                                                       ("tile_n", mp.tile_n, arr.cols)) if v and v > a]
+        why = (f"; {' and '.join(big)} exceed the array, which forces all of K into one tile: "
+               f"set them to null") if big else "; raise tcm.size_kib or use a smaller GEMM"
         raise ValueError(f"{hw.name}: no tiling of GEMM {m}x{k}x{n} ({a_bits}x{b_bits}-bit "
-                         f"operands) fits {capacity} B of TCM even with one fold per tile; "
-                         f"raise tcm.size_kib or use a smaller GEMM")
+                         f"operands) fits {capacity} B of TCM even with one fold per tile{why}")
 
     def score(t):  # estimated cycles first (idle lanes cost time), then DDR bytes, then size
         a, b = operand_loads(t, m, n, k)

@@ -75,6 +75,10 @@ class Diverged(RuntimeError):
 def train(cfg: RunConfig, progress: bool = True) -> dict:
     """Run `cfg`; returns the summary (also written to the run directory as summary.json)."""
     hw = load_hw(cfg.hw)                    # bad input fails here, before anything is written
+    if cfg.mode != "fp32" and hw.array.operand_bits < 8:
+        raise ValueError(f"--hw: {hw.name}'s MACs take operand codes of at most "
+                         f"{hw.array.operand_bits} bits; training uses 8-bit forward and "
+                         f"weight-gradient codes")
     data = load(cfg.dataset, seed=cfg.seed)
     if cfg.model == "cnn":
         data = data.as_images()
@@ -132,7 +136,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     accuracy, test_loss = evaluate(model, data)
     sim.device.take()   # evaluation is not training cost
     ledger = _write_tables(run_dir, metrics, ledgers)
-    summary = summarize_run(cfg, ledger, metrics, accuracy, test_loss, time.perf_counter() - started)
+    summary = summarize_run(cfg, hw, ledger, metrics, accuracy, test_loss,
+                            time.perf_counter() - started)
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -174,9 +179,10 @@ def _write_tables(run_dir: Path, metrics: list, ledgers: list) -> pd.DataFrame:
     return ledger
 
 
-def summarize_run(cfg: RunConfig, ledger: pd.DataFrame, metrics: list, accuracy: float,
+def summarize_run(cfg: RunConfig, hw, ledger: pd.DataFrame, metrics: list, accuracy: float,
                   test_loss: float, seconds: float) -> dict:
-    """The run's headline numbers: accuracy, loss, bytes by level, ops by kind, energy, cycles."""
+    """The run's headline numbers: accuracy, loss, bytes by level, ops by kind, energy, cycles,
+    device time at the config's clock; `seconds` is this machine's wall time."""
     summary = {"mode": cfg.mode, "quantizer": cfg.quantizer, "grad_bits": cfg.grad_bits,
                "range_policy": cfg.range_policy, "model": cfg.model, "dataset": cfg.dataset,
                "hw": cfg.hw, "seed": cfg.seed, "steps": len(metrics), "accuracy": accuracy,
@@ -193,4 +199,5 @@ def summarize_run(cfg: RunConfig, ledger: pd.DataFrame, metrics: list, accuracy:
         summary["cycles"] = float(ledger.cycles.sum())
         summary["overflows"] = int(ledger.loc[ledger.event == "overflow", "count"].sum())
         summary["clips"] = int(ledger.loc[ledger.event == "clip", "count"].sum())
+    summary["device_seconds"] = summary["cycles"] / (hw.array.clock_mhz * 1e6)
     return summary

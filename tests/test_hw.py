@@ -41,6 +41,7 @@ def write(tmp_path, data, text=None):
     ("accumulator.spill_every", 0, "integer >= 1"),
     ("tcm.size_kib", 0, "> 0"),
     ("tcm.size_kib", -4, "> 0"),
+    ("tcm.size_kib", float("inf"), "finite"),
     ("ddr.bytes_per_cycle", 0, "> 0"),
     ("tcm.read_bytes_per_cycle", "fast", "> 0"),
     ("array.rows", 16.5, "integer"),
@@ -63,7 +64,7 @@ def test_bad_values_name_file_key_and_allowed(tmp_path, key, value, expect):
 def test_missing_key(tmp_path):
     d = hw_dict("npu")
     del d["tcm"]["read_pj_per_byte"]
-    with pytest.raises(ValueError, match=r"tcm\.read_pj_per_byte: missing; expected a number >= 0"):
+    with pytest.raises(ValueError, match=r"tcm\.read_pj_per_byte: missing; expected a finite number >= 0"):
         fqtsim.load_hw(write(tmp_path, d))
 
 

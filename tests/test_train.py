@@ -186,3 +186,16 @@ def test_a_training_step_on_the_device_equals_the_closed_form_step(tmp_path, mod
         read = group.query("gemm == 'grad_weight' and event == 'requant_pass' and level != 'vector'")
         if len(written):
             assert set(read.level) == set(written.level), layer
+
+
+def test_cli_rejects_an_out_path_that_is_a_file_and_a_narrow_mac_array(tmp_path, make_hw):
+    out = tmp_path / "file"
+    out.write_text("x")
+    done = subprocess.run([sys.executable, "-m", "fqtsim.cli", "run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is a file" in done.stderr
+    narrow = make_hw("npu", **{"array.operand_bits": 4})
+    with pytest.raises(ValueError, match="MACs take operand codes of at most 4 bits"):
+        train(RunConfig(hw=str(tmp_path / "npu-variant.yaml"), out=str(tmp_path / "never")),
+              progress=False)
+    assert narrow.array.operand_bits == 4 and not (tmp_path / "never").exists()

@@ -1,7 +1,6 @@
 """Quantizers: forward (weights, activations) and gradient (PTQ, PSQ, BHQ, per-column).
 
-Each returns a `Quantized`: unsigned integer codes with their scales and offsets (and BHQ's
-transform), which the integer GEMM consumes, and whose `dequantize()` is the exact float
+Each returns a `Quantized`: integer codes with their scales and offsets (and BHQ's transform), which the integer GEMM consumes, and whose `dequantize()` is the exact float
 equivalent. Rows are samples (axis 0), as in the gradient dY of a layer.
 
     ptq   one range for the whole tensor
@@ -42,6 +41,8 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
     x = np.asarray(x, dtype=np.float64)
     if rows_per_sample > 1 and method in ("psq", "bhq"):
         m, d = x.shape
+        if m % rows_per_sample:
+            raise ValueError(f"rows_per_sample: {rows_per_sample} does not divide the {m} rows of x")
         q = quantize_gradient(x.reshape(m // rows_per_sample, rows_per_sample * d), method, bits,
                               rng, lo=lo, hi=hi)
         return replace(q, codes=q.codes.reshape(m, d),
@@ -69,6 +70,9 @@ def quantize_weight(w: np.ndarray, bits: int = 8, per_channel: bool = False) -> 
     (row of w): zero is exact and needs no zero-point correction."""
     bits = check_bits(bits)
     w = np.asarray(w, dtype=np.float64)
+    if not np.isfinite(w).all():
+        raise NonFiniteError(f"w: {np.count_nonzero(~np.isfinite(w))} NaN or Inf weights; the "
+                             f"training diverged, lower the learning rate")
     half = (1 << (bits - 1)) - 1
     peak = np.abs(w).max(axis=1 if per_channel else None, keepdims=True)
     scale = np.where(peak > 0, peak / half, 1.0)

@@ -42,10 +42,6 @@ class BlockHouseholder:
                 out[rows] = xb - 2.0 * np.outer(v, v @ xb)       # (n,1) x (1,D)
         return out
 
-    @property
-    def block_sizes(self) -> np.ndarray:
-        return np.array([len(b) for b in self.blocks])
-
 
 @dataclass(frozen=True)
 class SampleRows:
