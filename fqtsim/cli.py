@@ -42,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--hw", default=DEFAULT_HW, help=f"hardware config YAML (default {DEFAULT_HW})")
     cost.add_argument("--gemm", type=parse_gemm, action="append", required=True, metavar="MxKxN",
                       help="GEMM shape: A is M x K, B is K x N; repeat for several")
-    cost.add_argument("--a-bits", type=bits, default=8, help="A operand code bits (default 8)")
+    cost.add_argument("--a-bits", type=bits, default=8,
+                      help="A operand code bits (default 8; with --quantizer, --grad-bits is A's)")
     cost.add_argument("--b-bits", type=bits, default=8, help="B operand code bits (default 8)")
     cost.add_argument("--out-bits", type=bits, default=8, help="output code bits (default 8)")
     cost.add_argument("--writeback", choices=["fused", "materialized"], default="fused",
-                      help="requantize in the output pipeline, or write accumulator-width results")
+                      help="requantize in the output pipeline, or write accumulator-width results "
+                           "(with --quantizer, the quantizer decides)")
     cost.add_argument("--scope", choices=["tensor", "rows"], default="tensor",
                       help="range scope a materialized output is held for (default tensor)")
     cost.add_argument("--quantizer", nargs="+", choices=METHODS, metavar="Q",

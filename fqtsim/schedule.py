@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from fqtsim.hw import HWConfig
 from fqtsim.ledger import add
 from fqtsim.mapping import Tiling, live_wide_elements, nbytes, wide_bits, wide_level
+from fqtsim.quantizers import GRADIENT_METHODS
 
-METHODS = ("ptq", "psq", "bhq")
+METHODS = GRADIENT_METHODS
 RANGE_POLICIES = ("dynamic", "delayed")
 
 
