@@ -82,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=integer, default=defaults.seed)
     run.add_argument("--out", help="run directory (default runs/<hw>-<model>-<dataset>-<mode>-seed<seed>)")
 
+    sw = sub.add_parser("sweep", help="run a grid of fqtsim run points in parallel and tabulate them")
+    for option, kind, default in (("--hw", str, [defaults.hw]), ("--quantizer", str, [defaults.quantizer]),
+                                  ("--mode", str, [defaults.mode]), ("--model", str, [defaults.model]),
+                                  ("--dataset", str, [defaults.dataset]),
+                                  ("--grad-bits", integer, [defaults.grad_bits]),
+                                  ("--range", str, [defaults.range_policy]),
+                                  ("--epochs", integer, [defaults.epochs]),
+                                  ("--batch-size", integer, [defaults.batch_size]),
+                                  ("--lr", float, [defaults.lr]), ("--seed", integer, [defaults.seed])):
+        sw.add_argument(option, nargs="+", type=kind, default=default,
+                        dest="range_policy" if option == "--range" else None,
+                        help=f"one or more values (default {' '.join(map(str, default))})")
+    sw.add_argument("--out", required=True, help="sweep directory; a re-run skips finished points")
+    sw.add_argument("--workers", type=integer, help="parallel runs (default: one per core)")
+    sw.add_argument("--scheduler", help="run on a Dask cluster: its address, or 'local' for an "
+                                        "embedded one (default: a process pool)")
+
     rep = sub.add_parser("report", help="overhead report (HTML, Markdown, PNG, CSV) from runs "
                                         "and/or the cost model")
     rep.add_argument("runs", nargs="*", help="run directories written by fqtsim run")
@@ -215,7 +232,22 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"cost": cmd_cost, "bench": cmd_bench, "run": cmd_run, "report": cmd_report}
+def cmd_sweep(args) -> int:
+    from fqtsim.sweep import grid, sweep
+
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "argv", "out", "workers", "scheduler")}
+    points = grid(**options)
+    print(f"{len(points)} points -> {args.out}")
+    results = sweep(points, args.out, args.workers, args.scheduler)
+    failed = results[results.status != "done"]
+    print(f"{len(results) - len(failed)} done, {len(failed)} failed; wrote {args.out}/results.csv, "
+          f"table.csv, table.md")
+    return 1 if len(failed) else 0
+
+
+COMMANDS = {"cost": cmd_cost, "bench": cmd_bench, "run": cmd_run, "report": cmd_report,
+            "sweep": cmd_sweep}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""Output files are written whole or not at all: a temporary file beside the target, then rename."""
+"""Output files: written whole or not at all (a temporary file beside the target, then rename);
+tables as Markdown."""
 from __future__ import annotations
 
 import os
@@ -21,3 +22,13 @@ def write_atomic(path: str | Path, text: str) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+def markdown_table(table) -> str:
+    """A pandas DataFrame as a Markdown table, floats to three significant digits."""
+    def cell(v):
+        return f"{v:,.3g}" if isinstance(v, float) else str(v)
+    rows = [[str(c) for c in table.columns]] + [[cell(v) for v in row] for row in table.itertuples(index=False)]
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|" + "---|" * len(table.columns))
+    return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import fqtsim.cost  # noqa: E402
+from fqtsim.files import markdown_table  # noqa: E402
 from fqtsim.hw import HWConfig, load_hw  # noqa: E402
 
 PASSES = {
@@ -245,15 +246,6 @@ def build_report(out: str | Path, runs=(), model: str | None = None, batch: int 
     return out
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    def cell(v):
-        return f"{v:,.3g}" if isinstance(v, float) else str(v)
-    rows = [[str(c) for c in table.columns]] + [[cell(v) for v in row] for row in table.itertuples(index=False)]
-    lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines.insert(1, "|" + "---|" * len(table.columns))
-    return "\n".join(lines)
-
-
 def _write(sections: list[Section], out: Path, command: str):
     md = ["# fqtsim overhead report", "",
           "What the gradient quantizers PTQ, PSQ and BHQ cost on the simulated hardware, with dynamic "
@@ -275,7 +267,7 @@ def _write(sections: list[Section], out: Path, command: str):
         for name, table in sec.tables:
             table.to_csv(out / f"{name}.csv", index=False)
             shown = table if len(table) <= 40 else table.head(40)
-            md += [f"### {name} ({name}.csv)", "", _markdown(shown), ""]
+            md += [f"### {name} ({name}.csv)", "", markdown_table(shown)]
             page.append(f"<h3>{html.escape(name)}</h3>" + shown.to_html(index=False, float_format="{:,.3g}".format))
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(
