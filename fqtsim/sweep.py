@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -76,7 +77,10 @@ def _execute(todo: dict, workers: int | None, scheduler: str | None):
     """Yield (point id, error or None) as points finish."""
     payload = {pid: asdict(cfg) for pid, cfg in todo.items()}
     if scheduler is None:
-        with _one_thread_env(), ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        # spawn, not fork: a forked copy of a process whose OpenMP/Numba threads are running can
+        # hang or die
+        spawn = multiprocessing.get_context("spawn")
+        with _one_thread_env(), ProcessPoolExecutor(workers or os.cpu_count(), mp_context=spawn) as pool:
             futures = {pool.submit(run_point, cfg): pid for pid, cfg in payload.items()}
             for future in as_completed(futures):
                 yield futures[future], future.result()
