@@ -99,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--scheduler", help="run on a Dask cluster: its address, or 'local' for an "
                                         "embedded one (default: a process pool)")
 
+    var = sub.add_parser("variance", help="gradient variance per layer against its bound, PTQ/PSQ/BHQ "
+                                          "at 2..8 bits, on the device")
+    var.add_argument("--hw", default=defaults.hw)
+    var.add_argument("--model", default="mlp", help="mlp (default) or cnn")
+    var.add_argument("--dataset", default="digits", help="digits (default), mnist1d or synthetic")
+    var.add_argument("--run", dest="from_run", help="use this fqtsim run directory's trained model "
+                                                    "instead of training one (QAT) first")
+    var.add_argument("--epochs", type=integer, default=3, help="QAT epochs before measuring (default 3)")
+    var.add_argument("--batch-size", type=integer, default=64)
+    var.add_argument("--batches", type=integer, default=16, help="batches for the sampling variance")
+    var.add_argument("--draws", type=integer, default=32, help="backward passes per quantizer and width")
+    var.add_argument("--bits", type=bits, nargs="+", default=list(range(2, 9)))
+    var.add_argument("--quantizer", nargs="+", choices=METHODS, default=list(METHODS), dest="quantizers")
+    var.add_argument("--seed", type=integer, default=0)
+    var.add_argument("--out", required=True, help="directory for variance.csv and variance.png")
+
     rep = sub.add_parser("report", help="overhead report (HTML, Markdown, PNG, CSV) from runs "
                                         "and/or the cost model")
     rep.add_argument("runs", nargs="*", help="run directories written by fqtsim run")
@@ -205,7 +221,7 @@ def cmd_run(args) -> int:
               file=sys.stderr)
         return 1
     print(format_summary(summary))
-    print(f"\nwrote {cfg.run_dir}/: config.json metrics.csv ledger.csv summary.json")
+    print(f"\nwrote {cfg.run_dir}/: config.json metrics.csv ledger.csv model.pt summary.json")
     return 0
 
 
@@ -246,8 +262,19 @@ def cmd_sweep(args) -> int:
     return 1 if len(failed) else 0
 
 
+def cmd_variance(args) -> int:
+    from fqtsim.variance import run
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "argv")}
+    table = run(**options)
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3g}".format):
+        print(table.drop(columns=["model", "draws"]).to_string(index=False))
+    print(f"\nwrote {args.out}/variance.csv and variance.png")
+    return 0
+
+
 COMMANDS = {"cost": cmd_cost, "bench": cmd_bench, "run": cmd_run, "report": cmd_report,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep, "variance": cmd_variance}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -61,6 +61,7 @@ class Simulator:
         self.config = config
         self.rng = np.random.default_rng(seed)
         self._histories: dict[str, DelayedRange] = {}
+        self.probe: dict | None = None   # set to a dict to keep each layer's backward operands
 
     def quantize(self, key: str, x: np.ndarray, method: str, bits: int, rows_per_sample: int = 1,
                  shared_at: str | None = None):
@@ -102,6 +103,9 @@ class _FQTMatmul(torch.autograd.Function):
             x_q, w_q = (torch.from_numpy(q.dequantize()).to(dy.dtype) for q in (qx, qw))
             return (dy @ w_q if need_dx else None), dy.t() @ x_q, None
         dy64 = dy.detach().double().numpy()
+        if sim.probe is not None:   # for variance analysis: what this layer's backward saw
+            sim.probe[layer.name] = {"dy": dy64, "x": qx.dequantize(), "w": qw.dequantize(),
+                                     "rows_per_sample": layer.rows_per_sample}
         dx, wide_at = None, None
         if need_dx:
             q, scheme = sim.quantize(f"{layer.name}.grad_input", dy64, config.quantizer,

@@ -3,12 +3,14 @@
 `train(RunConfig(...))` loads the hardware and the data, builds the model, converts its layers for
 the mode, and runs SGD with momentum on FP32 master weights. Every step's device events go to the
 ledger (tagged with step, layer and GEMM); the run directory gets the resolved config, per-step
-metrics, the ledger and a summary, each written whole (temporary file, then rename).
+metrics, the ledger, the trained weights (model.pt) and a summary, each written whole
+(temporary file, then rename).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,6 +137,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         bar.close()
     accuracy, test_loss = evaluate(model, data)
     sim.device.take()   # evaluation is not training cost
+    torch.save(model.state_dict(), run_dir / ".model.pt.tmp")
+    os.replace(run_dir / ".model.pt.tmp", run_dir / "model.pt")
     ledger = _write_tables(run_dir, metrics, ledgers)
     summary = summarize_run(cfg, hw, ledger, metrics, accuracy, test_loss,
                             time.perf_counter() - started)

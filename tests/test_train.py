@@ -83,7 +83,8 @@ def small(tmp_path, name, **kw):
 def test_run_writes_summary_metrics_and_ledger(tmp_path):
     summary = train(small(tmp_path, "a", quantizer="bhq", grad_bits=5), progress=False)
     run = tmp_path / "a"
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "ledger.csv", "metrics.csv", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "ledger.csv", "metrics.csv",
+                                                     "model.pt", "summary.json"]
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == summary
     for key in ("accuracy", "loss", "bytes_by_level", "energy_pj", "cycles", "overflows", "clips"):

@@ -1,0 +1,201 @@
+"""Gradient variance on the integer device, against its closed-form bound.
+
+For a trained model and fixed batches, per layer (the weight gradient):
+- sampling: the minibatch sampling variance of the QAT gradient, E||g_b - E g||^2 over batches;
+- empirical: the quantization variance of FQT, E||g_fqt - g_qat||^2 over repeated backward passes
+  on one batch (the forward pass is deterministic, and FQT is unbiased, so g_qat is its mean);
+- bound: the quantizers' variance bounds carried to the weight gradient by operator norms, as in
+  the paper's variance theorem. The noise a quantizer adds to dY_j reaches dY_l (l < j) through
+  every layer between: dX_i = dY_i W_i (norm ||W_i||), the im2col fold of a conv (norm at most
+  sqrt(kh kw)), BatchNorm (at most max |gamma| / sigma) and ReLU (at most 1). Noises of different
+  quantizers are zero-mean given their input, so their variances add:
+      Var[dW_l] <= ||X_l||^2 (sum_{j>l} G_lj^2 V_j + U_l),   G_lj = prod_{i=l+1..j} ||W_i|| fold_i a_i
+  with V_j the bound of Q_ba on dY_j and U_l of Q_bw on dY_l, each taken on the (noisy) tensor
+  the quantizer actually saw and averaged over the passes. It must hold; bound / empirical is how
+  loose it is.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fqtsim.fqt import FQTConfig, FQTConv2d, FQTLinear, Simulator
+from fqtsim.quantizers import variance_bound
+from fqtsim.schedule import GRAD_WEIGHT_BITS, weight_gradient_method
+
+
+@dataclass
+class _Layer:
+    module: nn.Module
+    between: list       # modules between the previous FQT layer's output and this layer's input
+
+
+def _layers(model: nn.Sequential) -> list[_Layer]:
+    layers, between = [], []
+    for module in model:
+        if isinstance(module, (FQTLinear, FQTConv2d)):
+            layers.append(_Layer(module, between))
+            between = []
+        else:
+            between.append(module)
+    return layers
+
+
+def _jacobian_norm(module: nn.Module, bn_sigma: dict) -> float:
+    """An upper bound on the operator norm of a float module's backward map."""
+    if isinstance(module, (nn.ReLU, nn.Flatten, nn.Identity)):
+        return 1.0
+    if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+        gamma = module.weight.detach().abs().double() if module.affine else 1.0
+        return float((gamma / bn_sigma[module]).max())
+    raise ValueError(f"variance bound: no Jacobian norm for {type(module).__name__}; "
+                     f"supported between FQT layers: ReLU, Flatten, BatchNorm")
+
+
+def _fold(module) -> float:
+    """Operator-norm bound of col2im: each input pixel gets at most kh * kw contributions."""
+    return math.sqrt(math.prod(module.kernel_size)) if isinstance(module, FQTConv2d) else 1.0
+
+
+def _weight_grads(model, sim, x, y) -> dict:
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    sim.device.take()
+    return {layer.module.name: layer.module.weight.grad.double().numpy().copy()
+            for layer in _layers(model)}
+
+
+def measure(model: nn.Sequential, sim: Simulator, batches: list, quantizers=("ptq", "psq", "bhq"),
+            bits=range(2, 9), draws: int = 32) -> pd.DataFrame:
+    """The table described above for an FQT-converted `model` (its layers share `sim`)."""
+    layers = _layers(model)
+    bn_sigma = {}
+
+    def remember_sigma(module, inputs, _):   # BatchNorm's batch statistics in train mode
+        x = inputs[0].detach().double()
+        dims = [0] + list(range(2, x.dim()))
+        bn_sigma[module] = torch.sqrt(x.var(dim=dims, unbiased=False) + module.eps)
+    hooks = [m.register_forward_hook(remember_sigma) for m in model.modules()
+             if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    try:
+        model.train()
+        sim.config = FQTConfig("qat")
+        per_batch = [_weight_grads(model, sim, x, y) for x, y in batches]
+        sampling = {name: float(np.mean([((g[name] - np.mean([h[name] for h in per_batch], axis=0)) ** 2).sum()
+                                         for g in per_batch])) for name in per_batch[0]}
+        x, y = batches[0]
+        reference = _weight_grads(model, sim, x, y)
+        rows = []
+        for quantizer in quantizers:
+            for b in bits:
+                sim.config = FQTConfig("fqt", quantizer, b)
+                errors, v_ba, u_bw, norms = {}, {}, {}, {}
+                for _ in range(draws):
+                    sim.probe = {}
+                    grads = _weight_grads(model, sim, x, y)
+                    for layer in layers:
+                        name, seen = layer.module.name, sim.probe[layer.module.name]
+                        errors.setdefault(name, []).append(((grads[name] - reference[name]) ** 2).sum())
+                        grouped = seen["dy"].reshape(-1, seen["rows_per_sample"] * seen["dy"].shape[1])
+                        v_ba.setdefault(name, []).append(variance_bound(grouped, quantizer, b))
+                        u_bw.setdefault(name, []).append(variance_bound(
+                            seen["dy"].T, weight_gradient_method(quantizer), GRAD_WEIGHT_BITS))
+                        norms[name] = (np.linalg.norm(seen["x"], 2), np.linalg.norm(seen["w"], 2))
+                # gain[i]: how noise in dY_i reaches dY_{i-1}
+                gain = [norms[l.module.name][1] * _fold(l.module)
+                        * math.prod(_jacobian_norm(m, bn_sigma) for m in l.between) for l in layers]
+                for idx, layer in enumerate(layers):
+                    name = layer.module.name
+                    carried, g = 0.0, 1.0
+                    for j in range(idx + 1, len(layers)):
+                        g *= gain[j]
+                        carried += g ** 2 * np.mean(v_ba[layers[j].module.name])
+                    bound = norms[name][0] ** 2 * (carried + np.mean(u_bw[name]))
+                    empirical = float(np.mean(errors[name]))
+                    rows.append({"layer": name, "quantizer": quantizer, "bits": b,
+                                 "empirical": empirical, "bound": float(bound),
+                                 "tightness": float(bound) / empirical if empirical else math.inf,
+                                 "sampling": sampling[name], "draws": draws})
+        return pd.DataFrame(rows)
+    finally:
+        sim.probe = None
+        for hook in hooks:
+            hook.remove()
+
+
+def plot(table: pd.DataFrame, path):
+    """Variance against bits per layer: empirical (solid), bound (dashed), QAT sampling (grey)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(table.layer))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        part = table[table.layer == name]
+        for i, (quantizer, group) in enumerate(part.groupby("quantizer", sort=False)):
+            color = f"C{i}"
+            ax.plot(group.bits, group.empirical, "o-", color=color, label=f"{quantizer} measured")
+            ax.plot(group.bits, group.bound, "--", color=color, label=f"{quantizer} bound")
+        ax.axhline(part.sampling.iloc[0], color="grey", lw=2, alpha=0.6, label="QAT sampling")
+        ax.set(yscale="log", xlabel="gradient bits", title=f"layer {name}")
+    axes[0][0].set_ylabel("variance of the weight gradient")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(out, hw: str = "hw_configs/npu.yaml", model: str = "mlp", dataset: str = "digits",
+        epochs: int = 3, batch_size: int = 64, batches: int = 16, draws: int = 32,
+        bits=tuple(range(2, 9)), quantizers=("ptq", "psq", "bhq"), seed: int = 0,
+        from_run: str | None = None) -> pd.DataFrame:
+    """Train (QAT, `epochs`) or load (`from_run`, a `fqtsim run` directory) a model, then measure
+    on `batches` fixed batches; writes variance.csv and variance.png into `out`."""
+    import json
+    import os
+    from pathlib import Path
+
+    from fqtsim.data import load
+    from fqtsim.device import Device
+    from fqtsim.files import write_atomic
+    from fqtsim.fqt import convert
+    from fqtsim.hw import load_hw
+    from fqtsim.models import build
+    from fqtsim.train import RunConfig, train
+
+    out = Path(out)
+    for option, value in (("--batches", batches), ("--draws", draws), ("--batch-size", batch_size)):
+        if value < 2 if option != "--batch-size" else value < 1:
+            raise ValueError(f"{option}: got {value}; expected at least {1 if option == '--batch-size' else 2}")
+    if from_run is None:
+        cfg = RunConfig(hw=hw, mode="qat", model=model, dataset=dataset, epochs=epochs,
+                        batch_size=batch_size, seed=seed, out=str(out / "training"))
+        train(cfg, progress=False)
+        from_run = cfg.out
+    saved = json.loads((Path(from_run) / "config.json").read_text())
+    model_name, dataset, seed = saved["model"], saved["dataset"], saved["seed"]
+    data = load(dataset, seed=seed)
+    data = data.as_images() if model_name == "cnn" else data
+    net = build(model_name, data.image_shape, data.classes)
+    net.load_state_dict(torch.load(Path(from_run) / "model.pt"))
+    sim = Simulator(Device(load_hw(hw)), FQTConfig("qat"), seed=seed)
+    convert(net, sim)
+    order = np.random.default_rng(seed).permutation(len(data.y_train))
+    if batches * batch_size > len(order):
+        raise ValueError(f"--batches: {batches} batches of {batch_size} need {batches * batch_size} "
+                         f"samples; {dataset} has {len(order)} for training")
+    fixed = [(torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]))
+             for idx in np.split(order[:batches * batch_size], batches)]
+    table = measure(net, sim, fixed, quantizers, bits, draws)
+    table.insert(0, "model", model_name)
+    write_atomic(out / "variance.csv", table.to_csv(index=False))
+    plot(table, out / ".variance.png.tmp.png")
+    os.replace(out / ".variance.png.tmp.png", out / "variance.png")
+    return table
