@@ -171,9 +171,10 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str = "mlp", dataset: str =
     from fqtsim.train import RunConfig, train
 
     out = Path(out)
-    for option, value in (("--batches", batches), ("--draws", draws), ("--batch-size", batch_size)):
-        if value < 2 if option != "--batch-size" else value < 1:
-            raise ValueError(f"{option}: got {value}; expected at least {1 if option == '--batch-size' else 2}")
+    for option, value, least in (("--batches", batches, 2), ("--draws", draws, 2),
+                                 ("--batch-size", batch_size, 1)):
+        if value < least:   # a variance needs two samples
+            raise ValueError(f"{option}: got {value}; expected at least {least}")
     if from_run is None:
         cfg = RunConfig(hw=hw, mode="qat", model=model, dataset=dataset, epochs=epochs,
                         batch_size=batch_size, seed=seed, out=str(out / "training"))
