@@ -7,7 +7,9 @@ dynamic ranges (the range depends on the data itself, as in the paper):
     wide_write    dY at accumulator width to TCM if its live scope fits beside the GEMM's tiles,
                   else DDR. Scope: the whole tensor for PTQ and BHQ (BHQ sorts and mixes rows
                   from anywhere); whole rows for PSQ, which an output-stationary producer finishes
-                  band by band (one array-height band of rows) only with the m loop outer.
+                  band by band (one row tile, whole samples) only with the m loop outer or a
+                  single column tile (`mapping.live_wide_elements`; the producer is taken to be
+                  tiled like this GEMM).
     range_pass    read it back, one min/max per element
     sort          BHQ: bitonic network over the M row ranges (data independent)
     transform     BHQ: read, block Householder + row scale (3 mul + 2 add); dynamic: min/max of
