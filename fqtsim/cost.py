@@ -17,7 +17,7 @@ from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls
                             stored_output_bits, wide_level)
 from fqtsim.schedule import (QuantScheme, correction_events, input_events, output_events,
                              output_writeback, rename_wide_output, update_events,
-                             GRAD_WEIGHT_BITS, weight_gradient_method)
+                             FORWARD_BITS, GRAD_WEIGHT_BITS, weight_gradient_method)
 
 
 def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int = 8,
@@ -160,24 +160,25 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
     frames = []
     for i, layer in enumerate(layers):
         m = batch * layer.rows
-        gemms = [("output", gemm(hw, m, layer.n, layer.k, a_offset=True,
-                                 b_offset=not layer.weights, name="output"))]
+        gemms = [("output", gemm(hw, m, layer.n, layer.k, a_bits=FORWARD_BITS, b_bits=FORWARD_BITS,
+                                 a_offset=True, b_offset=not layer.weights, name="output"))]
         wide_at = None
         if i > 0:
             scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows)
-            dx = gemm(hw, m, layer.k, layer.n, a_bits=grad_bits, a_quant=scheme,
+            dx = gemm(hw, m, layer.k, layer.n, a_bits=grad_bits, b_bits=FORWARD_BITS, a_quant=scheme,
                       writeback="handoff", name="grad_input")
             gemms.append(("grad_input", dx))
             wide = dx.loc[dx.event == "wide_write", "level"]
             wide_at = wide.iloc[0] if len(wide) else None
         scheme = QuantScheme(weight_gradient_method(quantizer), range_policy, shared_at=wide_at)
-        dw = gemm(hw, layer.n, layer.k, m, a_bits=GRAD_WEIGHT_BITS, a_quant=scheme, b_offset=True,
+        dw = gemm(hw, layer.n, layer.k, m, a_bits=GRAD_WEIGHT_BITS, b_bits=FORWARD_BITS,
+                  a_quant=scheme, b_offset=True,
                   writeback="materialized" if layer.weights else "handoff", name="grad_weight")
         gemms.append(("grad_weight", dw))
         if layer.weights:
             level = dw.loc[dw.event == "writeback", "level"].iloc[0]
             events = update_events(hw, layer.weights, level)
-            gemms.append(("update", frame(price(hw, "update", GemmSpec(8, 8), events))))
+            gemms.append(("update", frame(price(hw, "update", GemmSpec(FORWARD_BITS, FORWARD_BITS), events))))
         for _, ledger in gemms:
             ledger = ledger.copy()
             ledger[["count", "bytes", "energy_pj", "cycles"]] *= layer.repeat

@@ -18,7 +18,7 @@ from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls
                             stored_output_bits, wide_level)
 from fqtsim.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
-from fqtsim.schedule import (QuantScheme, output_writeback, rename_wide_output, update_events,
+from fqtsim.schedule import (FORWARD_BITS, QuantScheme, output_writeback, rename_wide_output, update_events,
                              wide_gradient_level)
 from kernels import int_gemm
 
@@ -119,7 +119,7 @@ class Device:
         """Record an SGD-with-momentum step of `params` FP32 master weights whose gradient the
         last GEMM wrote (see `fqtsim.schedule.update_events`)."""
         events = update_events(self.hw, params, self.last_output_level)
-        self._rows += price(self.hw, name, GemmSpec(8, 8), events)
+        self._rows += price(self.hw, name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
     def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope):
         """Walk the loop nest tile by tile, recording raw events per phase (one output tile).
@@ -133,7 +133,7 @@ class Device:
         if writeback == "materialized":
             level = wide_level(hw, t, live_wide_elements(scope, t, m, n))
         starts = {"m": range(0, m, t.tm), "n": range(0, n, t.tn)}
-        resident_a = resident_b = None
+        resident = {"load_a": None, "load_b": None}   # the A and B tiles in TCM
         events = {}
         for o in starts[t.order[0]]:
             for i in starts[t.order[1]]:
@@ -143,18 +143,14 @@ class Device:
                 compute, ddr, tcm_read, tcm_write = 0, 0.0, 0.0, 0.0
                 for k0 in range(0, k, t.tk):
                     sk = min(t.tk, k - k0)
-                    if resident_a != (m0, k0):
-                        resident_a = (m0, k0)
-                        moved = nbytes(sm * sk, a_bits)
-                        add(events, "load_a", "ddr", sm * sk, moved)
-                        ddr += moved
-                        tcm_write += moved
-                    if resident_b != (k0, n0):
-                        resident_b = (k0, n0)
-                        moved = nbytes(sk * sn, b_bits)
-                        add(events, "load_b", "ddr", sk * sn, moved)
-                        ddr += moved
-                        tcm_write += moved
+                    for event, tile, count, bits in (("load_a", (m0, k0), sm * sk, a_bits),
+                                                     ("load_b", (k0, n0), sk * sn, b_bits)):
+                        if resident[event] != tile:   # a tile already in TCM is not loaded again
+                            resident[event] = tile
+                            moved = nbytes(count, bits)
+                            add(events, event, "ddr", count, moved)
+                            ddr += moved
+                            tcm_write += moved
                     for fm in range(folds_m):  # each fold streams its rows of A and columns of B
                         fold_rows = min(rows, sm - fm * rows)
                         for fn in range(folds_n):

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from fqtsim.device import Device
 from fqtsim.quantizers import (DelayedRange, check_bits, quantize_activation, quantize_gradient,
                                quantize_weight)
-from fqtsim.schedule import GRAD_WEIGHT_BITS, QuantScheme, weight_gradient_method
+from fqtsim.schedule import FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme, weight_gradient_method
 
 MODES = ("fp32", "qat", "fqt")
 
@@ -88,8 +88,8 @@ class _FQTMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, layer):
         sim = layer.sim
-        qx = quantize_activation(x.detach().double().numpy())
-        qw = quantize_weight(w.detach().double().numpy())
+        qx = quantize_activation(x.detach().double().numpy(), FORWARD_BITS)
+        qw = quantize_weight(w.detach().double().numpy(), FORWARD_BITS)
         y = sim.device.matmul(qx, qw.T, name=f"{layer.name}.output")
         ctx.qx, ctx.qw, ctx.layer = qx, qw, layer
         return torch.from_numpy(y).to(x.dtype)

@@ -118,11 +118,8 @@ def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float
         written = count * container_bits(acc.psum_bits) / 8
         return (count * hw.energy.add_pj(acc.psum_bits) + written * tcm.write_pj_per_byte
                 + (nbytes - written) * tcm.read_pj_per_byte)
-    if event in ("writeback", "wide_output"):
-        if level == "tcm":
-            return nbytes * tcm.write_pj_per_byte
-        # staged through the TCM output tile, then DMA'd out
-        return nbytes * (tcm.write_pj_per_byte + tcm.read_pj_per_byte + ddr.write_pj_per_byte)
+    if event in ("writeback", "wide_output"):   # to DDR: staged through the TCM output tile
+        return nbytes * pass_transfer_pj(hw, level, "write")
     if event == "requantize":
         return count * hw.vector.requant.pj
     if event in ("stall", "overflow", "clip"):

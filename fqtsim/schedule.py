@@ -162,7 +162,7 @@ def correction_events(m: int, n: int, k: int, a_offset: bool, b_offset: bool) ->
 
 
 MASTER_BYTES = 4    # FP32 master weight and FP32 momentum per parameter
-WEIGHT_CODE_BITS = 8
+FORWARD_BITS = 8    # forward activation and weight codes (per tensor, round to nearest)
 GRAD_WEIGHT_BITS = 8   # Q_bw, the weight-gradient GEMM's quantizer
 
 
@@ -178,6 +178,6 @@ def update_events(hw: HWConfig, params: int, grad_level: str) -> dict:
     add(events, "optimizer_read", grad_level, params, nbytes(params, wide_bits(hw)))
     add(events, "optimizer_read", "ddr", 2 * params, 2 * params * MASTER_BYTES)
     add(events, "optimizer_write", "ddr", 2 * params, 2 * params * MASTER_BYTES)
-    add(events, "optimizer_write", "ddr", params, nbytes(params, WEIGHT_CODE_BITS))
+    add(events, "optimizer_write", "ddr", params, nbytes(params, FORWARD_BITS))
     add(events, "weight_update", "vector", params)
     return events

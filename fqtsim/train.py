@@ -28,7 +28,7 @@ from fqtsim.fqt import MODES, FQTConfig, Simulator, convert
 from fqtsim.hw import load_hw
 from fqtsim.models import MODELS, build
 from fqtsim.quantizers import NonFiniteError
-from fqtsim.schedule import METHODS, RANGE_POLICIES
+from fqtsim.schedule import FORWARD_BITS, GRAD_WEIGHT_BITS, METHODS, RANGE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,10 @@ class Diverged(RuntimeError):
 def train(cfg: RunConfig, progress: bool = True) -> dict:
     """Run `cfg`; returns the summary (also written to the run directory as summary.json)."""
     hw = load_hw(cfg.hw)                    # bad input fails here, before anything is written
-    if cfg.mode != "fp32" and hw.array.operand_bits < 8:
+    needed = max(FORWARD_BITS, GRAD_WEIGHT_BITS)
+    if cfg.mode != "fp32" and hw.array.operand_bits < needed:
         raise ValueError(f"--hw: {hw.name}'s MACs take operand codes of at most "
-                         f"{hw.array.operand_bits} bits; training uses 8-bit forward and "
+                         f"{hw.array.operand_bits} bits; training uses {needed}-bit forward and "
                          f"weight-gradient codes")
     data = load(cfg.dataset, seed=cfg.seed)
     if cfg.model == "cnn":

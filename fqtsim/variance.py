@@ -87,15 +87,16 @@ def measure(model: nn.Sequential, sim: Simulator, batches: list, quantizers=("pt
         model.train()
         sim.config = FQTConfig("qat")
         per_batch = [_weight_grads(model, sim, x, y) for x, y in batches]
-        sampling = {name: float(np.mean([((g[name] - np.mean([h[name] for h in per_batch], axis=0)) ** 2).sum()
-                                         for g in per_batch])) for name in per_batch[0]}
+        mean = {name: np.mean([g[name] for g in per_batch], axis=0) for name in per_batch[0]}
+        sampling = {name: float(np.mean([((g[name] - mean[name]) ** 2).sum() for g in per_batch]))
+                    for name in mean}
         x, y = batches[0]
         reference = _weight_grads(model, sim, x, y)
-        rows = []
+        rows, norms = [], {}   # the forward pass is the same every draw: so are ||X|| and ||W||
         for quantizer in quantizers:
             for b in bits:
                 sim.config = FQTConfig("fqt", quantizer, b)
-                errors, v_ba, u_bw, norms = {}, {}, {}, {}
+                errors, v_ba, u_bw = {}, {}, {}
                 for _ in range(draws):
                     sim.probe = {}
                     grads = _weight_grads(model, sim, x, y)
@@ -106,7 +107,8 @@ def measure(model: nn.Sequential, sim: Simulator, batches: list, quantizers=("pt
                         v_ba.setdefault(name, []).append(variance_bound(grouped, quantizer, b))
                         u_bw.setdefault(name, []).append(variance_bound(
                             seen["dy"].T, weight_gradient_method(quantizer), GRAD_WEIGHT_BITS))
-                        norms[name] = (np.linalg.norm(seen["x"], 2), np.linalg.norm(seen["w"], 2))
+                        if name not in norms:
+                            norms[name] = (np.linalg.norm(seen["x"], 2), np.linalg.norm(seen["w"], 2))
                 # gain[i]: how noise in dY_i reaches dY_{i-1}
                 gain = [norms[l.module.name][1] * _fold(l.module)
                         * math.prod(_jacobian_norm(m, bn_sigma) for m in l.between) for l in layers]
