@@ -15,7 +15,7 @@ import sys
 import pandas as pd
 
 from fqtsim.schedule import METHODS, RANGE_POLICIES
-from fqtsim.train import RunConfig
+from fqtsim.train import Interrupted, RunConfig
 
 DEFAULT_HW = "hw_configs/npu.yaml"
 
@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=integer, default=defaults.batch_size)
     run.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     run.add_argument("--seed", type=integer, default=defaults.seed)
-    run.add_argument("--out", help="run directory (default runs/<hw>-<model>-<dataset>-<mode>-seed<seed>)")
+    run.add_argument("--out", help="run directory (default runs/<hw>-<model>-<dataset>-<mode>-seed<seed>); "
+                                    "running the same config into it again resumes from its last "
+                                    "checkpoint")
+    run.add_argument("--restart", action="store_true",
+                     help="start over in a run directory that holds an earlier run")
 
     sw = sub.add_parser("sweep", help="run a grid of fqtsim run points in parallel and tabulate them")
     for option, kind, default in (("--hw", str, [defaults.hw]), ("--quantizer", str, [defaults.quantizer]),
@@ -122,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--batch", type=integer, default=64, help="batch for --model (default 64)")
     rep.add_argument("--hw", action="append", default=[], help="hardware config(s) for --model")
     rep.add_argument("--grad-bits", type=bits, default=8, help="gradient bits for --model")
-    rep.add_argument("--out", required=True, help="report directory (replaced whole)")
+    rep.add_argument("--out", required=True, help="report directory: new, empty, or an earlier "
+                                                  "report (replaced whole)")
     return parser
 
 
@@ -138,11 +143,33 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.argv = argv
+    _log_to_stderr()
     try:
         return COMMANDS[args.command](args)
     except (ValueError, OSError) as e:  # bad input, unwritable paths: one line, no traceback
-        message = e if isinstance(e, ValueError) else f"{e.filename}: {e.strerror}"
-        parser.exit(2, f"fqtsim {args.command}: error: {message}\n")
+        parser.exit(2, f"fqtsim {args.command}: error: {_message(e)}\n")
+    except Interrupted as e:   # Ctrl-C in a run: what was kept
+        parser.exit(130, f"fqtsim {args.command}: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"fqtsim {args.command}: interrupted\n")
+
+
+def _message(e: Exception) -> str:
+    if not isinstance(e, OSError):
+        return str(e)
+    reason = e.strerror or str(e)
+    return f"{e.filename}: {reason}" if e.filename else reason
+
+
+def _log_to_stderr():
+    """The library's progress lines (resuming, a line per epoch in logs) as plain stderr lines."""
+    import logging
+    logger = logging.getLogger("fqtsim")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def cmd_cost(args) -> int:
@@ -209,18 +236,16 @@ def cmd_bench(args) -> int:
 def cmd_run(args) -> int:
     from fqtsim.train import Diverged, train
 
-    cfg = RunConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "argv")})
-    if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
-        raise ValueError(f"--out: {cfg.run_dir} is a file; give a directory")
-    if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()):
-        print(f"note: {cfg.run_dir} exists; its files will be replaced", file=sys.stderr)
+    cfg = RunConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "argv", "restart")})
     try:
-        summary = train(cfg)
+        summary = train(cfg, restart=args.restart)
     except Diverged as e:
         print(f"fqtsim run: stopped: {e}. Metrics and ledger so far are in {cfg.run_dir}",
               file=sys.stderr)
         return 1
     print(format_summary(summary))
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}")
     print(f"\nwrote {cfg.run_dir}/: config.json metrics.csv ledger.csv model.pt summary.json")
     return 0
 

@@ -38,6 +38,16 @@ class Device:
     def ledger(self) -> pd.DataFrame:
         return frame(self._rows)
 
+    def state(self) -> dict:
+        """Where the last GEMM and the last quantized gradient left their outputs (the ledger
+        and the walk cache are not state: the one is taken each step, the other recomputed)."""
+        return {"last_output_level": self.last_output_level,
+                "last_gradient_level": self.last_gradient_level}
+
+    def restore(self, state: dict):
+        self.last_output_level = state["last_output_level"]
+        self.last_gradient_level = state["last_gradient_level"]
+
     def take(self) -> pd.DataFrame:
         """The ledger so far; the device starts a fresh one."""
         ledger = self.ledger

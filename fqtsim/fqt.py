@@ -63,6 +63,18 @@ class Simulator:
         self._histories: dict[str, DelayedRange] = {}
         self.probe: dict | None = None   # set to a dict to keep each layer's backward operands
 
+    def state(self) -> dict:
+        """What a checkpoint needs to continue the run exactly: the random stream, the range
+        histories and where the device left its last outputs."""
+        return {"rng": self.rng.bit_generator.state,
+                "histories": {k: h.state() for k, h in self._histories.items()},
+                "device": self.device.state()}
+
+    def restore(self, state: dict):
+        self.rng.bit_generator.state = state["rng"]
+        self._histories = {k: DelayedRange.from_state(h) for k, h in state["histories"].items()}
+        self.device.restore(state["device"])
+
     def quantize(self, key: str, x: np.ndarray, method: str, bits: int, rows_per_sample: int = 1,
                  shared_at: str | None = None):
         """Quantize gradient `x` under the run's range policy; returns (codes, scheme used).

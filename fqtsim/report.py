@@ -10,8 +10,6 @@ import base64
 import dataclasses
 import html
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import fqtsim.cost  # noqa: E402
-from fqtsim.files import markdown_table  # noqa: E402
+from fqtsim.files import claim_dir, markdown_table, replace_dir  # noqa: E402
 from fqtsim.hw import HWConfig, load_hw  # noqa: E402
 
 PASSES = {
@@ -220,29 +218,24 @@ def _save(fig, out: Path, name: str) -> str:
 def build_report(out: str | Path, runs=(), model: str | None = None, batch: int = 64,
                  hw_paths=(), grad_bits: int = 8, command: str = "") -> Path:
     """Write the report for `runs` (run directories) and/or the cost model of `model` on each
-    of `hw_paths`, into `out` (replaced whole)."""
+    of `hw_paths`, into `out` (replaced whole if it is an earlier report; see
+    `fqtsim.files.claim_dir`)."""
     if not runs and not model:
         raise ValueError("nothing to report: give run directories and/or --model with --hw")
-    out = Path(out)
+    out = claim_dir(out, "report", inputs=[*runs, *hw_paths])
     hws = [load_hw(p) for p in hw_paths] if model else []
     if model and not hws:
         raise ValueError("--model needs at least one --hw")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    tmp.chmod(0o755)   # mkdtemp's 0700 would carry over to the report
-    try:
+
+    def build(tmp: Path):
         sections = []
         if runs:
             sections.append(runs_section([Path(r) for r in runs], tmp))
         if model:
             sections.append(analytic_section(model, batch, hws, tmp, grad_bits))
         _write(sections, tmp, command)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    replace_dir(build, out)
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fqtsim.files import markdown_table, write_atomic
+from fqtsim.files import claim_dir, markdown_table, write_atomic
 from fqtsim.train import RunConfig
 
 GROUP = ["model", "dataset", "hw", "mode", "quantizer", "grad_bits", "range_policy"]
@@ -54,7 +54,7 @@ def point_id(cfg: RunConfig) -> str:
 def sweep(points: list[RunConfig], out: str | Path, workers: int | None = None,
           scheduler: str | None = None, progress: bool = True) -> pd.DataFrame:
     """Run every point not yet done; returns (and writes) the results of all points."""
-    out = Path(out)
+    out = claim_dir(out, "sweep", inputs=[cfg.hw for cfg in points])
     todo = {}
     for cfg in points:
         cfg = replace(cfg, out=str(out / "points" / point_id(cfg)))

@@ -5,12 +5,21 @@ the mode, and runs SGD with momentum on FP32 master weights. Every step's device
 ledger (tagged with step, layer and GEMM); the run directory gets the resolved config, per-step
 metrics, the ledger, the trained weights (model.pt) and a summary, each written whole
 (temporary file, then rename).
+
+Nothing is written before the first epoch ends. After each epoch the run directory gets the
+epoch's ledger (`ledger-parts/`), metrics.csv so far and `checkpoint.pt`: model, optimizer and
+scheduler state, the random streams (stochastic rounding, batch order, torch), the delayed-range
+histories and the device's state. Running the same config into the directory again continues
+from there, and the finished run is the same, byte for byte, as one that was never stopped
+(`seconds` apart). summary.json is written last; the checkpoint is then removed.
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
-import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,12 +32,14 @@ from tqdm import tqdm
 
 from fqtsim.data import DATASETS, load
 from fqtsim.device import Device
-from fqtsim.files import write_atomic
+from fqtsim.files import check_path, claim_dir, remove_temporaries, write_atomic
 from fqtsim.fqt import MODES, FQTConfig, Simulator, convert
 from fqtsim.hw import load_hw
 from fqtsim.models import MODELS, build
 from fqtsim.quantizers import NonFiniteError
 from fqtsim.schedule import FORWARD_BITS, GRAD_WEIGHT_BITS, METHODS, RANGE_POLICIES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,8 @@ class RunConfig:
                 raise ValueError(f"--{option}: got {value}; expected an integer >= 1")
         if not self.lr > 0:
             raise ValueError(f"--lr: got {self.lr}; expected a number > 0")
+        if self.out is not None:
+            check_path(self.out)
 
     @property
     def run_dir(self) -> Path:
@@ -74,14 +87,38 @@ class Diverged(RuntimeError):
     """The loss became NaN or Inf."""
 
 
-def train(cfg: RunConfig, progress: bool = True) -> dict:
-    """Run `cfg`; returns the summary (also written to the run directory as summary.json)."""
+class Interrupted(RuntimeError):
+    """Ctrl-C: the run stopped; its last checkpoint is kept."""
+
+
+def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
+    """Run `cfg`; returns the summary (also written to the run directory as summary.json).
+
+    The run directory gets a checkpoint after every epoch; running the same config into it
+    again resumes from there (and a finished run is returned as it is), with results identical
+    to an uninterrupted run. A different config is refused; `restart` starts over.
+    """
     hw = load_hw(cfg.hw)                    # bad input fails here, before anything is written
     needed = max(FORWARD_BITS, GRAD_WEIGHT_BITS)
     if cfg.mode != "fp32" and hw.array.operand_bits < needed:
         raise ValueError(f"--hw: {hw.name}'s MACs take operand codes of at most "
                          f"{hw.array.operand_bits} bits; training uses {needed}-bit forward and "
                          f"weight-gradient codes")
+    run_dir = claim_dir(cfg.run_dir, "run", inputs=[cfg.hw])
+    config = {**asdict(cfg), "out": str(run_dir), "hw_config": asdict(hw)}
+    config = json.loads(json.dumps(config, default=list))   # as config.json holds it
+    if restart and run_dir.exists():
+        for p in run_dir.iterdir():   # claim_dir checked that all of it is ours
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif (run_dir / "config.json").exists():
+        _check_same_run(run_dir, config)
+        if (run_dir / "summary.json").exists():
+            log.info(f"{run_dir} holds this run, finished; --restart runs it again")
+            _clean_checkpoint(run_dir)
+            return json.loads((run_dir / "summary.json").read_text())
+    if run_dir.exists():
+        remove_temporaries(run_dir)
+
     data = load(cfg.dataset, seed=cfg.seed)
     if cfg.model == "cnn":
         data = data.as_images()
@@ -96,20 +133,33 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=total_steps)
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     order_rng = np.random.default_rng(cfg.seed)
+    state = {"epoch": 0, "metrics": [], "seconds": 0.0}
 
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.json", json.dumps(
-        {**asdict(cfg), "out": str(run_dir), "hw_config": asdict(hw)}, indent=2, default=list))
-    metrics, ledgers = [], []
-    started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"{cfg.mode} {cfg.quantizer}{cfg.grad_bits}",
-               disable=None if progress else True, unit="step")   # None: only on a terminal
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(io.BytesIO(checkpoint.read_bytes()), weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sim.restore(state["simulator"])
+        order_rng.bit_generator.state = state["order_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info(f"resuming from epoch {state['epoch']} of {cfg.epochs} ({checkpoint})")
+    parts = run_dir / "ledger-parts"
+    for stale in sorted(parts.glob("epoch-*.csv"))[state["epoch"]:] if parts.exists() else []:
+        stale.unlink()   # written after the last checkpoint, or by a run that never checkpointed
+    metrics = state["metrics"]
+    started = time.perf_counter() - state["seconds"]
+    bar = tqdm(total=total_steps, initial=len(metrics), disable=None if progress else True,
+               desc=f"{cfg.mode} {cfg.quantizer}{cfg.grad_bits}", unit="step")  # None: a terminal only
+    log_epochs = progress and bar.disable   # no bar (a log, not a terminal): a line per epoch
+    ledgers, saved = [], state["epoch"]
     try:
-        step = 0
-        for epoch in range(cfg.epochs):
+        for epoch in range(state["epoch"], cfg.epochs):
             model.train()
+            ledgers = []
             for batch in np.array_split(order_rng.permutation(len(y_train)), steps_per_epoch):
+                step = len(metrics)
                 idx = torch.from_numpy(batch)
                 try:
                     logits = model(x_train[idx])
@@ -130,21 +180,109 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
                                 "lr": scheduler.get_last_lr()[0], **_step_totals(events)})
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
-                step += 1
+            _write_config(run_dir, config)
+            write_atomic(parts / f"epoch-{epoch:05d}.csv", _frame(ledgers).to_csv(index=False))
+            ledgers = []
+            write_atomic(run_dir / "metrics.csv", pd.DataFrame(metrics).to_csv(index=False))
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, sim, order_rng, epoch + 1,
+                             metrics, time.perf_counter() - started)
+            saved = epoch + 1
+            if log_epochs:
+                losses = [m["loss"] for m in metrics if m["epoch"] == epoch]
+                log.info(f"epoch {epoch + 1}/{cfg.epochs}: mean training loss {np.mean(losses):.4f}, "
+                         f"{time.perf_counter() - started:.0f} s")
     except Diverged:
-        _write_tables(run_dir, metrics, ledgers)
+        _write_config(run_dir, config)
+        write_atomic(run_dir / "metrics.csv", pd.DataFrame(metrics).to_csv(index=False))
+        _assemble_ledger(run_dir, extra=_frame(ledgers).to_csv(index=False) if ledgers else None)
         raise
+    except KeyboardInterrupt:
+        kept = (f"{run_dir} keeps the checkpoint of epoch {saved} of {cfg.epochs}: run the same "
+                f"command to resume" if saved else "no epoch had finished, so nothing was written")
+        raise Interrupted(f"interrupted; {kept}") from None
     finally:
         bar.close()
     accuracy, test_loss = evaluate(model, data)
     sim.device.take()   # evaluation is not training cost
-    torch.save(model.state_dict(), run_dir / ".model.pt.tmp")
-    os.replace(run_dir / ".model.pt.tmp", run_dir / "model.pt")
-    ledger = _write_tables(run_dir, metrics, ledgers)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    write_atomic(run_dir / "model.pt", buffer.getvalue())
+    ledger = _assemble_ledger(run_dir)
     summary = summarize_run(cfg, hw, ledger, metrics, accuracy, test_loss,
                             time.perf_counter() - started)
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    summary["warnings"] = run_warnings(summary, data.classes, hw)
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))   # last: the run is done
+    _clean_checkpoint(run_dir)
     return summary
+
+
+def _check_same_run(run_dir: Path, config: dict):
+    """Refuse to mix two configs in one run directory."""
+    try:
+        old = json.loads((run_dir / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"--out: {run_dir}/config.json is not a fqtsim run config; give another "
+                         f"--out, or --restart to replace the run") from None
+    same_hw = old.get("hw_config") == config["hw_config"]   # the path may be spelled differently
+    ignore = {"out", "hw", "hw_config"}
+    changed = sorted(k for k in set(old) | set(config)
+                     if k not in ignore and old.get(k) != config.get(k))
+    if changed or not same_hw:
+        what = ", ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in changed[:3])
+        what = what or f"the hardware config differs from {old.get('hw')!r}'s"
+        raise ValueError(f"--out: {run_dir} holds a run with another config ({what}); give "
+                         f"another --out, or --restart to replace that run")
+
+
+def _write_config(run_dir: Path, config: dict):
+    if not (run_dir / "config.json").exists():
+        write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, sim, order_rng, epoch: int,
+                     metrics: list, seconds: float):
+    buffer = io.BytesIO()
+    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "simulator": sim.state(),
+                "order_rng": order_rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "metrics": metrics, "seconds": seconds}, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def _clean_checkpoint(run_dir: Path):
+    """A finished run keeps its results, not the means to resume it."""
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "ledger-parts", ignore_errors=True)
+
+
+def _frame(ledgers: list) -> pd.DataFrame:
+    return pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
+
+
+def _assemble_ledger(run_dir: Path, extra: str | None = None) -> pd.DataFrame:
+    """ledger.csv from the epochs' parts (and `extra`, an unfinished epoch), written whole."""
+    texts = [p.read_text() for p in sorted((run_dir / "ledger-parts").glob("epoch-*.csv"))]
+    texts += [extra] if extra is not None else []
+    header, *_ = texts[0].partition("\n") if texts else ("",)
+    body = [t.partition("\n")[2] for t in texts]
+    if any(t.partition("\n")[0] != header for t in texts):
+        raise RuntimeError(f"{run_dir}/ledger-parts: epochs with different columns")
+    write_atomic(run_dir / "ledger.csv", header + "\n" + "".join(body))
+    return pd.read_csv(run_dir / "ledger.csv", dtype={"layer": str}) if header else pd.DataFrame()
+
+
+def run_warnings(summary: dict, classes: int, hw) -> list[str]:
+    """What says a run did not train as it should: accuracy at chance, accumulator overflows."""
+    warnings = []
+    if summary["accuracy"] <= 1.5 / classes:
+        warnings.append(f"test accuracy {100 * summary['accuracy']:.1f}% is at chance "
+                        f"({100 / classes:.0f}% for {classes} classes): training failed")
+    macs = sum(v for k, v in summary["ops"].items() if k.startswith("mac_"))
+    if summary["overflows"]:
+        warnings.append(f"{summary['overflows']:,} accumulator overflows ({summary['overflows'] / macs:.2g} "
+                        f"per MAC): {hw.name}'s {hw.accumulator.bits}-bit {hw.accumulator.overflow} "
+                        f"accumulator is too narrow for these GEMMs")
+    return warnings
 
 
 @torch.no_grad()
@@ -175,13 +313,6 @@ def _step_totals(events: pd.DataFrame) -> dict:
             "energy_pj": float(events.energy_pj.sum()), "cycles": float(events.cycles.sum()),
             "overflows": int(events.loc[events.event == "overflow", "count"].sum()),
             "clips": int(events.loc[events.event == "clip", "count"].sum())}
-
-
-def _write_tables(run_dir: Path, metrics: list, ledgers: list) -> pd.DataFrame:
-    ledger = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
-    write_atomic(run_dir / "metrics.csv", pd.DataFrame(metrics).to_csv(index=False))
-    write_atomic(run_dir / "ledger.csv", ledger.to_csv(index=False))
-    return ledger
 
 
 def summarize_run(cfg: RunConfig, hw, ledger: pd.DataFrame, metrics: list, accuracy: float,

@@ -166,13 +166,13 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str = "mlp", dataset: str =
 
     from fqtsim.data import load
     from fqtsim.device import Device
-    from fqtsim.files import write_atomic
+    from fqtsim.files import claim_dir, write_atomic
     from fqtsim.fqt import convert
     from fqtsim.hw import load_hw
     from fqtsim.models import build
     from fqtsim.train import RunConfig, train
 
-    out = Path(out)
+    out = claim_dir(out, "variance", inputs=[hw, *([from_run] if from_run else [])])
     for option, value, least in (("--batches", batches, 2), ("--draws", draws, 2),
                                  ("--batch-size", batch_size, 1)):
         if value < least:   # a variance needs two samples

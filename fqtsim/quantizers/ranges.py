@@ -39,3 +39,12 @@ class DelayedRange:
 
     def observe(self, lo: float, hi: float):
         self._seen.append((float(lo), float(hi)))
+
+    def state(self) -> dict:
+        return {"history": self._seen.maxlen, "margin": self.margin, "seen": list(self._seen)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "DelayedRange":
+        r = cls(state["history"], state["margin"])
+        r._seen.extend(tuple(s) for s in state["seen"])
+        return r
