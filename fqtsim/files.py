@@ -43,15 +43,20 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; give a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:   # name the file we were writing, not a temporary or nothing
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):   # a full disk: the write names no file
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     return path
 
