@@ -3,6 +3,8 @@
 `build_report(runs, analytic, out)` writes `report.md` and a self-contained `report.html` (plots
 embedded), the PNG plots and every table as CSV into `out`, all at once (built in a temporary
 folder, then renamed). Events are grouped into passes for reading; the grouping is display only.
+Runs are labelled by what tells them apart; each is read whole and checked complete first, and
+runs that did not train as they should (accuracy at chance, accumulator overflows) are flagged.
 """
 from __future__ import annotations
 
@@ -10,18 +12,26 @@ import base64
 import dataclasses
 import html
 import json
+import logging
+import shlex
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import fqtsim.cost  # noqa: E402
 from fqtsim.files import claim_dir, markdown_table, replace_dir  # noqa: E402
 from fqtsim.hw import HWConfig, load_hw  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 PASSES = {
     "compute": ["mac_"], "operand loads": ["load_a", "load_b", "read_a", "read_b"],
@@ -33,10 +43,23 @@ PASSES = {
     "optimizer": ["optimizer_read", "optimizer_write", "weight_update"],
     "stalls": ["stall"], "counted": ["overflow", "clip"],
 }
+# One colour per pass, the same in every chart, so a pass is recognised across them
+PASS_COLORS = {"compute": "#1f77b4", "operand loads": "#aec7e8", "partial sums": "#bcbd22",
+               "output write-back": "#17becf", "wide write-back": "#ff7f0e", "range pass": "#d62728",
+               "sort + transform": "#9467bd", "requantization": "#2ca02c", "zero-point": "#8c564b",
+               "optimizer": "#7f7f7f", "stalls": "#e377c2", "counted": "#000000", "other": "#c7c7c7"}
 # What a gradient quantizer adds, counted on the backward GEMMs (the forward pass has its own
 # zero-point work, whatever the gradient quantizer)
 QUANTIZER_PASSES = ["wide write-back", "range pass", "sort + transform", "requantization", "zero-point"]
 SCHEMES = [(q, r) for q in ("ptq", "psq", "bhq") for r in ("dynamic", "delayed")]
+# Curves that coincide stay visible: each gets its own line style and marker
+STYLES = [(ls, mk) for mk in "osD^vPX" for ls in ("-", "--", "-.", ":")][::5]
+MAX_ROWS = 150   # longer tables are cut in the Markdown and HTML (with a note); CSVs are whole
+SUMMARY_KEYS = ["mode", "quantizer", "grad_bits", "range_policy", "model", "dataset", "hw", "seed",
+                "steps", "accuracy", "loss", "bytes_by_level", "ops", "energy_pj", "cycles",
+                "overflows", "clips"]
+LEDGER_COLUMNS = ["step", "layer", "gemm", "event", "level", "count", "bytes", "energy_pj", "cycles"]
+NO_DEVICE = "(no device work)"
 
 
 def pass_of(event: str) -> str:
@@ -53,60 +76,246 @@ def by_pass(ledger: pd.DataFrame) -> pd.DataFrame:
     for level in ("tcm", "ddr"):
         out[f"{level}_bytes"] = df[df.level == level].groupby("pass")["bytes"].sum()
     out["vector_ops"] = df[df.level == "vector"].groupby("pass")["count"].sum()
-    return out.fillna(0.0).reindex([p for p in PASSES if p in out.index])
+    return out.fillna(0.0).reindex([p for p in PASS_COLORS if p in out.index])
+
+
+def quantizer_energy(ledger: pd.DataFrame) -> pd.Series:
+    """Energy (pJ) of each quantizer pass on the backward GEMMs."""
+    backward = by_pass(ledger[ledger.gemm.isin(["grad_input", "grad_weight"])])
+    return backward.energy_pj.reindex(QUANTIZER_PASSES, fill_value=0.0)
 
 
 @dataclass
 class Section:
     title: str
-    text: list = dataclasses.field(default_factory=list)     # paragraphs (Markdown)
-    tables: list = dataclasses.field(default_factory=list)   # (name, DataFrame)
-    plots: list = dataclasses.field(default_factory=list)    # file names
+    text: list = dataclasses.field(default_factory=list)      # paragraphs (Markdown)
+    tables: list = dataclasses.field(default_factory=list)    # (name, DataFrame, caption)
+    plots: list = dataclasses.field(default_factory=list)     # (file name, caption)
+    warnings: list = dataclasses.field(default_factory=list)  # shown first, prominently
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict
+    config: dict
+    metrics: pd.DataFrame
+    ledger: pd.DataFrame
+    warnings: list
+    label: str = ""
+
+
+def load_run(d: Path) -> Run:
+    """One `fqtsim run` directory, checked complete: a clear refusal beats half a run reported."""
+    if not (d / "summary.json").exists():
+        if (d / "checkpoint.pt").exists():
+            raise ValueError(f"{d}: an unfinished run (checkpoint.pt but no summary.json); finish "
+                             f"it by running the same command again, which resumes from the last "
+                             f"epoch: {_run_command(d)} (if it stopped on NaN or Inf, change "
+                             f"--lr or --grad-bits and add --restart)")
+        raise ValueError(f"{d}: no summary.json; give directories written by `fqtsim run`")
+    summary, config = _read_json(d / "summary.json"), _read_json(d / "config.json")
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise ValueError(f"{d / 'summary.json'}: missing key {missing[0]!r}"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                         f"it is not a complete fqtsim run summary: re-run the run")
+    metrics = _read_csv(d / "metrics.csv", ["step", "loss", "batch_accuracy"])
+    if list(metrics.step) != list(range(summary["steps"])):
+        raise ValueError(f"{d / 'metrics.csv'}: {len(metrics)} steps where summary.json says "
+                         f"{summary['steps']}; the file is truncated or from another run")
+    ledger = _read_csv(d / "ledger.csv", LEDGER_COLUMNS, dtype={"layer": str})
+    steps = ledger.step.unique()
+    if len(ledger) and (len(steps) != summary["steps"] or steps.max() != summary["steps"] - 1):
+        raise ValueError(f"{d / 'ledger.csv'}: events for {len(steps)} steps where summary.json "
+                         f"says {summary['steps']}; the file is truncated or from another run")
+    if not np.isclose(ledger.energy_pj.sum(), summary["energy_pj"], rtol=1e-9, atol=1e-3):
+        raise ValueError(f"{d / 'ledger.csv'}: its events total {ledger.energy_pj.sum():,.0f} pJ "
+                         f"where summary.json says {summary['energy_pj']:,.0f} pJ; the file is "
+                         f"truncated or from another run")
+    return Run(d, summary, config, metrics, ledger, _warnings(summary, config))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); re-run the run") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object; re-run the run")
+    return data
+
+
+def _read_csv(path: Path, columns: list, **kwargs) -> pd.DataFrame:
+    """A run's CSV with `columns` all filled in (a cut-off last line leaves gaps)."""
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ValueError(f"{path}: unreadable ({str(e).strip()}); re-run the run") from None
+    if not len(df):   # no events (fp32): the totals checks below decide if that is right
+        return df.reindex(columns=columns)
+    missing = [c for c in columns if c not in df.columns]
+    if missing or df[columns].isna().any().any():
+        what = f"no column {missing[0]!r}" if missing else "rows with empty fields"
+        raise ValueError(f"{path}: {what}; the file is truncated or not a fqtsim run's; re-run the run")
+    return df
+
+
+def _run_command(d: Path) -> str:
+    try:
+        c = json.loads((d / "config.json").read_text())
+        options = [("hw", "hw"), ("mode", "mode"), ("model", "model"), ("dataset", "dataset"),
+                   ("quantizer", "quantizer"), ("grad-bits", "grad_bits"), ("range", "range_policy"),
+                   ("epochs", "epochs"), ("batch-size", "batch_size"), ("lr", "lr"), ("seed", "seed")]
+        return shlex.join(["fqtsim", "run", *[f"--{o}={c[k]}" for o, k in options], f"--out={d}"])
+    except (OSError, ValueError, KeyError):
+        return f"the `fqtsim run ... --out {d}` command that started it"
+
+
+def _warnings(summary: dict, config: dict) -> list[str]:
+    """The run's own warnings; summaries from before they existed get the same checks here."""
+    if "warnings" in summary:
+        return list(summary["warnings"])
+    from fqtsim.train import run_warnings   # torch: only for such older runs
+    acc = config.get("hw_config", {}).get("accumulator", {})
+    hw = SimpleNamespace(name=Path(summary["hw"]).stem, accumulator=SimpleNamespace(
+        bits=acc.get("bits", "?"), overflow=acc.get("overflow", "")))
+    return run_warnings(summary, _classes(summary["dataset"]), hw)
+
+
+@lru_cache
+def _classes(dataset: str) -> int:
+    from fqtsim.data import load
+    return load(dataset).classes
+
+
+# What can tell runs apart, in label order: a run's value, or None where it does not apply
+LABEL_FIELDS = {
+    "model": lambda s, c: s["model"], "dataset": lambda s, c: s["dataset"],
+    "hw": lambda s, c: Path(s["hw"]).stem, "mode": lambda s, c: s["mode"],
+    "quantizer": lambda s, c: f"{s['quantizer']}{s['grad_bits']}" if s["mode"] == "fqt" else None,
+    "range": lambda s, c: s["range_policy"] if s["mode"] == "fqt" else None,
+    "seed": lambda s, c: f"seed {s['seed']}",
+    "lr": lambda s, c: f"lr {c['lr']}" if "lr" in c else None,
+    "epochs": lambda s, c: f"{c['epochs']} epoch{'s' * (c['epochs'] != 1)}" if "epochs" in c else None,
+    "batch size": lambda s, c: f"batch {c['batch_size']}" if "batch_size" in c else None,
+}
+
+
+def label_runs(runs: list[Run]) -> tuple[list[str], list[str]]:
+    """Give each run a unique label from the fields that differ between them (else its
+    directory); returns (fields that differ, fields all runs share)."""
+    values = [{k: get(r.summary, r.config) for k, get in LABEL_FIELDS.items()} for r in runs]
+    seen = {k: {v[k] for v in values if v[k] is not None} for k in LABEL_FIELDS}
+    varying = [k for k in LABEL_FIELDS if len(seen[k]) > 1] or ["mode", "quantizer"]
+    for run, v in zip(runs, values):
+        run.label = " ".join(v[k] for k in varying if v[k] is not None) or run.path.name
+    for key in (lambda r: r.path.name, lambda r: str(r.path)):   # still equal: the directory
+        labels = [r.label for r in runs]
+        for r in runs:
+            if labels.count(r.label) > 1:
+                r.label = key(r)
+    return varying, [k for k in LABEL_FIELDS if len(seen[k]) == 1]
 
 
 def runs_section(run_dirs: list[Path], out: Path) -> Section:
     """From `fqtsim run` directories: accuracy and cost per run, curves, passes, layers."""
     sec = Section("Training runs on the simulated device")
-    runs = []
-    for d in run_dirs:
-        d = Path(d)
-        if not (d / "summary.json").exists():
-            raise ValueError(f"{d}: no summary.json; give directories written by `fqtsim run`")
-        s = json.loads((d / "summary.json").read_text())
-        label = s["mode"] if s["mode"] != "fqt" else f"fqt {s['quantizer']}{s['grad_bits']} {s['range_policy']}"
-        runs.append((label, s, pd.read_csv(d / "metrics.csv"), pd.read_csv(d / "ledger.csv", dtype={"layer": str})))
-    table = pd.DataFrame([{"run": label, "accuracy_%": 100 * s["accuracy"], "test_loss": s["loss"],
-                           "energy_uJ": s["energy_pj"] / 1e6, "cycles": s["cycles"],
-                           "ddr_MB": s["bytes_by_level"].get("ddr", 0) / 1e6,
-                           "tcm_MB": s["bytes_by_level"].get("tcm", 0) / 1e6,
-                           "overflows": s["overflows"], "clips": s["clips"], "steps": s["steps"]}
-                          for label, s, _, _ in runs])
-    sec.tables.append(("runs", table))
-    sec.text.append(f"{len(runs)} runs: {runs[0][1]['model']} on {runs[0][1]['dataset']}, "
-                    f"{runs[0][1]['hw']}. fp32 and qat runs are the baselines; their device cost is "
-                    f"none (fp32) or the forward pass only (qat).")
+    log.info(f"report: reading {len(run_dirs)} run{'s' * (len(run_dirs) != 1)}")
+    runs = [load_run(Path(d)) for d in tqdm(run_dirs, desc="reading runs", disable=None, leave=False)]
+    varying, shared = label_runs(runs)
+    common = ", ".join(LABEL_FIELDS[k](runs[0].summary, runs[0].config) for k in shared
+                       if LABEL_FIELDS[k](runs[0].summary, runs[0].config) is not None)
+    sec.text.append(f"{len(runs)} runs ({common}); each is labelled by what differs: "
+                    f"{', '.join(varying)}. fp32 runs are baselines with no device work; qat "
+                    f"runs quantize the forward pass only. Energies in this section are in µJ "
+                    f"(uJ in column names).")
+    for r in runs:
+        sec.warnings += [f"{r.label} ({r.path}): {w}" for w in r.warnings]
+    if sec.warnings:
+        flagged = sum(bool(r.warnings) for r in runs)
+        sec.warnings.insert(0, f"{flagged} of {len(runs)} runs did not train as they should; their "
+                               f"costs describe a broken configuration, not a working one.")
+    sec.tables.append(("runs", pd.DataFrame([_run_row(r) for r in runs]),
+                       "One row per run: test accuracy and loss after training, the device's "
+                       "totals over all training steps, the share of device energy in the "
+                       "gradient quantizer's passes and in the optimizer, and any warning."))
+    sec.plots.append(_curves(runs, out))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for label, _, metrics, _ in runs:
-        smooth = metrics.rolling(20, min_periods=1).mean()
-        axes[0].plot(smooth.step, smooth.loss, label=label)
-        axes[1].plot(smooth.step, 100 * smooth.batch_accuracy, label=label)
-    axes[0].set(xlabel="step", ylabel="training loss (20-step mean)", yscale="log")
-    axes[1].set(xlabel="step", ylabel="batch accuracy % (20-step mean)")
-    axes[1].legend(fontsize=8)
-    sec.plots.append(_save(fig, out, "runs_curves.png"))
-
-    device_runs = [(label, ledger) for label, _, _, ledger in runs if len(ledger)]
-    if device_runs:
-        steps = {label: s["steps"] for label, s, _, _ in runs}
-        passes = pd.concat({label: by_pass(ledger) / steps[label] for label, ledger in device_runs})
-        sec.tables.append(("runs_by_pass_per_step", passes.reset_index(names=["run", "pass"])))
-        sec.plots.append(_stacked(passes, "energy_pj", "energy per step (uJ)", 1e-6, out, "runs_energy.png"))
-        sec.plots.append(_stacked(passes, "ddr_bytes", "DDR bytes per step (MB)", 1e-6, out, "runs_ddr.png"))
-        layers = pd.concat({label: ledger.groupby(["layer", "gemm"])[["energy_pj", "bytes", "cycles"]].sum() / steps[label]
-                            for label, ledger in device_runs})
-        sec.tables.append(("runs_by_layer_per_step", layers.reset_index(names=["run", "layer", "gemm"])))
+    steps = {r.label: r.summary["steps"] for r in runs}
+    passes = pd.concat({r.label: by_pass(r.ledger) / steps[r.label] if len(r.ledger) else
+                        pd.DataFrame(0.0, index=[NO_DEVICE], columns=["energy_pj"])
+                        for r in runs}, names=["run", "pass"]).fillna(0.0)
+    passes.insert(0, "energy_uJ", passes.pop("energy_pj") / 1e6)
+    sec.tables.append(("runs_by_pass_per_step", passes.reset_index(),
+                       "Per training step, what each pass of the device costs in every run "
+                       "(energy, cycles, bytes moved at TCM and DDR, vector ops)."))
+    if any(len(r.ledger) for r in runs):
+        sec.plots.append(_stacked(passes, "energy_uJ", "energy per step (µJ)", 1, out,
+                                  "runs_energy.png", "Device energy per training step, by pass."))
+        sec.plots.append(_stacked(passes, "ddr_bytes", "DDR bytes per step (MB)", 1e-6, out,
+                                  "runs_ddr.png", "DDR traffic per training step, by pass."))
+    layers = pd.concat({r.label: _by_layer(r.ledger) / steps[r.label] for r in runs},
+                       names=["run", "layer", "gemm"])
+    layers.insert(0, "energy_uJ", layers.pop("energy_pj") / 1e6)
+    sec.tables.append(("runs_by_layer_per_step", layers.reset_index(),
+                       "Per training step, the device's energy, bytes moved (all levels) and "
+                       "cycles for each layer and GEMM of every run."))
     return sec
+
+
+def _by_layer(ledger: pd.DataFrame) -> pd.DataFrame:
+    """Energy, bytes and cycles per layer (in model order, not "10" before "2") and GEMM."""
+    if not len(ledger):
+        return pd.DataFrame(0.0, index=pd.MultiIndex.from_tuples([(NO_DEVICE, "")]),
+                            columns=["energy_pj", "bytes", "cycles"])
+    order = {g: i for i, g in enumerate(["output", "grad_input", "grad_weight", "update"])}
+    out = ledger.groupby(["layer", "gemm"])[["energy_pj", "bytes", "cycles"]].sum()
+    return out.sort_index(key=lambda i: pd.to_numeric(i, errors="coerce") if i.name == "layer"
+                          else i.map(lambda g: order.get(g, len(order))))
+
+
+def _run_row(r: Run) -> dict:
+    s, total = r.summary, r.summary["energy_pj"]
+    share = lambda pj: 100 * pj / total if total else 0.0  # noqa: E731
+    optimizer = r.ledger.loc[r.ledger.event.map(pass_of) == "optimizer", "energy_pj"].sum()
+    return {"run": r.label, "directory": str(r.path), "accuracy_%": 100 * s["accuracy"],
+            "test_loss": s["loss"], "energy_uJ": total / 1e6, "cycles": s["cycles"],
+            "ddr_MB": s["bytes_by_level"].get("ddr", 0) / 1e6,
+            "tcm_MB": s["bytes_by_level"].get("tcm", 0) / 1e6,
+            "quantizer_%": share(quantizer_energy(r.ledger).sum()) if len(r.ledger) else 0.0,
+            "optimizer_%": share(optimizer), "overflows": s["overflows"], "clips": s["clips"],
+            "steps": s["steps"], "warnings": "; ".join(w.split(": ")[0] for w in r.warnings)}
+
+
+def _curves(runs: list[Run], out: Path) -> tuple[str, str]:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    smooth = {r.label: r.metrics.set_index("step")[["loss", "batch_accuracy"]]
+              .rolling(20, min_periods=1).mean() for r in runs}
+    for i, (label, m) in enumerate(smooth.items()):
+        ls, marker = STYLES[i % len(STYLES)]
+        style = dict(label=label, linestyle=ls, marker=marker, markersize=9 - 5 * i / len(runs),
+                     markerfacecolor="none", markevery=(i * max(len(m) // 10, 1) // len(runs),
+                                                        max(len(m) // 10, 1)))
+        axes[0].plot(m.index, m.loss, **style)
+        axes[1].plot(m.index, 100 * m.batch_accuracy, **style)
+    axes[0].set(xlabel="step", ylabel="training loss (20-step mean)", yscale="log")
+    for set_formatter in (axes[0].yaxis.set_major_formatter, axes[0].yaxis.set_minor_formatter):
+        set_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))   # 0.2, not 2x10^-1
+    axes[1].set(xlabel="step", ylabel="batch accuracy % (20-step mean)")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    same = _coinciding({k: m.loss.to_numpy() for k, m in smooth.items()}, rtol=0.02)
+    note = f" The curves of {'; '.join(' and '.join(p) for p in same)} lie within 2% of each " \
+           f"other throughout; line styles and markers tell them apart." if same else ""
+    return _save(fig, out, "runs_curves.png"), ("Training loss and batch accuracy per step, "
+                                                "smoothed over 20 steps." + note)
+
+
+def _coinciding(curves: dict, rtol: float) -> list[tuple[str, str]]:
+    """Pairs of equally long curves that agree within `rtol` everywhere."""
+    names = list(curves)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if len(curves[a]) == len(curves[b]) and np.allclose(curves[a], curves[b], rtol=rtol)]
 
 
 def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
@@ -114,65 +323,87 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
     """From the cost model: every scheme on every config, the share of each pass, a TCM sweep."""
     sec = Section(f"{model}, batch {batch}, from the cost model")
     rows, per_layer = [], []
-    for hw in hws:
-        for q, r in SCHEMES:
-            ledger = fqtsim.cost.training_step(hw, model, batch, q, r, grad_bits)
-            passes = by_pass(ledger)
-            backward = by_pass(ledger[ledger.gemm.isin(["grad_input", "grad_weight"])])
-            overhead = backward.loc[backward.index.intersection(QUANTIZER_PASSES), "energy_pj"]
-            rows.append({"hw": hw.name, "quantizer": q, "range": r,
-                         "energy_mJ": ledger.energy_pj.sum() / 1e9, "cycles_G": ledger.cycles.sum() / 1e9,
-                         "ddr_GB": passes.ddr_bytes.sum() / 1e9, "tcm_GB": passes.tcm_bytes.sum() / 1e9,
-                         "quantizer_mJ": overhead.sum() / 1e9,
-                         **{f"{p}_mJ": overhead.get(p, 0.0) / 1e9 for p in QUANTIZER_PASSES}})
-            if (q, r) == ("psq", "dynamic"):
-                layer = ledger.groupby("layer", sort=False)[["energy_pj", "bytes", "cycles"]].sum()
-                per_layer.append(layer.assign(hw=hw.name).reset_index())
+    log.info(f"report: cost model of {model}, {len(SCHEMES)} schemes on {len(hws)} configs")
+    jobs = [(hw, q, r) for hw in hws for q, r in SCHEMES]
+    for hw, q, r in tqdm(jobs, desc=f"{model} schemes", disable=None, leave=False):
+        ledger = fqtsim.cost.training_step(hw, model, batch, q, r, grad_bits)
+        passes, overhead = by_pass(ledger), quantizer_energy(ledger)
+        rows.append({"hw": hw.name, "quantizer": q, "range": r,
+                     "energy_mJ": ledger.energy_pj.sum() / 1e9, "cycles_G": ledger.cycles.sum() / 1e9,
+                     "ddr_GB": passes.ddr_bytes.sum() / 1e9, "tcm_GB": passes.tcm_bytes.sum() / 1e9,
+                     "quantizer_mJ": overhead.sum() / 1e9,
+                     **{f"{p}_mJ": overhead[p] / 1e9 for p in QUANTIZER_PASSES}})
+        if (q, r) == ("psq", "dynamic"):
+            layer = ledger.groupby("layer", sort=False)[["energy_pj", "bytes", "cycles"]].sum()
+            layer.insert(0, "energy_mJ", layer.pop("energy_pj") / 1e9)
+            per_layer.append(layer.reset_index().assign(hw=hw.name))
     table = pd.DataFrame(rows)
     for hw_name, group in table.groupby("hw", sort=False):
         ptq = group[(group.quantizer == "ptq") & (group.range == "dynamic")].iloc[0]
         table.loc[group.index, "energy_vs_ptq"] = group.energy_mJ / ptq.energy_mJ
         table.loc[group.index, "cycles_vs_ptq"] = group.cycles_G / ptq.cycles_G
-    sec.tables.append((f"{model}_schemes", table))
-    sec.tables.append((f"{model}_layers_psq_dynamic", pd.concat(per_layer, ignore_index=True)))
-    sec.text += [_reading(table)]
+    sec.text += ["Energies in this section are per training step, in mJ.", _reading(table)]
+    sec.tables.append((f"{model}_schemes", table,
+                       f"One training step of {model} at batch {batch} for every gradient "
+                       f"quantizer and range policy on every config: totals, what the quantizer's "
+                       f"passes add on the backward GEMMs, and energy and cycles relative to "
+                       f"dynamic PTQ on the same config."))
+    layers = pd.concat(per_layer, ignore_index=True)
+    sec.tables.append((f"{model}_layers_psq_dynamic", layers[["hw", *layers.columns[:-1]]],
+                       f"Per layer of {model}, one training step with dynamic PSQ: energy, bytes "
+                       f"moved (all levels) and cycles, on each config."))
 
     fig, ax = plt.subplots(figsize=(11, 4))
-    labels = [f"{r.hw}\n{r.quantizer} {r.range}" for r in table.itertuples()]
+    labels = [f"{r.hw}\n{r.quantizer}\n{r.range}" for r in table.itertuples()]
     bottom = pd.Series(0.0, index=table.index)
     for p in QUANTIZER_PASSES:
-        ax.bar(labels, table[f"{p}_mJ"], bottom=bottom, label=p)
+        ax.bar(labels, table[f"{p}_mJ"], bottom=bottom, label=p, color=PASS_COLORS[p])
         bottom += table[f"{p}_mJ"]
     ax.set(ylabel="quantizer energy per step (mJ)", title=f"{model}: what each gradient quantizer adds")
     ax.tick_params(axis="x", labelsize=7)
-    ax.legend(fontsize=8)
-    sec.plots.append(_save(fig, out, f"{model}_quantizer_energy.png"))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    sec.plots.append((_save(fig, out, f"{model}_quantizer_energy.png"), "Energy per step that "
+                      "each gradient quantizer's passes add on the backward GEMMs, by pass."))
 
     sweep = tcm_sweep(hws[0], model, batch, grad_bits)
-    sec.tables.append((f"{model}_tcm_sweep_{hws[0].name}", sweep))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (q, r), group in sweep.groupby(["quantizer", "range"], sort=False):
-        ax.plot(group.tcm_kib, group.ddr_GB, marker="o", label=f"{q} {r}")
-    ax.set(xscale="log", xlabel="TCM size (KiB)", ylabel="DDR bytes per step (GB)",
-           title=f"{model} on {hws[0].name}: where the wide gradient stops fitting on chip")
-    ax.legend(fontsize=8)
-    sec.plots.append(_save(fig, out, f"{model}_tcm_sweep.png"))
+    sec.tables.append((f"{model}_tcm_sweep_{hws[0].name}", sweep,
+                       f"DDR traffic and energy of one training step on {hws[0].name} with the "
+                       f"TCM size changed, for four schemes."))
+    sec.plots.append(_sweep_plot(sweep, model, hws[0].name, out))
     sec.text.append(f"TCM sweep on {hws[0].name}: DDR traffic per step as the TCM grows from "
                     f"{sweep.tcm_kib.min():,.0f} KiB to {sweep.tcm_kib.max():,.0f} KiB; a drop marks "
                     f"layers whose wide gradient (or wide output) now stays on chip.")
     return sec
 
 
+def _sweep_plot(sweep: pd.DataFrame, model: str, hw_name: str, out: Path) -> tuple[str, str]:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    groups = list(sweep.groupby(["quantizer", "range"], sort=False))
+    for i, ((q, r), group) in enumerate(groups):
+        ls, marker = STYLES[i % len(STYLES)]
+        ax.plot(group.tcm_kib, group.ddr_GB, linestyle=ls, marker=marker, markersize=11 - 2 * i,
+                markerfacecolor="none", label=f"{q} {r}")
+    ax.set(xscale="log", xlabel="TCM size (KiB)", ylabel="DDR bytes per step (GB)",
+           title=f"{model} on {hw_name}: where the wide gradient stops fitting on chip")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    same = _coinciding({f"{q} {r}": g.ddr_GB.to_numpy() for (q, r), g in groups}, rtol=1e-9)
+    note = f" {'; '.join(' and '.join(p) for p in same)} coincide (the same DDR traffic at " \
+           f"every size)." if same else ""
+    return _save(fig, out, f"{model}_tcm_sweep.png"), "DDR bytes per step against TCM size." + note
+
+
 def tcm_sweep(hw: HWConfig, model: str, batch: int, grad_bits: int = 8,
               sizes_kib=tuple(2 ** i for i in range(6, 19))) -> pd.DataFrame:
+    jobs = [(size, q, r) for size in sizes_kib
+            for q, r in (("ptq", "dynamic"), ("psq", "dynamic"), ("bhq", "dynamic"), ("psq", "delayed"))]
+    log.info(f"report: TCM sweep of {model} on {hw.name}, {len(jobs)} cost-model steps")
     rows = []
-    for size in sizes_kib:
+    for size, q, r in tqdm(jobs, desc="TCM sweep", disable=None, leave=False):
         variant = dataclasses.replace(hw, tcm=dataclasses.replace(hw.tcm, size_kib=float(size)))
-        for q, r in (("ptq", "dynamic"), ("psq", "dynamic"), ("bhq", "dynamic"), ("psq", "delayed")):
-            ledger = fqtsim.cost.training_step(variant, model, batch, q, r, grad_bits)
-            rows.append({"tcm_kib": size, "quantizer": q, "range": r,
-                         "ddr_GB": ledger.loc[ledger.level == "ddr", "bytes"].sum() / 1e9,
-                         "energy_mJ": ledger.energy_pj.sum() / 1e9})
+        ledger = fqtsim.cost.training_step(variant, model, batch, q, r, grad_bits)
+        rows.append({"tcm_kib": size, "quantizer": q, "range": r,
+                     "ddr_GB": ledger.loc[ledger.level == "ddr", "bytes"].sum() / 1e9,
+                     "energy_mJ": ledger.energy_pj.sum() / 1e9})
     return pd.DataFrame(rows)
 
 
@@ -198,19 +429,23 @@ def _reading(table: pd.DataFrame) -> str:
     return " ".join(lines)
 
 
-def _stacked(passes: pd.DataFrame, column: str, ylabel: str, scale: float, out: Path, name: str) -> str:
-    wide = (passes[column] * scale).unstack(level=1).fillna(0.0)
-    wide = wide.loc[:, (wide != 0).any()]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    wide.plot.bar(stacked=True, ax=ax, rot=0)
+def _stacked(passes: pd.DataFrame, column: str, ylabel: str, scale: float, out: Path, name: str,
+             caption: str) -> tuple[str, str]:
+    runs = list(dict.fromkeys(passes.index.get_level_values(0)))
+    wide = (passes[column] * scale).unstack(level=1).reindex(runs).fillna(0.0)
+    wide = wide[[p for p in PASS_COLORS if p in wide.columns and (wide[p] != 0).any()]]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    long = max(map(len, runs)) * len(runs) > 80   # labels that would overlap if level
+    wide.plot.bar(stacked=True, ax=ax, rot=25 if long else 0, color=[PASS_COLORS[p] for p in wide])
+    if long:
+        plt.setp(ax.get_xticklabels(), ha="right")
     ax.set(ylabel=ylabel, xlabel="")
-    ax.legend(fontsize=7, ncol=2)
-    return _save(fig, out, name)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _save(fig, out, name), caption
 
 
 def _save(fig, out: Path, name: str) -> str:
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")   # "tight": legends outside the axes
     plt.close(fig)
     return name
 
@@ -233,38 +468,76 @@ def build_report(out: str | Path, runs=(), model: str | None = None, batch: int 
             sections.append(runs_section([Path(r) for r in runs], tmp))
         if model:
             sections.append(analytic_section(model, batch, hws, tmp, grad_bits))
+        log.info(f"report: writing {out}")
         _write(sections, tmp, command)
 
     replace_dir(build, out)
     return out
 
 
+def _cell(v) -> str:
+    """Numbers for reading: thousands separators, four significant digits below 1,000."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
+        return str(v)
+    if isinstance(v, (int, np.integer)) or abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return "0" if v == 0 else f"{v:.4g}"
+
+
+def _shown(name: str, table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows the page shows, and a note saying what was cut and where the rest is."""
+    if len(table) <= MAX_ROWS:
+        return table, ""
+    return table.head(MAX_ROWS), (f"The first {MAX_ROWS:,} of {len(table):,} rows are shown; "
+                                  f"the full table is in {name}.csv.")
+
+
+def _html_table(table: pd.DataFrame) -> str:
+    numeric = [pd.api.types.is_numeric_dtype(t) for t in table.dtypes]
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    rows = ["<tr>" + "".join(f"<td{' class=n' if n else ''}>{html.escape(_cell(v))}</td>"
+                             for v, n in zip(row, numeric)) + "</tr>"
+            for row in table.itertuples(index=False)]
+    return f"<div class=scroll><table><tr>{head}</tr>{''.join(rows)}</table></div>"
+
+
 def _write(sections: list[Section], out: Path, command: str):
-    md = ["# fqtsim overhead report", "",
-          "What the gradient quantizers PTQ, PSQ and BHQ cost on the simulated hardware, with dynamic "
-          "ranges (written at accumulator width before requantization) and delayed ranges (fused).",
-          "", f"Regenerate: `{command}`" if command else "", ""]
-    page = [f"<h1>fqtsim overhead report</h1><p>{html.escape(md[2])}</p>"]
+    intro = ("What the gradient quantizers PTQ, PSQ and BHQ cost on the simulated hardware, with "
+             "dynamic ranges (written at accumulator width before requantization) and delayed "
+             "ranges (fused).")
+    md, page = ["# fqtsim overhead report", "", intro, ""], [f"<h1>fqtsim overhead report</h1><p>{html.escape(intro)}</p>"]
     if command:
+        md += [f"Regenerate: `{command}`", ""]
         page.append(f"<p>Regenerate: <code>{html.escape(command)}</code></p>")
     for sec in sections:
         md += [f"## {sec.title}", ""]
         page.append(f"<h2>{html.escape(sec.title)}</h2>")
+        if sec.warnings:
+            md += [f"> **Warning:** {sec.warnings[0]}", ">", *[f"> - {w}" for w in sec.warnings[1:]], ""]
+            items = "".join(f"<li>{html.escape(w)}</li>" for w in sec.warnings[1:])
+            page.append(f"<div class=warning><b>Warning:</b> {html.escape(sec.warnings[0])}<ul>{items}</ul></div>")
         for text in sec.text:
             md += [text, ""]
             page.append(f"<p>{html.escape(text)}</p>")
-        for name in sec.plots:
-            md += [f"![{name}]({name})", ""]
+        for name, caption in sec.plots:
+            md += [f"![{name}]({name})", "", f"*{caption}*", ""]
             data = base64.b64encode((out / name).read_bytes()).decode()
-            page.append(f'<img alt="{name}" src="data:image/png;base64,{data}">')
-        for name, table in sec.tables:
+            page.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        for name, table, caption in sec.tables:
             table.to_csv(out / f"{name}.csv", index=False)
-            shown = table if len(table) <= 40 else table.head(40)
-            md += [f"### {name} ({name}.csv)", "", markdown_table(shown)]
-            page.append(f"<h3>{html.escape(name)}</h3>" + shown.to_html(index=False, float_format="{:,.3g}".format))
+            shown, cut = _shown(name, table)
+            md += [f"### {name} ({name}.csv)", "", markdown_table(shown.map(_cell)), caption, ""]
+            md += [f"**{cut}**", ""] if cut else []
+            page.append(f"<h3>{html.escape(name)} (<a href='{name}.csv'>{name}.csv</a>)</h3>"
+                        + _html_table(shown) + f"<p class=caption>{html.escape(caption)}</p>"
+                        + (f"<p class=cut>{html.escape(cut)}</p>" if cut else ""))
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>fqtsim report</title><style>"
-        "body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
-        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}img{max-width:100%}"
+        "figure{margin:1em 0}figcaption,.caption{font-size:13px;color:#444;font-style:italic}"
+        ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}td.n{text-align:right}td:first-child{white-space:nowrap}th{background:#f3f3f3;overflow-wrap:anywhere}"
+        ".warning{border:2px solid #c00;background:#fff0f0;padding:.5em 1em}.cut{font-weight:bold}"
         "</style></head><body>" + "\n".join(page) + "</body></html>")

@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fqtsim=${FQTSIM:-.venv/bin/fqtsim}
+# --restart: a run directory left from an earlier config is replaced, not refused
 for q in ptq psq bhq; do
-  "$fqtsim" run --quantizer "$q" --out "runs/example/fqt-$q" > /dev/null
+  "$fqtsim" run --quantizer "$q" --out "runs/example/fqt-$q" --restart > /dev/null
 done
 for mode in fp32 qat; do
-  "$fqtsim" run --mode "$mode" --out "runs/example/$mode" > /dev/null
+  "$fqtsim" run --mode "$mode" --out "runs/example/$mode" --restart > /dev/null
 done
 "$fqtsim" report runs/example/fp32 runs/example/qat runs/example/fqt-ptq runs/example/fqt-psq \
   runs/example/fqt-bhq --model resnet50 --batch 64 --hw hw_configs/npu.yaml \

@@ -1,8 +1,16 @@
 """Reports: from runs and from the cost model, written whole, self-contained HTML; workloads."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
 from conftest import HW_DIR
+from fqtsim import report
 from fqtsim.cli import main
 from fqtsim.report import build_report, pass_of
 from fqtsim.train import RunConfig, train
@@ -65,3 +73,93 @@ def test_transformer_block_shapes():
     assert sum(layer.weights for layer in layers) == 12 * 768 * 768
     scores = next(l for l in layers if l.name == "scores")
     assert (scores.rows, scores.k, scores.n, scores.repeat) == (512, 64, 512, 12)
+
+
+# Runs that differ in one field each from the first: model, hw, seed
+@pytest.fixture(scope="module")
+def varied_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("varied")
+    variants = {"base": {}, "cnn": {"model": "cnn"}, "acc16": {"hw": str(HW_DIR / "npu-acc16.yaml")},
+                "seed1": {"seed": 1}}
+    for name, change in variants.items():
+        train(RunConfig(**{"hw": NPU, "dataset": "synthetic", "epochs": 1, "batch_size": 200,
+                           "out": str(root / name), **change}), progress=False)
+    return [root / name for name in variants]
+
+
+def copy_run(src, dst, **summary_changes):
+    """A copy of run `src` with summary.json keys changed (None: removed)."""
+    shutil.copytree(src, dst)
+    summary = json.loads((dst / "summary.json").read_text())
+    for key, value in summary_changes.items():
+        summary.pop(key) if value is None else summary.__setitem__(key, value)
+    (dst / "summary.json").write_text(json.dumps(summary))
+    return dst
+
+
+def test_runs_are_labelled_by_what_differs_and_no_row_is_lost(tmp_path, varied_runs):
+    build_report(tmp_path / "r", runs=varied_runs)
+    runs = pd.read_csv(tmp_path / "r" / "runs.csv")
+    assert list(runs.run) == ["mlp npu seed 0", "cnn npu seed 0", "mlp npu-acc16 seed 0", "mlp npu seed 1"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    for table in ("runs_by_pass_per_step", "runs_by_layer_per_step"):
+        assert set(pd.read_csv(tmp_path / "r" / f"{table}.csv").run) == set(runs.run)
+    for label in runs.run:
+        assert md.count(f"| {label} |") > 3   # in every table
+    assert "rows are shown" not in md
+    assert "accumulator overflows" in runs.set_index("run").loc["mlp npu-acc16 seed 0", "warnings"]
+
+
+def test_equal_labels_fall_back_to_the_run_directory(tmp_path, varied_runs):
+    twin = copy_run(varied_runs[0], tmp_path / "twin")
+    build_report(tmp_path / "r", runs=[varied_runs[0], twin])
+    assert list(pd.read_csv(tmp_path / "r" / "runs.csv").run) == ["base", "twin"]
+
+
+def test_long_tables_say_what_was_cut(tmp_path, varied_runs, monkeypatch):
+    monkeypatch.setattr(report, "MAX_ROWS", 5)
+    build_report(tmp_path / "r", runs=varied_runs[:2])
+    rows = len(pd.read_csv(tmp_path / "r" / "runs_by_pass_per_step.csv"))
+    note = f"The first 5 of {rows} rows are shown; the full table is in runs_by_pass_per_step.csv."
+    assert note in (tmp_path / "r" / "report.md").read_text()
+    assert note in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_a_broken_run_is_flagged_even_from_an_older_summary(tmp_path, two_runs):
+    broken = copy_run(two_runs[1], tmp_path / "broken", accuracy=0.1, overflows=5_000_000, warnings=None)
+    build_report(tmp_path / "r", runs=[two_runs[1], broken])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "> **Warning:** " in md and "runs did not train as they should" in md
+    assert "test accuracy 10.0% is at chance" in md and "5,000,000 accumulator overflows" in md
+    assert "class=warning" in (tmp_path / "r" / "report.html").read_text()
+    runs = pd.read_csv(tmp_path / "r" / "runs.csv").set_index("directory")
+    assert "at chance" in runs.loc[str(broken), "warnings"]
+
+
+def test_incomplete_runs_are_refused_clearly(tmp_path, two_runs):
+    missing = copy_run(two_runs[1], tmp_path / "missing", accuracy=None)
+    with pytest.raises(ValueError, match=r"missing/summary.json: missing key 'accuracy'"):
+        build_report(tmp_path / "r", runs=[missing])
+    for name, cut in (("ledger.csv", 0.5), ("ledger.csv", 0.999), ("metrics.csv", 0.6)):
+        run = copy_run(two_runs[1], tmp_path / f"cut-{name}-{cut}")
+        text = (run / name).read_text()
+        (run / name).write_text(text[:int(len(text) * cut)])
+        with pytest.raises(ValueError, match=f"{run.name}/{name}: .*(truncated|unreadable)"):
+            build_report(tmp_path / "r", runs=[run])
+    unfinished = copy_run(two_runs[1], tmp_path / "unfinished")
+    (unfinished / "summary.json").unlink()
+    (unfinished / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"unfinished run .* running the same command again"):
+        build_report(tmp_path / "r", runs=[unfinished])
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (reports/screenshots.sh)")
+def test_report_renders_in_a_headless_browser(tmp_path, two_runs):
+    build_report(tmp_path / "r", runs=two_runs)
+    script = Path(__file__).resolve().parent.parent / "reports" / "screenshots.sh"
+    subprocess.run(["bash", str(script), str(tmp_path / "r"), str(tmp_path / "shots")], check=True,
+                   capture_output=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    from PIL import Image
+    page = Image.open(tmp_path / "shots" / "full.png")
+    assert page.width == 1200 and page.height > 1500   # the page laid out, plots and tables shown
