@@ -3,6 +3,6 @@
 Data flows one way: YAML -> `HWConfig` -> `Device` (kernels + loop nest) and `fqtsim.cost`
 (closed form) -> ledger of events (bytes, ops, energy, cycles).
 """
-from fqtsim.hw import HWConfig, load_hw
+from fqtsim.hw import HWConfig, load_hw, resolve_hw, shipped
 
-__all__ = ["HWConfig", "load_hw"]
+__all__ = ["HWConfig", "load_hw", "resolve_hw", "shipped"]

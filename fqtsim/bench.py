@@ -7,12 +7,16 @@ printed; the command line (`fqtsim bench`) formats the table with `format_bench`
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from kernels import int_gemm
+
+log = logging.getLogger(__name__)
 
 SHAPES = ((256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
           (128, 784, 512), (784, 128, 512), (4096, 576, 64))
@@ -40,7 +44,7 @@ def _best(fn, repeat: int) -> float:
 
 
 def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 7,
-               seed: int = 0) -> pd.DataFrame:
+               seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """Time `int_gemm` per (shape, mode) against a float32 matmul of the same shape.
 
     shapes: (M, K, N) tuples (default `SHAPES`); modes: names from `MODES` (default all).
@@ -53,11 +57,15 @@ def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 7,
     busy threads on one core (seen for ~0.1 s at a time on 2-core VMs), spoils one round of a
     row, not all of them.
     Columns: shape ("MxKxN"), mode, emulated_s, sgemm_s, ratio (= sgemm_s / emulated_s),
-    gops (emulated giga-MACs per second), overflows.
+    gops (emulated giga-MACs per second), overflows. `progress`: a bar on a terminal (stderr),
+    else a log line per round; the bar is updated between timed blocks, never inside one.
     """
     shapes = SHAPES if shapes is None else shapes
     modes = list(MODES) if modes is None else list(modes)
     cases = []
+    started = time.perf_counter()
+    bar = tqdm(total=len(shapes) * len(modes) * (1 + rounds), desc="bench gemm", unit="case",
+               disable=None if progress else True)   # None: on a terminal only
     for m, k, n in shapes:
         rng = np.random.default_rng([seed, m, k, n])     # same data whatever the shape list
         a = rng.integers(-128, 128, (m, k), dtype=np.int8)
@@ -71,12 +79,17 @@ def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 7,
                               sgemm=lambda af=af, bf=bf: np.matmul(af, bf),
                               emulated=lambda a=a, b=b, kw=MODES[mode]: int_gemm(a, b, **kw),
                               sgemm_s=float("inf"), emulated_s=float("inf")))
+            bar.update()
     order = np.random.default_rng(seed)
-    for _ in range(rounds):
+    for done in range(1, rounds + 1):
         for i in order.permutation(len(cases)):
             for key in ("sgemm", "emulated"):
                 time.sleep(_SETTLE_S)
                 cases[i][key + "_s"] = min(cases[i][key + "_s"], _best(cases[i][key], repeat))
+            bar.update()
+        if progress and bar.disable:
+            log.info(f"bench gemm: round {done}/{rounds}, {time.perf_counter() - started:.0f} s")
+    bar.close()
     return pd.DataFrame([dict(shape=c["shape"], mode=c["mode"], emulated_s=c["emulated_s"],
                               sgemm_s=c["sgemm_s"], ratio=c["sgemm_s"] / c["emulated_s"],
                               gops=c["macs"] / c["emulated_s"] / 1e9, overflows=c["overflows"])
@@ -101,7 +114,7 @@ def format_bench(df: pd.DataFrame) -> str:
 
 def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digits", 32),
                      ("cnn", "digits", 32)), steps: int = 60, rounds: int = 3,
-                     quantizer: str = "psq") -> pd.DataFrame:
+                     quantizer: str = "psq", progress: bool = True) -> pd.DataFrame:
     """One training step (forward, backward, SGD update) of FQT on the device against the same
     model's fp32 torch step, same batch, timed alternately in this process.
 
@@ -118,6 +131,9 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
 
     hw = load_hw(hw_path)
     rows = []
+    started = time.perf_counter()
+    bar = tqdm(total=len(cases) * rounds * 2, desc="bench step", unit="block",
+               disable=None if progress else True)
     for model_name, dataset, batch in cases:
         data = load(dataset)
         data = data.as_images() if model_name == "cnn" else data
@@ -148,7 +164,12 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
                 for _ in range(steps):
                     step()
                 best[mode] = min(best[mode], (time.perf_counter() - t0) / steps)
+                bar.update()
+        if progress and bar.disable:
+            log.info(f"bench step: {model_name} on {dataset} done, "
+                     f"{time.perf_counter() - started:.0f} s")
         rows.append(dict(model=model_name, dataset=dataset, batch=batch, quantizer=quantizer,
                          fp32_ms=best["fp32"] * 1e3, fqt_ms=best["fqt"] * 1e3,
                          ratio=best["fqt"] / best["fp32"]))
+    bar.close()
     return pd.DataFrame(rows)

@@ -4,10 +4,16 @@
     fqtsim cost --hw hw_configs/npu.yaml --gemm 128x784x512 [--gemm ...] [--quantizer ptq psq bhq]
     fqtsim report runs/A runs/B --model resnet50 --hw hw_configs/npu.yaml --out reports/NAME
     fqtsim bench
+
+Every option is given at most once (only `cost --gemm` and `report --hw` repeat); `--hw` takes a
+YAML path or the name of a shipped config (npu, npu-acc16, dsp, mcu), and the default
+hw_configs/npu.yaml is the shipped one when the current directory has no such file.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import re
 import shlex
 import sys
@@ -16,6 +22,7 @@ import pandas as pd
 
 from fqtsim.schedule import METHODS, RANGE_POLICIES
 from fqtsim.train import Interrupted, RunConfig
+from fqtsim.variance import DEFAULTS as VARIANCE_DEFAULTS
 
 DEFAULT_HW = "hw_configs/npu.yaml"
 
@@ -34,12 +41,72 @@ def bits(text: str) -> int:
     return int(text)
 
 
+def int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in lo..hi (hi None: no upper bound)."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            allowed = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected {allowed}")
+        return value
+    convert.__name__ = "integer"
+    return convert
+
+
+SEED = int_in(0, 2**32 - 1)    # numpy and torch take seeds of 0..2^32 - 1
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (not nan, inf or negative)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected a finite number > 0")
+    return value
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless the help already names it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None
+                or default is False or default is argparse.SUPPRESS or default == []):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Defaults in the help; a usage error is one line (as every other error of the command),
+    not the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _hw_help(default: str) -> str:
+    from fqtsim.hw import shipped
+    return (f"hardware config: a YAML file, or a shipped config by name ({', '.join(shipped())}); "
+            f"default {default} (the shipped one when ./{default} does not exist)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fqtsim", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fqtsim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     cost = sub.add_parser("cost", help="closed-form bytes, ops, energy and cycles of GEMMs")
-    cost.add_argument("--hw", default=DEFAULT_HW, help=f"hardware config YAML (default {DEFAULT_HW})")
+    cost.add_argument("--hw", default=DEFAULT_HW, help=_hw_help(DEFAULT_HW))
     cost.add_argument("--gemm", type=parse_gemm, action="append", required=True, metavar="MxKxN",
                       help="GEMM shape: A is M x K, B is K x N; repeat for several")
     cost.add_argument("--a-bits", type=bits, default=8,
@@ -64,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = RunConfig()
     run = sub.add_parser("run", help="train a model with its GEMMs on the simulated device")
-    run.add_argument("--hw", default=defaults.hw, help=f"hardware config YAML (default {defaults.hw})")
+    run.add_argument("--hw", default=defaults.hw, help=_hw_help(defaults.hw))
     run.add_argument("--quantizer", default=defaults.quantizer,
                      help=f"activation-gradient quantizer: {', '.join(METHODS)} (default psq)")
     run.add_argument("--mode", default=defaults.mode,
@@ -72,14 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=defaults.model, help="mlp (default) or cnn")
     run.add_argument("--dataset", default=defaults.dataset,
                      help="digits (default), mnist1d or synthetic")
-    run.add_argument("--grad-bits", type=integer, default=defaults.grad_bits,
+    run.add_argument("--grad-bits", type=bits, default=defaults.grad_bits,
                      help="activation-gradient bits, 2..8 (default 8)")
     run.add_argument("--range", dest="range_policy", default=defaults.range_policy,
                      help="gradient ranges: dynamic (default) or delayed")
-    run.add_argument("--epochs", type=integer, default=defaults.epochs)
-    run.add_argument("--batch-size", type=integer, default=defaults.batch_size)
-    run.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    run.add_argument("--seed", type=integer, default=defaults.seed)
+    run.add_argument("--epochs", type=int_in(1), default=defaults.epochs, help="training epochs")
+    run.add_argument("--batch-size", type=int_in(1), default=defaults.batch_size,
+                     help="samples per training step")
+    run.add_argument("--lr", type=positive_float, default=defaults.lr,
+                     help="peak learning rate (one-cycle schedule)")
+    run.add_argument("--seed", type=SEED, default=defaults.seed,
+                     help="seed of the data split, initialization, batch order and rounding")
     run.add_argument("--out", help="run directory (default runs/<hw>-<model>-<dataset>-<mode>-seed<seed>); "
                                     "running the same config into it again resumes from its last "
                                     "checkpoint")
@@ -100,30 +170,40 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"one or more values (default {' '.join(map(str, default))})")
     sw.add_argument("--out", required=True, help="sweep directory; a re-run skips finished points")
     sw.add_argument("--workers", type=integer, help="parallel runs (default: one per core)")
-    sw.add_argument("--scheduler", help="run on a Dask cluster: its address, or 'local' for an "
-                                        "embedded one (default: a process pool)")
+    sw.add_argument("--scheduler", help="run on a Dask cluster: its address (given up after 10 s "
+                                        "if unreachable), or 'local' for an embedded one "
+                                        "(default: a process pool)")
 
     var = sub.add_parser("variance", help="gradient variance per layer against its bound, PTQ/PSQ/BHQ "
                                           "at 2..8 bits, on the device")
-    var.add_argument("--hw", default=defaults.hw)
-    var.add_argument("--model", default="mlp", help="mlp (default) or cnn")
-    var.add_argument("--dataset", default="digits", help="digits (default), mnist1d or synthetic")
+    var.add_argument("--hw", default=defaults.hw, help=_hw_help(defaults.hw))
+    var.add_argument("--model", help="mlp or cnn (default mlp; not with --run, whose model is used)")
+    var.add_argument("--dataset", help="digits, mnist1d or synthetic (default digits; not with --run)")
     var.add_argument("--run", dest="from_run", help="use this fqtsim run directory's trained model "
-                                                    "instead of training one (QAT) first")
-    var.add_argument("--epochs", type=integer, default=3, help="QAT epochs before measuring (default 3)")
-    var.add_argument("--batch-size", type=integer, default=64)
-    var.add_argument("--batches", type=integer, default=16, help="batches for the sampling variance")
-    var.add_argument("--draws", type=integer, default=32, help="backward passes per quantizer and width")
-    var.add_argument("--bits", type=bits, nargs="+", default=list(range(2, 9)))
-    var.add_argument("--quantizer", nargs="+", choices=METHODS, default=list(METHODS), dest="quantizers")
-    var.add_argument("--seed", type=integer, default=0)
+                                                    "(and its dataset and seed) instead of "
+                                                    "training one (QAT) first")
+    var.add_argument("--epochs", type=int_in(1),
+                     help=f"QAT epochs before measuring (default {VARIANCE_DEFAULTS['epochs']}; "
+                          f"not with --run)")
+    var.add_argument("--batch-size", type=int_in(1), default=64,
+                     help="samples per batch (training and measuring)")
+    var.add_argument("--batches", type=int_in(2), default=16, help="batches for the sampling variance")
+    var.add_argument("--draws", type=int_in(2), default=32,
+                     help="backward passes per quantizer and width")
+    var.add_argument("--bits", type=bits, nargs="+", default=list(range(2, 9)),
+                     help="gradient widths to measure")
+    var.add_argument("--quantizer", nargs="+", choices=METHODS, default=list(METHODS),
+                     dest="quantizers", help="gradient quantizers to measure")
+    var.add_argument("--seed", type=SEED,
+                     help=f"seed (default {VARIANCE_DEFAULTS['seed']}; not with --run, whose seed "
+                          f"is used)")
     var.add_argument("--out", required=True, help="directory for variance.csv and variance.png")
 
     rep = sub.add_parser("report", help="overhead report (HTML, Markdown, PNG, CSV) from runs "
                                         "and/or the cost model")
     rep.add_argument("runs", nargs="*", help="run directories written by fqtsim run")
     rep.add_argument("--model", help="cost-model workload: resnet18, resnet50, transformer, mlp, cnn")
-    rep.add_argument("--batch", type=integer, default=64, help="batch for --model (default 64)")
+    rep.add_argument("--batch", type=int_in(1), default=64, help="batch for --model (default 64)")
     rep.add_argument("--hw", action="append", default=[], help="hardware config(s) for --model")
     rep.add_argument("--grad-bits", type=bits, default=8, help="gradient bits for --model")
     rep.add_argument("--out", required=True, help="report directory: new, empty, or an earlier "
@@ -140,18 +220,101 @@ def integer(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(_attach_dash_values(parser, argv))
+    _refuse_repeats(parser, argv, args.command)
     args.argv = argv
     _log_to_stderr()
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:   # output piped into a reader that stopped (| head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as e:  # bad input, unwritable paths: one line, no traceback
         parser.exit(2, f"fqtsim {args.command}: error: {_message(e)}\n")
     except Interrupted as e:   # Ctrl-C in a run: what was kept
         parser.exit(130, f"fqtsim {args.command}: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"fqtsim {args.command}: interrupted\n")
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
+def _option(sub: argparse.ArgumentParser, token: str):
+    """The option action that `token` (`--name`, `--name=value`, or a unique prefix of a long
+    option, as argparse allows) stands for, with the option as typed; (None, None) if none."""
+    if not token.startswith("-") or token == "--":
+        return None, None
+    name = token.split("=", 1)[0] if token.startswith("--") else token
+    actions = sub._option_string_actions
+    if name in actions:
+        return actions[name], name
+    if name.startswith("--"):
+        hits = {actions[o] for o in actions if o.startswith(name)}
+        if len(hits) == 1:
+            return hits.pop(), name
+    return None, None
+
+
+def _command_index(parser, argv) -> int | None:
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return next((i for i, t in enumerate(argv) if sub is not None and t in sub.choices), None)
+
+
+def _attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--gemm -1x5x5`, `--lr -1e-3`: argparse takes a value that starts with '-' for an option
+    and answers 'expected one argument'; attach it (`--gemm=-1x5x5`) so that the option's own
+    check names what is wrong. Only for options that take one value, and only when the next
+    token is not itself an option."""
+    at = _command_index(parser, argv)
+    if at is None:
+        return argv
+    sub = _subparser(parser, argv[at])
+    out = argv[:at + 1]
+    i = at + 1
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            out += argv[i:]
+            break
+        action, _ = _option(sub, token)
+        if (action is not None and action.nargs is None and "=" not in token
+                and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--"
+                and _option(sub, argv[i + 1])[0] is None):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def _refuse_repeats(parser: argparse.ArgumentParser, argv: list[str], command: str):
+    """An option given twice would silently take its last value: refuse it, naming the option
+    (except the options meant to repeat: action="append", e.g. cost --gemm, report --hw)."""
+    at = _command_index(parser, argv)
+    sub = _subparser(parser, command)
+    if at is None or sub is None:
+        return
+    seen = {}
+    for token in argv[at + 1:]:
+        if token == "--":
+            break
+        action, name = _option(sub, token)
+        if action is None or isinstance(action, (argparse._AppendAction, argparse._CountAction,
+                                                 argparse._ExtendAction, argparse._HelpAction)):
+            continue
+        if action in seen:
+            shown = name if name == seen[action] else f"{seen[action]} (as {name})"
+            sub.error(f"argument {shown}: given twice; give each option once"
+                      + (f" (several values go after one {seen[action]})"
+                         if action.nargs in ("+", "*") else ""))
+        seen[action] = name
 
 
 def _message(e: Exception) -> str:
@@ -161,12 +324,16 @@ def _message(e: Exception) -> str:
     return f"{e.filename}: {reason}" if e.filename else reason
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (tests swap it)."""
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
 def _log_to_stderr():
     """The library's progress lines (resuming, a line per epoch in logs) as plain stderr lines."""
-    import logging
     logger = logging.getLogger("fqtsim")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -179,6 +346,11 @@ def cmd_cost(args) -> int:
     from fqtsim.ledger import summarize
 
     hw = load_hw(args.hw)
+    if args.csv is not None:
+        check_file_path(args.csv, "--csv")
+    for option, values in (("--quantizer", args.quantizer or []), ("--range", args.range_policy)):
+        if len(set(values)) < len(values):
+            raise ValueError(f"{option}: {' '.join(values)} names a value twice; give each once")
     if args.quantizer:
         return quantizer_table(hw, args)
     ledger = pd.concat([fqtsim.cost.gemm(hw, m, n, k, a_bits=args.a_bits, b_bits=args.b_bits,
@@ -194,6 +366,16 @@ def cmd_cost(args) -> int:
         write_atomic(args.csv, ledger.to_csv(index=False))
         print(f"\nwrote {args.csv}")
     return 0
+
+
+def check_file_path(path: str, option: str):
+    """An output file path: not empty, not an existing directory."""
+    from pathlib import Path
+
+    if not path.strip():
+        raise ValueError(f"{option}: empty path; give a file name")
+    if Path(path).is_dir():
+        raise ValueError(f"{option}: {path} is a directory; give a file name")
 
 
 def quantizer_table(hw, args) -> int:
@@ -237,6 +419,7 @@ def cmd_run(args) -> int:
     from fqtsim.train import Diverged, train
 
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "argv", "restart")})
+    check_run_fits(cfg)
     try:
         summary = train(cfg, restart=args.restart)
     except Diverged as e:
@@ -248,6 +431,33 @@ def cmd_run(args) -> int:
         print(f"warning: {warning}")
     print(f"\nwrote {cfg.run_dir}/: config.json metrics.csv ledger.csv model.pt summary.json")
     return 0
+
+
+def check_run_fits(cfg: RunConfig):
+    """Plan every GEMM the run will put on the device (training steps of each batch size and the
+    evaluation pass) before training: a config whose tiles cannot fit, or whose MACs cannot take
+    the operand widths, is refused now, naming --hw and what to change."""
+    import numpy as np
+
+    from fqtsim import load_hw, workloads
+    from fqtsim.cost import check_training
+    from fqtsim.data import load
+
+    hw = load_hw(cfg.hw)
+    if cfg.mode == "fp32":   # nothing runs on the device
+        return
+    data = load(cfg.dataset, seed=cfg.seed)
+    if cfg.model == "cnn":
+        layers = workloads.cnn(data.image_shape, data.classes)
+    else:
+        layers = workloads.mlp(int(np.prod(data.image_shape)), data.classes)
+    train_rows = len(data.y_train)
+    steps = -(-train_rows // cfg.batch_size)
+    sizes = {train_rows // steps, -(-train_rows // steps)}   # np.array_split's batch sizes
+    check_training(hw, layers, sizes, cfg.quantizer, cfg.range_policy, cfg.grad_bits,
+                   backward=cfg.mode == "fqt", what=f"--hw {cfg.hw}")
+    check_training(hw, layers, {len(data.y_test)}, backward=False,
+                   what=f"--hw {cfg.hw} (the evaluation pass over the test set)", hint="")
 
 
 def format_summary(s: dict) -> str:
@@ -279,18 +489,22 @@ def cmd_sweep(args) -> int:
     options = {k: v for k, v in vars(args).items()
                if k not in ("command", "argv", "out", "workers", "scheduler")}
     points = grid(**options)
-    print(f"{len(points)} points -> {args.out}")
     results = sweep(points, args.out, args.workers, args.scheduler)
-    failed = results[results.status != "done"]
-    print(f"{len(results) - len(failed)} done, {len(failed)} failed; wrote {args.out}/results.csv, "
+    n = results.attrs
+    print(f"{n['points']} points: {n['skipped']} skipped (already done), {n['ran']} ran: "
+          f"{n['ran'] - n['failed']} done, {n['failed']} failed; wrote {args.out}/results.csv, "
           f"table.csv, table.md")
-    return 1 if len(failed) else 0
+    return 1 if n["failed"] else 0
 
 
 def cmd_variance(args) -> int:
     from fqtsim.variance import run
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "argv")}
+    for option, values in (("--bits", args.bits), ("--quantizer", args.quantizers)):
+        if len(set(values)) < len(values):
+            raise ValueError(f"{option}: {' '.join(map(str, values))} names a value twice; "
+                             f"give each once")
     table = run(**options)
     with pd.option_context("display.width", 200, "display.float_format", "{:.3g}".format):
         print(table.drop(columns=["model", "draws"]).to_string(index=False))

@@ -8,14 +8,16 @@ counts them.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 
-from fqtsim.hw import HWConfig
+from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
-from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
-                            stored_output_bits, wide_level)
-from fqtsim.schedule import (QuantScheme, correction_events, input_events, output_events,
+from fqtsim.mapping import (as_int, check_gemm, live_wide_elements, nbytes, phase_stalls,
+                            plan, stored_output_bits, wide_level)
+from fqtsim.schedule import (QuantScheme, as_scheme, correction_events, input_events, output_events,
                              output_writeback, rename_wide_output, update_events,
                              FORWARD_BITS, GRAD_WEIGHT_BITS, weight_gradient_method)
 
@@ -34,9 +36,19 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     with the passes of `fqtsim.schedule` before and after the GEMM (BHQ materializes the whole
     output). `a_offset`/`b_offset`: the operand's codes are affine (offset + scale * q), which
     costs a rank-1 correction after the GEMM; A's default is whether it is a quantized gradient.
+    `hw` may be a config path; `a_quant` a method name ("ptq", "psq", "bhq": dynamic ranges).
+    m, n, k and the widths are integers (numpy integers too; not bools).
     """
-    a_offset = a_quant is not None if a_offset is None else a_offset
-    check_gemm(hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+    hw = as_hw(hw)
+    a_quant = as_scheme(a_quant)
+    for option, value in (("a_offset", a_offset), ("b_offset", b_offset)):
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{option}: got {value!r}; expected True or False")
+    if not isinstance(name, str):
+        raise TypeError(f"name: got {name!r}; expected a string")
+    a_offset = a_quant is not None if a_offset is None else bool(a_offset)
+    m, n, k, a_bits, b_bits, out_bits = check_gemm(hw, m, n, k, a_bits, b_bits, out_bits,
+                                                   writeback, scope)
     handoff = writeback == "handoff"
     writeback, scope = output_writeback(a_quant, writeback, scope)
     out_store = stored_output_bits(hw, writeback, out_bits)
@@ -127,6 +139,10 @@ def overhead(hw: HWConfig, m: int, n: int, k: int, schemes, *, grad_bits: int = 
                 "vector_ops": int(ledger.loc[ledger.level == "vector", "count"].sum()),
                 "energy_pj": ledger.energy_pj.sum(), "cycles": ledger.cycles.sum()}
 
+    hw = as_hw(hw)
+    if isinstance(schemes, (str, QuantScheme)) or not isinstance(schemes, Iterable):
+        schemes = [schemes]
+    schemes = [as_scheme(s, "schemes") for s in schemes]
     base = totals(gemm(hw, m, n, k, a_bits=grad_bits, b_bits=b_bits))
     rows = []
     for scheme in schemes:
@@ -152,11 +168,18 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
 
     `model`: a name from `fqtsim.workloads` or a list of its `Layer`s.
     """
-    from fqtsim.workloads import workload
+    from fqtsim.workloads import Layer, workload
 
+    hw = as_hw(hw)
     layers = workload(model) if isinstance(model, str) else model
-    if batch < 1:
-        raise ValueError(f"batch: got {batch}; expected an integer >= 1")
+    if not isinstance(layers, Iterable) or not (layers := list(layers)) or \
+            not all(isinstance(layer, Layer) for layer in layers):
+        raise TypeError(f"model: got {model!r}; expected a workload name or a non-empty list of "
+                        f"fqtsim.workloads.Layer")
+    if (size := as_int(batch)) is None or size < 1:
+        raise ValueError(f"batch: got {batch!r}; expected an integer >= 1")
+    batch = size
+    QuantScheme(quantizer, range_policy)   # refuse a bad quantizer or range before any work
     frames = []
     for i, layer in enumerate(layers):
         m = batch * layer.rows
@@ -185,3 +208,23 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
             ledger.insert(0, "layer", layer.name)
             frames.append(ledger)
     return pd.concat(frames, ignore_index=True)
+
+
+def check_training(hw: HWConfig, layers, batches, quantizer: str = "psq",
+                   range_policy: str = "dynamic", grad_bits: int = 8, backward: bool = True,
+                   what: str = "hw", hint: str = "a smaller --batch-size") -> None:
+    """Plan every GEMM of a training step of `layers` at each batch size in `batches` (the
+    training batches and the evaluation pass) and raise one ValueError, naming the config and
+    what to change, if any of them cannot run on `hw` (tiles that cannot fit TCM, operand widths
+    the MACs do not take). `backward`: False for QAT (forward GEMMs on the device only)."""
+    for batch in sorted(set(batches), reverse=True):
+        try:
+            if backward:
+                training_step(hw, layers, batch, quantizer, range_policy, grad_bits)
+            else:
+                for layer in layers:
+                    gemm(hw, batch * layer.rows, layer.n, layer.k, a_bits=FORWARD_BITS,
+                         b_bits=FORWARD_BITS, a_offset=True, b_offset=not layer.weights)
+        except ValueError as e:
+            raise ValueError(f"{what}: {hw.name} cannot run this training (at {batch} samples per "
+                             f"GEMM): {e}; pick another config" + (f" or {hint}" if hint else "")) from None

@@ -8,26 +8,28 @@ in `device.ledger`. `fqtsim.cost` computes the same events in closed form; tests
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pandas as pd
 
-from fqtsim.hw import HWConfig
+from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
 from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
                             stored_output_bits, wide_level)
 from fqtsim.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
-from fqtsim.schedule import (FORWARD_BITS, QuantScheme, output_writeback, rename_wide_output, update_events,
-                             wide_gradient_level)
+from fqtsim.schedule import (FORWARD_BITS, QuantScheme, as_scheme, output_writeback,
+                             rename_wide_output, update_events, wide_gradient_level)
 from kernels import int_gemm
 
 
 class Device:
     """A simulated NPU/DSP described by an `HWConfig`; `ledger` holds every GEMM's events."""
 
-    def __init__(self, hw: HWConfig):
-        self.hw = hw
+    def __init__(self, hw: HWConfig | str | os.PathLike):
+        """`hw`: an `HWConfig` (from `fqtsim.load_hw`), or a config path, which is loaded."""
+        self.hw = as_hw(hw)
         self._rows: list[tuple] = []
         self._gemms = 0
         self._walks: dict[tuple, tuple] = {}
@@ -75,6 +77,11 @@ class Device:
         or per row, B per tensor or per column. `writeback`: as for `gemm` ("handoff" when the
         output feeds another quantizer).
         """
+        for label, q in (("a", a), ("b", b)):
+            if not isinstance(q, Quantized):
+                raise TypeError(f"{label}: got {type(q).__name__}; expected a Quantized operand "
+                                f"(from fqtsim.quantizers); for raw integer codes use Device.gemm")
+        scheme = as_scheme(scheme, "scheme")
         _check_realizable(a, b, scheme)
         c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, writeback, "tensor", name,
                       a_quant=scheme, qa=a, qb=b)
@@ -89,12 +96,20 @@ class Device:
 
     def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None,
              qa=None, qb=None):
+        for label, x in (("a", a), ("b", b)):
+            if not isinstance(x, np.ndarray):
+                raise TypeError(f"{label}: got a {type(x).__name__}; expected a numpy array of "
+                                f"int8 (signed) or uint8 (unsigned) codes, e.g. "
+                                f"np.asarray({label}, dtype=np.int8)")
         if np.ndim(a) != 2 or np.ndim(b) != 2:
             raise ValueError(f"a, b: got {np.ndim(a)}-D and {np.ndim(b)}-D arrays; expected 2-D codes")
         (m, k), (kb, n) = a.shape, b.shape
         if k != kb:
             raise ValueError(f"a, b: inner dimensions differ ({m}x{k} @ {kb}x{n})")
-        check_gemm(self.hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name: got {name!r}; expected a string or None")
+        m, n, k, a_bits, b_bits, out_bits = check_gemm(self.hw, m, n, k, a_bits, b_bits, out_bits,
+                                                       writeback, scope)
         _check_codes("a", a, a_bits)
         _check_codes("b", b, b_bits)
         handoff = writeback == "handoff"

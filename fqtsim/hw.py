@@ -4,12 +4,20 @@ Loading is read -> validate against the dataclasses below -> build frozen object
 are the schema: each field's type and its `check` metadata say what a YAML value may be, so a bad
 file gets one `ValueError` naming the file, the key path and what is allowed.
 
-Units: sizes in KiB, bandwidths in bytes per cycle, energies in pJ, clock in MHz.
+Units: sizes in KiB, bandwidths in bytes per cycle, energies in pJ, clock in MHz. Every figure
+also has an upper bound (e.g. at most 1e6 pJ per byte or op), so that no cost computed from a
+config can overflow to inf. A YAML key given twice is refused (plain YAML keeps the last), and so
+is a file that is not UTF-8 text.
+
+`load_hw` also takes the name of a shipped config (`npu`, `npu-acc16.yaml`), and a relative
+`hw_configs/NAME.yaml` that does not exist in the current directory is the shipped one: the
+default `--hw` works from any directory (`resolve_hw`, `shipped_dir`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,25 +30,52 @@ def _check(test, allowed):
     return field(metadata={"test": test, "allowed": allowed})
 
 
-def _positive(allowed="a finite number > 0"):
-    return _check(lambda v: 0 < v < math.inf, allowed)
+# Upper bounds: generous for any real device, small enough that no product of figures and event
+# counts (up to ~1e15 bytes or ops per step) leaves float64's range or turns to inf.
+MAX_PJ = 1e6            # pJ per byte or per op (1 uJ; DRAM is ~40 pJ per byte)
+MAX_CYCLES = 1e6        # cycles per vector instruction
+MAX_BANDWIDTH = 1e9     # bytes per cycle
+MIN_BANDWIDTH = 1e-6
+MAX_CLOCK_MHZ = 1e6
+MAX_TCM_KIB = 1 << 30   # 1 TiB
+MAX_UNITS = 1 << 16     # MAC rows, columns, vector lanes
+MAX_TILE = (1 << 31) - 1
+
+
+def _positive(allowed="a finite number > 0", hi=math.inf):
+    return _check(lambda v: 0 < v < math.inf and v <= hi, allowed)
+
+
+def _count(hi=MAX_UNITS):
+    return _positive(f"an integer > 0, at most {hi}", hi)
 
 
 def _non_negative():
-    return _check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    return _check(lambda v: 0 <= v <= MAX_PJ, f"a finite number >= 0, at most {MAX_PJ:g} (pJ)")
+
+
+def _bandwidth():
+    return _check(lambda v: MIN_BANDWIDTH <= v <= MAX_BANDWIDTH,
+                  f"a finite number > 0 (bytes per cycle, from {MIN_BANDWIDTH:g} to "
+                  f"{MAX_BANDWIDTH:g})")
 
 
 def _int_range(lo, hi):
     return _check(lambda v: lo <= v <= hi, f"an integer in {lo}..{hi}")
 
 
+def _optional_count(hi=MAX_TILE):
+    return _check(lambda v: v is None or 1 <= v <= hi, f"null or an integer >= 1, at most {hi}")
+
+
 @dataclass(frozen=True)
 class Array:
     """The MAC array: `rows x cols` MACs, output stationary (each MAC owns one output element)."""
-    rows: int = _positive("an integer > 0")
-    cols: int = _positive("an integer > 0")
+    rows: int = _count()
+    cols: int = _count()
     operand_bits: int = _int_range(2, 8)  # widest operand code the MACs take; narrower codes run too
-    clock_mhz: float = _positive()   # turns cycles into time
+    clock_mhz: float = _positive(f"a finite number > 0, at most {MAX_CLOCK_MHZ:g} (MHz)",
+                                 MAX_CLOCK_MHZ)   # turns cycles into time
 
 
 @dataclass(frozen=True)
@@ -48,16 +83,17 @@ class Accumulator:
     """Two's-complement accumulator; optional spills into a wider partial sum held in TCM."""
     bits: int = _int_range(8, 64)
     overflow: str = _check(lambda v: v in ("wrap", "saturate"), "'wrap' or 'saturate'")
-    spill_every: int | None = _check(lambda v: v is None or v >= 1, "null or an integer >= 1")
+    spill_every: int | None = _optional_count()
     psum_bits: int = _int_range(8, 64)
 
 
 @dataclass(frozen=True)
 class TCM:
     """On-chip scratchpad: operand tiles, partial sums and (when they fit) wide outputs."""
-    size_kib: float = _positive()
-    read_bytes_per_cycle: float = _positive()
-    write_bytes_per_cycle: float = _positive()
+    size_kib: float = _positive(f"a finite number > 0, at most {MAX_TCM_KIB} (KiB, 1 TiB)",
+                                MAX_TCM_KIB)
+    read_bytes_per_cycle: float = _bandwidth()
+    write_bytes_per_cycle: float = _bandwidth()
     read_pj_per_byte: float = _non_negative()
     write_pj_per_byte: float = _non_negative()
 
@@ -69,7 +105,7 @@ class TCM:
 @dataclass(frozen=True)
 class DDR:
     """Off-chip DRAM, where tensors live between layers."""
-    bytes_per_cycle: float = _positive()
+    bytes_per_cycle: float = _bandwidth()
     read_pj_per_byte: float = _non_negative()
     write_pj_per_byte: float = _non_negative()
 
@@ -78,13 +114,13 @@ class DDR:
 class VectorOp:
     """One vector-unit operation: energy per element, cycles per instruction of `lanes` elements."""
     pj: float = _non_negative()
-    cycles: float = _positive()
+    cycles: float = _positive(f"a finite number > 0, at most {MAX_CYCLES:g}", MAX_CYCLES)
 
 
 @dataclass(frozen=True)
 class Vector:
     """The vector unit beside the array: range reductions, sorting, RNG, requantization."""
-    lanes: int = _positive("an integer > 0")
+    lanes: int = _count()
     minmax: VectorOp
     add: VectorOp
     mul: VectorOp
@@ -112,9 +148,9 @@ class MacEnergy:
 class Mapping:
     """Loop nest: two tiled output loops (outer first), the K loop innermost; tiles null = derived."""
     loop_order: tuple = _check(lambda v: tuple(v) in (("n", "m"), ("m", "n")), "[n, m] or [m, n]")
-    tile_m: int | None = _check(lambda v: v is None or v >= 1, "null or an integer >= 1")
-    tile_n: int | None = _check(lambda v: v is None or v >= 1, "null or an integer >= 1")
-    tile_k: int | None = _check(lambda v: v is None or v >= 1, "null or an integer >= 1")
+    tile_m: int | None = _optional_count()
+    tile_n: int | None = _optional_count()
+    tile_k: int | None = _optional_count()
     double_buffer: bool
 
 
@@ -132,22 +168,114 @@ class HWConfig:
     description: str = ""
 
 
-def load_hw(path: str | Path) -> HWConfig:
-    """Read, validate and build a hardware config; any problem raises one ValueError."""
-    path = Path(path)
+def shipped_dir() -> Path | None:
+    """The folder of the configs that ship with fqtsim: `fqtsim/hw_configs` in an installed wheel,
+    the checkout's top-level `hw_configs/` in an editable install (None if neither is there)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "hw_configs", here.parent / "hw_configs"):
+        if (folder / "npu.yaml").is_file():
+            return folder
+    return None
+
+
+def shipped() -> list[str]:
+    """Names of the shipped configs (npu, npu-acc16, ...), which `--hw NAME` also takes."""
+    folder = shipped_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
+
+
+def resolve_hw(path: str | os.PathLike) -> Path:
+    """Where config `path` is read from: the path itself if it exists; else, for a bare name
+    (`npu`, `npu-acc16.yaml`) or a relative `hw_configs/NAME.yaml` (the default, from outside
+    the checkout), the shipped config of that name; else the path as given (reading it fails)."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"hw config: got {path!r} ({type(path).__name__}); expected a path (str "
+                        f"or pathlib.Path) to a YAML file, e.g. 'hw_configs/npu.yaml', or the name "
+                        f"of a shipped config ({', '.join(shipped())})")
+    p = Path(path)
+    if not str(path).strip():
+        raise ValueError(f"hw config: empty path; give a YAML file or one of the shipped configs "
+                         f"({', '.join(shipped())})")
+    if p.exists() or p.is_absolute():
+        return p
+    folder = shipped_dir()
+    parts = p.parts
+    if folder is not None and (len(parts) == 1 or (len(parts) == 2 and parts[0] == "hw_configs")):
+        name = parts[-1] if parts[-1].endswith((".yaml", ".yml")) else parts[-1] + ".yaml"
+        if (folder / name).is_file():
+            return folder / name
+    return p
+
+
+def load_hw(path: str | os.PathLike) -> HWConfig:
+    """Read, validate and build a hardware config; any problem raises one ValueError that names
+    the file (a path that is not a str or os.PathLike: TypeError). `path` may also name a shipped
+    config (see `resolve_hw`)."""
+    path = resolve_hw(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
-        raise ValueError(f"{path}: cannot read the hardware config ({e.strerror}); "
-                         f"give a path to a YAML file such as hw_configs/npu.yaml") from None
+        names = ", ".join(shipped())
+        raise ValueError(f"{path}: cannot read the hardware config ({e.strerror}); give a path "
+                         f"to a YAML file such as hw_configs/npu.yaml"
+                         + (f", or a shipped config: {names}" if names else "")) from None
+    except UnicodeDecodeError as e:
+        utf16 = e.object[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {e.start} is "
+                         f"{e.object[e.start]:#04x}{'; it looks like UTF-16' if utf16 else ''}); "
+                         f"a hardware config is YAML text in UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     try:
         hw = _build(HWConfig, raw, "")
         _check_consistency(hw)
     except _SchemaError as e:
         raise ValueError(f"{path}: {e}") from None
     return hw
+
+
+def as_hw(hw, argument: str = "hw") -> HWConfig:
+    """An `HWConfig` as given, or loaded from a path (str or os.PathLike); anything else is a
+    TypeError naming `argument`."""
+    if isinstance(hw, HWConfig):
+        return hw
+    if isinstance(hw, (str, os.PathLike)):
+        return load_hw(hw)
+    raise TypeError(f"{argument}: got {hw!r} ({type(hw).__name__}); expected an HWConfig from "
+                    f"fqtsim.load_hw(path), or a config path")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, without its '<unicode string>' source lines."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    if isinstance(e, yaml.reader.ReaderError):
+        c = e.character
+        c = f"{c:#04x}" if isinstance(c, int) else repr(c)
+        return f"unacceptable character {c} at position {e.position}; not a text file?"
+    return str(e).splitlines()[0]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (safe_load keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:   # an unhashable key: the schema check names it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice; give each key once", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 class _SchemaError(Exception):
@@ -192,7 +320,10 @@ def _convert(hint, value, key, f):
     if not ok:
         raise _SchemaError(f"{key}: got {value!r} ({type(value).__name__}); "
                            f"expected {_describe(hint, f)}")
-    value = tuple(value) if base is tuple else base(value)
+    try:
+        value = tuple(value) if base is tuple else base(value)
+    except OverflowError:   # an integer too large for a float
+        raise _SchemaError(f"{key}: got {value!r}; expected {_describe(hint, f)}") from None
     if not f.metadata.get("test", lambda v: True)(value):
         raise _SchemaError(f"{key}: got {value!r}; expected {_describe(hint, f)}")
     return value

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
+
+import numpy as np
 
 from fqtsim.hw import HWConfig
 
@@ -191,19 +194,38 @@ def phase_stalls(hw: HWConfig, compute: float, ddr_bytes: float, tcm_read: float
     return ddr, max(compute, tcm) - compute
 
 
+def as_int(v) -> int | None:
+    """`v` as a Python int if it is an integer (int, numpy integer; not bool), else None."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def check_gemm(hw: HWConfig, m, n, k, a_bits, b_bits, out_bits, writeback, scope):
-    """Refuse a GEMM the device cannot run, naming the argument and what is allowed."""
+    """Refuse a GEMM the device cannot run, naming the argument and what is allowed; returns
+    (m, n, k, a_bits, b_bits, out_bits) as Python ints (numpy integers are accepted, bools not)."""
+    dims = []
     for name, v in (("m", m), ("n", n), ("k", k)):
-        if not isinstance(v, int) or v < 1:
+        i = as_int(v)
+        if i is None or i < 1:
             raise ValueError(f"{name}: got {v!r}; GEMM dimensions must be integers >= 1")
+        dims.append(i)
     top = hw.array.operand_bits
+    widths = []
     for name, v in (("a_bits", a_bits), ("b_bits", b_bits)):
-        if not isinstance(v, int) or not 2 <= v <= top:
+        i = as_int(v)
+        if i is None or not 2 <= i <= top:
             raise ValueError(f"{name}: got {v!r}; {hw.name}'s MACs take operand codes of 2..{top} "
                              f"bits (array.operand_bits)")
-    if not isinstance(out_bits, int) or not 2 <= out_bits <= 8:
+        widths.append(i)
+    out = as_int(out_bits)
+    if out is None or not 2 <= out <= 8:
         raise ValueError(f"out_bits: got {out_bits!r}; output codes are 2..8 bits")
-    if writeback not in WRITEBACKS:
+    if not isinstance(writeback, str) or writeback not in WRITEBACKS:
         raise ValueError(f"writeback: got {writeback!r}; expected one of {', '.join(WRITEBACKS)}")
-    if scope not in ("tensor", "rows"):
+    if not isinstance(scope, str) or scope not in ("tensor", "rows"):
         raise ValueError(f"scope: got {scope!r}; expected 'tensor' or 'rows'")
+    return (*dims, *widths, out)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from fqtsim.hw import HWConfig
 from fqtsim.ledger import add
-from fqtsim.mapping import Tiling, live_wide_elements, nbytes, wide_bits, wide_level
+from fqtsim.mapping import Tiling, as_int, live_wide_elements, nbytes, wide_bits, wide_level
 from fqtsim.quantizers import GRADIENT_METHODS
 
 METHODS = GRADIENT_METHODS
@@ -55,16 +55,35 @@ class QuantScheme:
     rows_per_sample: int = 1   # conv layers: im2col rows per sample (PSQ/BHQ group by sample)
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"quantizer: got {self.method!r}; expected one of {', '.join(METHODS)}")
-        if self.range_policy not in RANGE_POLICIES:
+        if not isinstance(self.range_policy, str) or self.range_policy not in RANGE_POLICIES:
             raise ValueError(f"range policy: got {self.range_policy!r}; expected "
                              f"{' or '.join(RANGE_POLICIES)}")
+        if self.shared_at not in (None, "tcm", "ddr"):
+            raise ValueError(f"shared_at: got {self.shared_at!r}; expected None, 'tcm' or 'ddr'")
+        rows = self.rows_per_sample
+        if as_int(rows) is None or rows < 1:
+            raise ValueError(f"rows_per_sample: got {rows!r}; expected an integer >= 1")
 
     @property
     def materializes(self) -> bool:
         """Whether dY must be written at accumulator width before it can be requantized."""
         return self.range_policy == "dynamic" or self.method == "bhq"
+
+
+def as_scheme(scheme, argument: str = "a_quant") -> QuantScheme | None:
+    """A `QuantScheme` as given; a method name ("ptq", "psq", "bhq") as that method with dynamic
+    ranges; None as None. Anything else is a TypeError naming `argument`."""
+    if scheme is None or isinstance(scheme, QuantScheme):
+        return scheme
+    if isinstance(scheme, str):
+        if scheme not in METHODS:
+            raise ValueError(f"{argument}: got {scheme!r}; expected a QuantScheme or one of "
+                             f"{', '.join(METHODS)}")
+        return QuantScheme(scheme)
+    raise TypeError(f"{argument}: got {scheme!r} ({type(scheme).__name__}); expected a "
+                    f"fqtsim.schedule.QuantScheme, a method name ({', '.join(METHODS)}) or None")
 
 
 def bitonic_compares(n: int) -> int:

@@ -34,7 +34,7 @@ from fqtsim.data import DATASETS, load
 from fqtsim.device import Device
 from fqtsim.files import check_path, claim_dir, remove_temporaries, write_atomic
 from fqtsim.fqt import MODES, FQTConfig, Simulator, convert
-from fqtsim.hw import load_hw
+from fqtsim.hw import load_hw, resolve_hw
 from fqtsim.models import MODELS, build
 from fqtsim.quantizers import NonFiniteError
 from fqtsim.schedule import FORWARD_BITS, GRAD_WEIGHT_BITS, METHODS, RANGE_POLICIES
@@ -70,8 +70,11 @@ class RunConfig:
         for option, value in (("epochs", self.epochs), ("batch-size", self.batch_size)):
             if value < 1:
                 raise ValueError(f"--{option}: got {value}; expected an integer >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"--lr: got {self.lr}; expected a number > 0")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"--lr: got {self.lr}; expected a finite number > 0")
+        top = 2**32 - 1   # numpy and torch take seeds of 0..2^32 - 1 everywhere
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= top:
+            raise ValueError(f"--seed: got {self.seed!r}; expected an integer in 0..{top}")
         if self.out is not None:
             check_path(self.out)
 
@@ -104,7 +107,7 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
         raise ValueError(f"--hw: {hw.name}'s MACs take operand codes of at most "
                          f"{hw.array.operand_bits} bits; training uses {needed}-bit forward and "
                          f"weight-gradient codes")
-    run_dir = claim_dir(cfg.run_dir, "run", inputs=[cfg.hw])
+    run_dir = claim_dir(cfg.run_dir, "run", inputs=[resolve_hw(cfg.hw)])
     config = {**asdict(cfg), "out": str(run_dir), "hw_config": asdict(hw)}
     config = json.loads(json.dumps(config, default=list))   # as config.json holds it
     if restart and run_dir.exists():

@@ -16,7 +16,9 @@ For a trained model and fixed batches, per layer (the weight gradient):
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +26,16 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from fqtsim.fqt import FQTConfig, FQTConv2d, FQTLinear, Simulator
 from fqtsim.quantizers import variance_bound
 from fqtsim.schedule import GRAD_WEIGHT_BITS, weight_gradient_method
+
+log = logging.getLogger(__name__)
+
+# What `run` uses when no --run is given (with --run, the run's own model, dataset and seed).
+DEFAULTS = {"model": "mlp", "dataset": "digits", "epochs": 3, "seed": 0}
 
 
 @dataclass
@@ -72,8 +80,11 @@ def _weight_grads(model, sim, x, y) -> dict:
 
 
 def measure(model: nn.Sequential, sim: Simulator, batches: list, quantizers=("ptq", "psq", "bhq"),
-            bits=range(2, 9), draws: int = 32) -> pd.DataFrame:
-    """The table described above for an FQT-converted `model` (its layers share `sim`)."""
+            bits=range(2, 9), draws: int = 32, progress: bool = True) -> pd.DataFrame:
+    """The table described above for an FQT-converted `model` (its layers share `sim`).
+
+    `progress`: a bar over the backward passes on a terminal, else a log line per
+    (quantizer, bits) point."""
     layers = _layers(model)
     bn_sigma = {}
 
@@ -93,37 +104,46 @@ def measure(model: nn.Sequential, sim: Simulator, batches: list, quantizers=("pt
         x, y = batches[0]
         reference = _weight_grads(model, sim, x, y)
         rows, norms = [], {}   # the forward pass is the same every draw: so are ||X|| and ||W||
-        for quantizer in quantizers:
-            for b in bits:
-                sim.config = FQTConfig("fqt", quantizer, b)
-                errors, v_ba, u_bw = {}, {}, {}
-                for _ in range(draws):
-                    sim.probe = {}
-                    grads = _weight_grads(model, sim, x, y)
-                    for layer in layers:
-                        name, seen = layer.module.name, sim.probe[layer.module.name]
-                        errors.setdefault(name, []).append(((grads[name] - reference[name]) ** 2).sum())
-                        grouped = seen["dy"].reshape(-1, seen["rows_per_sample"] * seen["dy"].shape[1])
-                        v_ba.setdefault(name, []).append(variance_bound(grouped, quantizer, b))
-                        u_bw.setdefault(name, []).append(variance_bound(
-                            seen["dy"].T, weight_gradient_method(quantizer), GRAD_WEIGHT_BITS))
-                        if name not in norms:
-                            norms[name] = (np.linalg.norm(seen["x"], 2), np.linalg.norm(seen["w"], 2))
-                # gain[i]: how noise in dY_i reaches dY_{i-1}
-                gain = [norms[l.module.name][1] * _fold(l.module)
-                        * math.prod(_jacobian_norm(m, bn_sigma) for m in l.between) for l in layers]
-                for idx, layer in enumerate(layers):
-                    name = layer.module.name
-                    carried, g = 0.0, 1.0
-                    for j in range(idx + 1, len(layers)):
-                        g *= gain[j]
-                        carried += g ** 2 * np.mean(v_ba[layers[j].module.name])
-                    bound = norms[name][0] ** 2 * (carried + np.mean(u_bw[name]))
-                    empirical = float(np.mean(errors[name]))
-                    rows.append({"layer": name, "quantizer": quantizer, "bits": b,
-                                 "empirical": empirical, "bound": float(bound),
-                                 "tightness": float(bound) / empirical if empirical else math.inf,
-                                 "sampling": sampling[name], "draws": draws})
+        points = [(quantizer, b) for quantizer in quantizers for b in bits]
+        bar = tqdm(total=len(points) * draws, desc="variance", unit="pass",
+                   disable=None if progress else True)   # None: on a terminal only
+        started = time.perf_counter()
+        for point, (quantizer, b) in enumerate(points, start=1):
+            sim.config = FQTConfig("fqt", quantizer, b)
+            bar.set_postfix_str(f"{quantizer} {b}-bit")
+            errors, v_ba, u_bw = {}, {}, {}
+            for _ in range(draws):
+                bar.update()
+                sim.probe = {}
+                grads = _weight_grads(model, sim, x, y)
+                for layer in layers:
+                    name, seen = layer.module.name, sim.probe[layer.module.name]
+                    errors.setdefault(name, []).append(((grads[name] - reference[name]) ** 2).sum())
+                    grouped = seen["dy"].reshape(-1, seen["rows_per_sample"] * seen["dy"].shape[1])
+                    v_ba.setdefault(name, []).append(variance_bound(grouped, quantizer, b))
+                    u_bw.setdefault(name, []).append(variance_bound(
+                        seen["dy"].T, weight_gradient_method(quantizer), GRAD_WEIGHT_BITS))
+                    if name not in norms:
+                        norms[name] = (np.linalg.norm(seen["x"], 2), np.linalg.norm(seen["w"], 2))
+            # gain[i]: how noise in dY_i reaches dY_{i-1}
+            gain = [norms[l.module.name][1] * _fold(l.module)
+                    * math.prod(_jacobian_norm(m, bn_sigma) for m in l.between) for l in layers]
+            for idx, layer in enumerate(layers):
+                name = layer.module.name
+                carried, g = 0.0, 1.0
+                for j in range(idx + 1, len(layers)):
+                    g *= gain[j]
+                    carried += g ** 2 * np.mean(v_ba[layers[j].module.name])
+                bound = norms[name][0] ** 2 * (carried + np.mean(u_bw[name]))
+                empirical = float(np.mean(errors[name]))
+                rows.append({"layer": name, "quantizer": quantizer, "bits": b,
+                             "empirical": empirical, "bound": float(bound),
+                             "tightness": float(bound) / empirical if empirical else math.inf,
+                             "sampling": sampling[name], "draws": draws})
+            if progress and bar.disable:
+                log.info(f"variance: {point}/{len(points)} {quantizer} {b}-bit done, "
+                         f"{time.perf_counter() - started:.0f} s")
+        bar.close()
         return pd.DataFrame(rows)
     finally:
         sim.probe = None
@@ -154,50 +174,85 @@ def plot(table: pd.DataFrame, path):
     plt.close(fig)
 
 
-def run(out, hw: str = "hw_configs/npu.yaml", model: str = "mlp", dataset: str = "digits",
-        epochs: int = 3, batch_size: int = 64, batches: int = 16, draws: int = 32,
-        bits=tuple(range(2, 9)), quantizers=("ptq", "psq", "bhq"), seed: int = 0,
-        from_run: str | None = None) -> pd.DataFrame:
+def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset: str | None = None,
+        epochs: int | None = None, batch_size: int = 64, batches: int = 16, draws: int = 32,
+        bits=tuple(range(2, 9)), quantizers=("ptq", "psq", "bhq"), seed: int | None = None,
+        from_run: str | None = None, progress: bool = True) -> pd.DataFrame:
     """Train (QAT, `epochs`) or load (`from_run`, a `fqtsim run` directory) a model, then measure
-    on `batches` fixed batches; writes variance.csv and variance.png into `out`."""
+    on `batches` fixed batches; writes variance.csv and variance.png into `out`.
+
+    Without `from_run`, model, dataset, epochs and seed default to `DEFAULTS`; with it, they come
+    from the run's config.json, and giving any of them is refused (the trained model fixes
+    them). Every option is checked, and the batches counted against the dataset, before any
+    training. `progress`: bars on a terminal, else log lines (training: per epoch; measuring:
+    per quantizer and width)."""
     import json
     import os
     from pathlib import Path
 
-    from fqtsim.data import load
+    from fqtsim.data import DATASETS, load
     from fqtsim.device import Device
     from fqtsim.files import claim_dir, write_atomic
     from fqtsim.fqt import convert
     from fqtsim.hw import load_hw
-    from fqtsim.models import build
+    from fqtsim.models import MODELS, build
+    from fqtsim.quantizers import check_bits
     from fqtsim.train import RunConfig, train
 
-    out = claim_dir(out, "variance", inputs=[hw, *([from_run] if from_run else [])])
+    given = {"model": model, "dataset": dataset, "epochs": epochs, "seed": seed}
+    if from_run is not None:
+        clash = [f"--{k}" for k, v in given.items() if v is not None]
+        if clash:
+            raise ValueError(f"{', '.join(clash)}: not allowed with --run, whose config.json fixes "
+                             f"the model, dataset, seed and training; leave {' and '.join(clash)} "
+                             f"out, or drop --run to train a model here")
+        saved_path = Path(from_run) / "config.json"
+        if not saved_path.is_file() or not (Path(from_run) / "model.pt").is_file():
+            raise ValueError(f"--run: {from_run} is not a finished fqtsim run directory (it needs "
+                             f"config.json and model.pt); give the --out of a finished fqtsim run")
+        try:
+            saved = json.loads(saved_path.read_text())
+            model, dataset, seed = saved["model"], saved["dataset"], saved["seed"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--run: {saved_path} is not a fqtsim run config ({e})") from None
+    else:
+        model, dataset, epochs, seed = (v if v is not None else DEFAULTS[k] for k, v in given.items())
+    if model not in MODELS:
+        raise ValueError(f"--model: got {model!r}; expected one of {', '.join(MODELS)}")
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset: got {dataset!r}; expected one of {', '.join(DATASETS)}")
     for option, value, least in (("--batches", batches, 2), ("--draws", draws, 2),
                                  ("--batch-size", batch_size, 1)):
         if value < least:   # a variance needs two samples
             raise ValueError(f"{option}: got {value}; expected at least {least}")
+    if not bits or not quantizers:
+        raise ValueError("--bits, --quantizer: give at least one of each")
+    for b in bits:
+        check_bits(b)
+    for q in quantizers:
+        if q not in ("ptq", "psq", "bhq"):
+            raise ValueError(f"--quantizer: got {q!r}; expected ptq, psq or bhq")
+    device_hw = load_hw(hw)
+    out = claim_dir(out, "variance", inputs=[hw, *([from_run] if from_run else [])])
+    data = load(dataset, seed=seed)
+    data = data.as_images() if model == "cnn" else data
+    if batches * batch_size > len(data.y_train):
+        raise ValueError(f"--batches: {batches} batches of {batch_size} need {batches * batch_size} "
+                         f"samples; {dataset} has {len(data.y_train)} for training")
     if from_run is None:
         cfg = RunConfig(hw=hw, mode="qat", model=model, dataset=dataset, epochs=epochs,
                         batch_size=batch_size, seed=seed, out=str(out / "training"))
-        train(cfg, progress=False)
+        train(cfg, progress=progress)
         from_run = cfg.out
-    saved = json.loads((Path(from_run) / "config.json").read_text())
-    model_name, dataset, seed = saved["model"], saved["dataset"], saved["seed"]
-    data = load(dataset, seed=seed)
-    data = data.as_images() if model_name == "cnn" else data
-    net = build(model_name, data.image_shape, data.classes)
+    net = build(model, data.image_shape, data.classes)
     net.load_state_dict(torch.load(Path(from_run) / "model.pt"))
-    sim = Simulator(Device(load_hw(hw)), FQTConfig("qat"), seed=seed)
+    sim = Simulator(Device(device_hw), FQTConfig("qat"), seed=seed)
     convert(net, sim)
     order = np.random.default_rng(seed).permutation(len(data.y_train))
-    if batches * batch_size > len(order):
-        raise ValueError(f"--batches: {batches} batches of {batch_size} need {batches * batch_size} "
-                         f"samples; {dataset} has {len(order)} for training")
     fixed = [(torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]))
              for idx in np.split(order[:batches * batch_size], batches)]
-    table = measure(net, sim, fixed, quantizers, bits, draws)
-    table.insert(0, "model", model_name)
+    table = measure(net, sim, fixed, quantizers, bits, draws, progress=progress)
+    table.insert(0, "model", model)
     write_atomic(out / "variance.csv", table.to_csv(index=False))
     plot(table, out / ".variance.png.tmp.png")
     os.replace(out / ".variance.png.tmp.png", out / "variance.png")

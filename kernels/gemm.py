@@ -294,6 +294,10 @@ def _validate(a, b, acc_bits, overflow, spill_every, psum_bits):
         spill_every = int(spill_every)
         if spill_every < 1:
             raise ValueError(f"spill_every: got {spill_every}; allowed: None or an int >= 1")
+        if psum_bits < acc_bits:
+            raise ValueError(f"psum_bits: got {psum_bits}, narrower than acc_bits = {acc_bits}; "
+                             f"spills add the accumulator into the partial sum, so psum_bits "
+                             f"must be >= acc_bits")
     return a, b, acc_bits, psum_bits, spill_every
 
 

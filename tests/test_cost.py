@@ -21,16 +21,27 @@ def codes(rng, shape, bits, signed):
 
 
 def run_both(hw, m, n, k, *, a_bits=8, b_bits=8, signed=True, seed=0, **kw):
+    """The device's ledger and the closed form's; or, for a GEMM that the config cannot map
+    (given tiles too big for the TCM), the one error both raise."""
     rng = np.random.default_rng(seed)
     dev = Device(hw)
-    dev.gemm(codes(rng, (m, k), a_bits, signed), codes(rng, (k, n), b_bits, signed),
-             a_bits=a_bits, b_bits=b_bits, name="g", **kw)
+    a, b = codes(rng, (m, k), a_bits, signed), codes(rng, (k, n), b_bits, signed)
+    try:
+        closed = fqtsim.cost.gemm(hw, m, n, k, a_bits=a_bits, b_bits=b_bits, name="g", **kw)
+    except ValueError as refused:
+        with pytest.raises(ValueError) as also:
+            dev.gemm(a, b, a_bits=a_bits, b_bits=b_bits, name="g", **kw)
+        assert str(also.value) == str(refused) and "no tiling" in str(refused)
+        return None
+    dev.gemm(a, b, a_bits=a_bits, b_bits=b_bits, name="g", **kw)
     emulated = dev.ledger[dev.ledger.event != "overflow"]
-    closed = fqtsim.cost.gemm(hw, m, n, k, a_bits=a_bits, b_bits=b_bits, name="g", **kw)
     return emulated.set_index(KEY).sort_index(), closed.set_index(KEY).sort_index()
 
 
-def assert_same(emulated, closed):
+def assert_same(both):
+    if both is None:   # both refused the GEMM alike
+        return
+    emulated, closed = both
     assert list(emulated.index) == list(closed.index)
     assert (emulated["count"] == closed["count"]).all(), (emulated["count"], closed["count"])
     assert (emulated["bytes"] == closed["bytes"]).all(), (emulated["bytes"], closed["bytes"])
@@ -48,10 +59,10 @@ gemm_cases = st.fixed_dictionaries({
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=gemm_cases)
 def test_ledger_equals_closed_form_on_shipped_configs(name, case):
-    assert_same(*run_both(load_hw(HW_DIR / f"{name}.yaml"), **case))
+    assert_same(run_both(load_hw(HW_DIR / f"{name}.yaml"), **case))
 
 
 VARIANTS = {
@@ -68,18 +79,18 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=gemm_cases)
 def test_ledger_equals_closed_form_on_variants(make_hw, variant, case):
     base = "npu-acc16" if variant.startswith("spill") else "npu"
-    assert_same(*run_both(make_hw(base, **VARIANTS[variant]), **case))
+    assert_same(run_both(make_hw(base, **VARIANTS[variant]), **case))
 
 
 @pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 2000, 1), (333, 1, 77), (1024, 1024, 1024),
                                      (4096, 576, 64), (128, 784, 512), (784, 128, 512)])
 @pytest.mark.parametrize("name", SHIPPED)
 def test_ledger_equals_closed_form_on_edge_and_bench_shapes(name, m, k, n):
-    assert_same(*run_both(load_hw(HW_DIR / f"{name}.yaml"), m, n, k, writeback="materialized",
+    assert_same(run_both(load_hw(HW_DIR / f"{name}.yaml"), m, n, k, writeback="materialized",
                           scope="rows"))
 
 

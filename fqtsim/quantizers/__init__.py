@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from fqtsim.quantizers.affine import (NonFiniteError, Quantized, check_bits, group_range,
-                                     quantize_affine)
+from fqtsim.quantizers.affine import (NonFiniteError, Quantized, as_real_array, check_bits,
+                                     check_rng, group_range, quantize_affine)
 from fqtsim.quantizers.bhq import BlockHouseholder, SampleRows, block_householder
 from fqtsim.quantizers.ranges import DelayedRange
 
@@ -36,9 +36,15 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
     per sample (a conv layer's im2col rows, one per output position); PSQ and BHQ then take one
     range, and BHQ one transform row, per sample.
     """
-    if method not in _GROUPS:
+    if not isinstance(method, str) or method not in _GROUPS:
         raise ValueError(f"method: got {method!r}; expected one of {', '.join(_GROUPS)}")
-    x = np.asarray(x, dtype=np.float64)
+    bits = check_bits(bits)
+    x = as_real_array(x)
+    if rng is not None:
+        check_rng(rng)
+    if isinstance(rows_per_sample, (bool, np.bool_)) or \
+            not isinstance(rows_per_sample, (int, np.integer)) or rows_per_sample < 1:
+        raise ValueError(f"rows_per_sample: got {rows_per_sample!r}; expected an integer >= 1")
     if rows_per_sample > 1 and method in ("psq", "bhq"):
         m, d = x.shape
         if m % rows_per_sample:
@@ -51,9 +57,10 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
                        transform=None if q.transform is None else SampleRows(q.transform, rows_per_sample))
     if method != "bhq":
         return quantize_affine(x, bits, _GROUPS[method], stochastic=True, rng=rng, lo=lo, hi=hi)
-    check_bits(bits)
-    if x.ndim != 2:
-        raise ValueError(f"x: got a {x.ndim}-D array; quantizers take 2-D (rows = samples) arrays")
+    if not np.isfinite(x).all():   # before the transform, which would spread them
+        raise NonFiniteError(f"x: {np.count_nonzero(~np.isfinite(x))} NaN or Inf values; a "
+                             f"diverged loss or a bad input, lower the learning rate or check "
+                             f"the data")
     row_lo, row_hi = group_range(x, "rows")
     transform = block_householder((row_hi - row_lo).ravel())
     q = quantize_affine(transform.apply(x), bits, "rows", stochastic=True, rng=rng, lo=lo, hi=hi)
@@ -69,7 +76,7 @@ def quantize_weight(w: np.ndarray, bits: int = 8, per_channel: bool = False) -> 
     """Symmetric round-to-nearest signed weight codes (int8), per tensor or per output channel
     (row of w): zero is exact and needs no zero-point correction."""
     bits = check_bits(bits)
-    w = np.asarray(w, dtype=np.float64)
+    w = as_real_array(w, "w", ndim=2 if per_channel else None)
     if not np.isfinite(w).all():
         raise NonFiniteError(f"w: {np.count_nonzero(~np.isfinite(w))} NaN or Inf weights; the "
                              f"training diverged, lower the learning rate")
@@ -93,9 +100,14 @@ def variance_bound(x: np.ndarray, method: str, bits: int) -> float:
     D sum_i R(x_i)^2 / (4 B^2); BHQ: the same per transformed row, carried back through
     T^-1 = diag(1/s) H: row l's noise reaches row i with weight H_il^2 / s_i^2.
     """
-    x = np.asarray(x, dtype=np.float64)
     top = (1 << check_bits(bits)) - 1
+    x = as_real_array(x)
+    if not np.isfinite(x).all():
+        raise NonFiniteError(f"x: {np.count_nonzero(~np.isfinite(x))} NaN or Inf values; no "
+                             f"finite bound")
     n, d = x.shape
+    if not isinstance(method, str) or method not in GRADIENT_METHODS:
+        raise ValueError(f"method: got {method!r}; expected one of {', '.join(GRADIENT_METHODS)}")
     if method == "ptq":
         return n * d * float(np.ptp(x)) ** 2 / (4 * top**2)
     if method == "psq":

@@ -65,6 +65,38 @@ def check_bits(bits) -> int:
     return int(bits)
 
 
+def as_real_array(x, name: str = "x", ndim: int | None = 2) -> np.ndarray:
+    """`x` as a float64 array, refusing what has no quantization: non-numbers, complex values,
+    the wrong number of dimensions (`ndim`, None: any) and empty arrays."""
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError):   # ragged nested lists
+        raise ValueError(f"{name}: got a {type(x).__name__} that is not a rectangular array of "
+                         f"numbers") from None
+    if arr.dtype.kind == "c":
+        raise ValueError(f"{name}: complex values ({arr.dtype}); quantizers take real arrays "
+                         f"(quantize x.real and x.imag separately)")
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: dtype {arr.dtype} is not a real number type; expected an array "
+                         f"of floats or integers")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name}: got a {arr.ndim}-D array; quantizers take {ndim}-D "
+                         f"(rows = samples) arrays")
+    if arr.size == 0:
+        raise ValueError(f"{name}: shape {arr.shape} holds no values; quantizers need at least "
+                         f"one row and one column")
+    return arr.astype(np.float64, copy=False)
+
+
+def check_rng(rng) -> np.random.Generator:
+    if rng is None:
+        return np.random.default_rng()
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng: got {rng!r} ({type(rng).__name__}); expected a "
+                        f"numpy.random.Generator (np.random.default_rng(seed)) or None")
+    return rng
+
+
 def group_range(x: np.ndarray, group: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-group (min, max), shaped to broadcast against x."""
     axis = GROUP_AXES[group]
@@ -80,22 +112,29 @@ def quantize_affine(x: np.ndarray, bits: int, group: str, *, stochastic: bool,
     round to nearest.
     """
     bits = check_bits(bits)
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"x: got a {x.ndim}-D array; quantizers take 2-D (rows = samples) arrays")
+    x = as_real_array(x)
+    if group not in GROUP_AXES:
+        raise ValueError(f"group: got {group!r}; expected one of {', '.join(GROUP_AXES)}")
     if not np.isfinite(x).all():
         bad = np.count_nonzero(~np.isfinite(x))
         raise NonFiniteError(f"x: {bad} NaN or Inf values; a diverged loss or a bad input, "
                              f"lower the learning rate or check the data")
     top = (1 << bits) - 1
     own_lo, own_hi = group_range(x, group)
-    lo = own_lo if lo is None else np.broadcast_to(np.asarray(lo, np.float64), own_lo.shape)
-    hi = own_hi if hi is None else np.broadcast_to(np.asarray(hi, np.float64), own_hi.shape)
+    if (lo is None) != (hi is None):
+        raise ValueError("lo, hi: give both (a delayed range) or neither (the data's own range)")
+    if lo is not None:
+        lo, hi = (_given_range(label, v, own_lo.shape, group) for label, v in (("lo", lo), ("hi", hi)))
+        if (lo > hi).any():
+            raise ValueError(f"lo, hi: lo exceeds hi in {np.count_nonzero(lo > hi)} groups; a "
+                             f"range needs lo <= hi")
+    else:
+        lo, hi = own_lo, own_hi
     width = hi - lo
     scale = np.where(width > 0, width / top, 1.0)  # a constant group is exact with any scale
     y = (x - lo) / scale
     if stochastic:
-        rng = rng if rng is not None else np.random.default_rng()
+        rng = check_rng(rng)
         y = np.floor(y + rng.random(x.shape))
     else:
         y = np.floor(y + 0.5)
@@ -107,3 +146,20 @@ def quantize_affine(x: np.ndarray, bits: int, group: str, *, stochastic: bool,
         codes = (np.clip(y, 0, top) - shift).astype(np.int8)
     return Quantized(codes, scale, lo + scale * shift, bits, group, clipped=clipped, ranges=width,
                      observed=(float(x.min()), float(x.max())))
+
+
+def _given_range(label: str, v, shape: tuple, group: str) -> np.ndarray:
+    """A delayed range bound as a float array of the groups' shape, or a ValueError."""
+    try:
+        arr = np.asarray(v)
+    except (ValueError, TypeError):
+        arr = np.asarray(None)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{label}: got {v!r}; expected a real number or an array of them")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{label}: NaN or Inf in a given range; expected finite numbers")
+    try:
+        return np.broadcast_to(arr.astype(np.float64), shape)
+    except ValueError:
+        raise ValueError(f"{label}: shape {arr.shape} does not broadcast to {shape}, the shape of "
+                         f"one value per {group} group") from None

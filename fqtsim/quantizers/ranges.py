@@ -21,10 +21,11 @@ class DelayedRange:
     their centre."""
 
     def __init__(self, history: int = 8, margin: float = 1.1):
-        if not isinstance(history, int) or history < 1:
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise ValueError(f"history: got {history!r}; expected an integer >= 1")
-        if not margin >= 1.0:
-            raise ValueError(f"margin: got {margin!r}; expected a number >= 1")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or \
+                not 1.0 <= margin < float("inf"):
+            raise ValueError(f"margin: got {margin!r}; expected a finite number >= 1")
         self.margin = float(margin)
         self._seen = deque(maxlen=history)
 
