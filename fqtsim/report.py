@@ -8,16 +8,9 @@ runs that did not train as they should (accuracy at chance, accumulator overflow
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
-import json
 import logging
-import shlex
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 import matplotlib
 
@@ -28,8 +21,10 @@ import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fqtsim.cost  # noqa: E402
-from fqtsim.files import claim_dir, markdown_table, replace_dir  # noqa: E402
+from fqtsim.files import claim_dir, replace_dir  # noqa: E402
 from fqtsim.hw import HWConfig, load_hw  # noqa: E402
+from fqtsim.render import Section, write  # noqa: E402
+from fqtsim.rundir import LABEL_FIELDS, Run, label_runs, load_run  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +49,6 @@ QUANTIZER_PASSES = ["wide write-back", "range pass", "sort + transform", "requan
 SCHEMES = [(q, r) for q in ("ptq", "psq", "bhq") for r in ("dynamic", "delayed")]
 # Curves that coincide stay visible: each gets its own line style and marker
 STYLES = [(ls, mk) for mk in "osD^vPX" for ls in ("-", "--", "-.", ":")][::5]
-MAX_ROWS = 150   # longer tables are cut in the Markdown and HTML (with a note); CSVs are whole
-SUMMARY_KEYS = ["mode", "quantizer", "grad_bits", "range_policy", "model", "dataset", "hw", "seed",
-                "steps", "accuracy", "loss", "bytes_by_level", "ops", "energy_pj", "cycles",
-                "overflows", "clips"]
-LEDGER_COLUMNS = ["step", "layer", "gemm", "event", "level", "count", "bytes", "energy_pj", "cycles"]
 NO_DEVICE = "(no device work)"
 
 
@@ -83,139 +73,6 @@ def quantizer_energy(ledger: pd.DataFrame) -> pd.Series:
     """Energy (pJ) of each quantizer pass on the backward GEMMs."""
     backward = by_pass(ledger[ledger.gemm.isin(["grad_input", "grad_weight"])])
     return backward.energy_pj.reindex(QUANTIZER_PASSES, fill_value=0.0)
-
-
-@dataclass
-class Section:
-    title: str
-    text: list = dataclasses.field(default_factory=list)      # paragraphs (Markdown)
-    tables: list = dataclasses.field(default_factory=list)    # (name, DataFrame, caption)
-    plots: list = dataclasses.field(default_factory=list)     # (file name, caption)
-    warnings: list = dataclasses.field(default_factory=list)  # shown first, prominently
-
-
-@dataclass
-class Run:
-    path: Path
-    summary: dict
-    config: dict
-    metrics: pd.DataFrame
-    ledger: pd.DataFrame
-    warnings: list
-    label: str = ""
-
-
-def load_run(d: Path) -> Run:
-    """One `fqtsim run` directory, checked complete: a clear refusal beats half a run reported."""
-    if not (d / "summary.json").exists():
-        if (d / "checkpoint.pt").exists():
-            raise ValueError(f"{d}: an unfinished run (checkpoint.pt but no summary.json); finish "
-                             f"it by running the same command again, which resumes from the last "
-                             f"epoch: {_run_command(d)} (if it stopped on NaN or Inf, change "
-                             f"--lr or --grad-bits and add --restart)")
-        raise ValueError(f"{d}: no summary.json; give directories written by `fqtsim run`")
-    summary, config = _read_json(d / "summary.json"), _read_json(d / "config.json")
-    missing = [k for k in SUMMARY_KEYS if k not in summary]
-    if missing:
-        raise ValueError(f"{d / 'summary.json'}: missing key {missing[0]!r}"
-                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
-                         f"it is not a complete fqtsim run summary: re-run the run")
-    metrics = _read_csv(d / "metrics.csv", ["step", "loss", "batch_accuracy"])
-    if list(metrics.step) != list(range(summary["steps"])):
-        raise ValueError(f"{d / 'metrics.csv'}: {len(metrics)} steps where summary.json says "
-                         f"{summary['steps']}; the file is truncated or from another run")
-    ledger = _read_csv(d / "ledger.csv", LEDGER_COLUMNS, dtype={"layer": str})
-    steps = ledger.step.unique()
-    if len(ledger) and (len(steps) != summary["steps"] or steps.max() != summary["steps"] - 1):
-        raise ValueError(f"{d / 'ledger.csv'}: events for {len(steps)} steps where summary.json "
-                         f"says {summary['steps']}; the file is truncated or from another run")
-    if not np.isclose(ledger.energy_pj.sum(), summary["energy_pj"], rtol=1e-9, atol=1e-3):
-        raise ValueError(f"{d / 'ledger.csv'}: its events total {ledger.energy_pj.sum():,.0f} pJ "
-                         f"where summary.json says {summary['energy_pj']:,.0f} pJ; the file is "
-                         f"truncated or from another run")
-    return Run(d, summary, config, metrics, ledger, _warnings(summary, config))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable ({e}); re-run the run") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object; re-run the run")
-    return data
-
-
-def _read_csv(path: Path, columns: list, **kwargs) -> pd.DataFrame:
-    """A run's CSV with `columns` all filled in (a cut-off last line leaves gaps)."""
-    try:
-        df = pd.read_csv(path, **kwargs)
-    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise ValueError(f"{path}: unreadable ({str(e).strip()}); re-run the run") from None
-    if not len(df):   # no events (fp32): the totals checks below decide if that is right
-        return df.reindex(columns=columns)
-    missing = [c for c in columns if c not in df.columns]
-    if missing or df[columns].isna().any().any():
-        what = f"no column {missing[0]!r}" if missing else "rows with empty fields"
-        raise ValueError(f"{path}: {what}; the file is truncated or not a fqtsim run's; re-run the run")
-    return df
-
-
-def _run_command(d: Path) -> str:
-    try:
-        c = json.loads((d / "config.json").read_text())
-        options = [("hw", "hw"), ("mode", "mode"), ("model", "model"), ("dataset", "dataset"),
-                   ("quantizer", "quantizer"), ("grad-bits", "grad_bits"), ("range", "range_policy"),
-                   ("epochs", "epochs"), ("batch-size", "batch_size"), ("lr", "lr"), ("seed", "seed")]
-        return shlex.join(["fqtsim", "run", *[f"--{o}={c[k]}" for o, k in options], f"--out={d}"])
-    except (OSError, ValueError, KeyError):
-        return f"the `fqtsim run ... --out {d}` command that started it"
-
-
-def _warnings(summary: dict, config: dict) -> list[str]:
-    """The run's own warnings; summaries from before they existed get the same checks here."""
-    if "warnings" in summary:
-        return list(summary["warnings"])
-    from fqtsim.train import run_warnings   # torch: only for such older runs
-    acc = config.get("hw_config", {}).get("accumulator", {})
-    hw = SimpleNamespace(name=Path(summary["hw"]).stem, accumulator=SimpleNamespace(
-        bits=acc.get("bits", "?"), overflow=acc.get("overflow", "")))
-    return run_warnings(summary, _classes(summary["dataset"]), hw)
-
-
-@lru_cache
-def _classes(dataset: str) -> int:
-    from fqtsim.data import load
-    return load(dataset).classes
-
-
-# What can tell runs apart, in label order: a run's value, or None where it does not apply
-LABEL_FIELDS = {
-    "model": lambda s, c: s["model"], "dataset": lambda s, c: s["dataset"],
-    "hw": lambda s, c: Path(s["hw"]).stem, "mode": lambda s, c: s["mode"],
-    "quantizer": lambda s, c: f"{s['quantizer']}{s['grad_bits']}" if s["mode"] == "fqt" else None,
-    "range": lambda s, c: s["range_policy"] if s["mode"] == "fqt" else None,
-    "seed": lambda s, c: f"seed {s['seed']}",
-    "lr": lambda s, c: f"lr {c['lr']}" if "lr" in c else None,
-    "epochs": lambda s, c: f"{c['epochs']} epoch{'s' * (c['epochs'] != 1)}" if "epochs" in c else None,
-    "batch size": lambda s, c: f"batch {c['batch_size']}" if "batch_size" in c else None,
-}
-
-
-def label_runs(runs: list[Run]) -> tuple[list[str], list[str]]:
-    """Give each run a unique label from the fields that differ between them (else its
-    directory); returns (fields that differ, fields all runs share)."""
-    values = [{k: get(r.summary, r.config) for k, get in LABEL_FIELDS.items()} for r in runs]
-    seen = {k: {v[k] for v in values if v[k] is not None} for k in LABEL_FIELDS}
-    varying = [k for k in LABEL_FIELDS if len(seen[k]) > 1] or ["mode", "quantizer"]
-    for run, v in zip(runs, values):
-        run.label = " ".join(v[k] for k in varying if v[k] is not None) or run.path.name
-    for key in (lambda r: r.path.name, lambda r: str(r.path)):   # still equal: the directory
-        labels = [r.label for r in runs]
-        for r in runs:
-            if labels.count(r.label) > 1:
-                r.label = key(r)
-    return varying, [k for k in LABEL_FIELDS if len(seen[k]) == 1]
 
 
 def runs_section(run_dirs: list[Path], out: Path) -> Section:
@@ -469,75 +326,7 @@ def build_report(out: str | Path, runs=(), model: str | None = None, batch: int 
         if model:
             sections.append(analytic_section(model, batch, hws, tmp, grad_bits))
         log.info(f"report: writing {out}")
-        _write(sections, tmp, command)
+        write(sections, tmp, command)
 
     replace_dir(build, out)
     return out
-
-
-def _cell(v) -> str:
-    """Numbers for reading: thousands separators, four significant digits below 1,000."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
-        return str(v)
-    if isinstance(v, (int, np.integer)) or abs(v) >= 1000:
-        return f"{v:,.0f}"
-    return "0" if v == 0 else f"{v:.4g}"
-
-
-def _shown(name: str, table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The rows the page shows, and a note saying what was cut and where the rest is."""
-    if len(table) <= MAX_ROWS:
-        return table, ""
-    return table.head(MAX_ROWS), (f"The first {MAX_ROWS:,} of {len(table):,} rows are shown; "
-                                  f"the full table is in {name}.csv.")
-
-
-def _html_table(table: pd.DataFrame) -> str:
-    numeric = [pd.api.types.is_numeric_dtype(t) for t in table.dtypes]
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
-    rows = ["<tr>" + "".join(f"<td{' class=n' if n else ''}>{html.escape(_cell(v))}</td>"
-                             for v, n in zip(row, numeric)) + "</tr>"
-            for row in table.itertuples(index=False)]
-    return f"<div class=scroll><table><tr>{head}</tr>{''.join(rows)}</table></div>"
-
-
-def _write(sections: list[Section], out: Path, command: str):
-    intro = ("What the gradient quantizers PTQ, PSQ and BHQ cost on the simulated hardware, with "
-             "dynamic ranges (written at accumulator width before requantization) and delayed "
-             "ranges (fused).")
-    md, page = ["# fqtsim overhead report", "", intro, ""], [f"<h1>fqtsim overhead report</h1><p>{html.escape(intro)}</p>"]
-    if command:
-        md += [f"Regenerate: `{command}`", ""]
-        page.append(f"<p>Regenerate: <code>{html.escape(command)}</code></p>")
-    for sec in sections:
-        md += [f"## {sec.title}", ""]
-        page.append(f"<h2>{html.escape(sec.title)}</h2>")
-        if sec.warnings:
-            md += [f"> **Warning:** {sec.warnings[0]}", ">", *[f"> - {w}" for w in sec.warnings[1:]], ""]
-            items = "".join(f"<li>{html.escape(w)}</li>" for w in sec.warnings[1:])
-            page.append(f"<div class=warning><b>Warning:</b> {html.escape(sec.warnings[0])}<ul>{items}</ul></div>")
-        for text in sec.text:
-            md += [text, ""]
-            page.append(f"<p>{html.escape(text)}</p>")
-        for name, caption in sec.plots:
-            md += [f"![{name}]({name})", "", f"*{caption}*", ""]
-            data = base64.b64encode((out / name).read_bytes()).decode()
-            page.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        for name, table, caption in sec.tables:
-            table.to_csv(out / f"{name}.csv", index=False)
-            shown, cut = _shown(name, table)
-            md += [f"### {name} ({name}.csv)", "", markdown_table(shown.map(_cell)), caption, ""]
-            md += [f"**{cut}**", ""] if cut else []
-            page.append(f"<h3>{html.escape(name)} (<a href='{name}.csv'>{name}.csv</a>)</h3>"
-                        + _html_table(shown) + f"<p class=caption>{html.escape(caption)}</p>"
-                        + (f"<p class=cut>{html.escape(cut)}</p>" if cut else ""))
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>fqtsim report</title><style>"
-        "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}img{max-width:100%}"
-        "figure{margin:1em 0}figcaption,.caption{font-size:13px;color:#444;font-style:italic}"
-        ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}td.n{text-align:right}td:first-child{white-space:nowrap}th{background:#f3f3f3;overflow-wrap:anywhere}"
-        ".warning{border:2px solid #c00;background:#fff0f0;padding:.5em 1em}.cut{font-weight:bold}"
-        "</style></head><body>" + "\n".join(page) + "</body></html>")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import HW_DIR
-from fqtsim import report
+from fqtsim import render
 from fqtsim.cli import main
 from fqtsim.report import build_report, pass_of
 from fqtsim.train import RunConfig, train
@@ -117,7 +117,7 @@ def test_equal_labels_fall_back_to_the_run_directory(tmp_path, varied_runs):
 
 
 def test_long_tables_say_what_was_cut(tmp_path, varied_runs, monkeypatch):
-    monkeypatch.setattr(report, "MAX_ROWS", 5)
+    monkeypatch.setattr(render, "MAX_ROWS", 5)
     build_report(tmp_path / "r", runs=varied_runs[:2])
     rows = len(pd.read_csv(tmp_path / "r" / "runs_by_pass_per_step.csv"))
     note = f"The first 5 of {rows} rows are shown; the full table is in runs_by_pass_per_step.csv."

@@ -1,7 +1,7 @@
 """Quantized GEMMs on the device: integer path == fake-quant path, passes == closed form."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import fqtsim.cost
 from conftest import HW_DIR, SHIPPED
