@@ -342,12 +342,13 @@ def _log_to_stderr():
 def cmd_cost(args) -> int:
     import fqtsim.cost
     from fqtsim import load_hw
-    from fqtsim.files import write_atomic
+    from fqtsim.files import claim_file, write_atomic
+    from fqtsim.hw import resolve_hw
     from fqtsim.ledger import summarize
 
     hw = load_hw(args.hw)
     if args.csv is not None:
-        check_file_path(args.csv, "--csv")
+        claim_file(args.csv, inputs=[resolve_hw(args.hw)])
     for option, values in (("--quantizer", args.quantizer or []), ("--range", args.range_policy)):
         if len(set(values)) < len(values):
             raise ValueError(f"{option}: {' '.join(values)} names a value twice; give each once")
@@ -366,16 +367,6 @@ def cmd_cost(args) -> int:
         write_atomic(args.csv, ledger.to_csv(index=False))
         print(f"\nwrote {args.csv}")
     return 0
-
-
-def check_file_path(path: str, option: str):
-    """An output file path: not empty, not an existing directory."""
-    from pathlib import Path
-
-    if not path.strip():
-        raise ValueError(f"{option}: empty path; give a file name")
-    if Path(path).is_dir():
-        raise ValueError(f"{option}: {path} is a directory; give a file name")
 
 
 def quantizer_table(hw, args) -> int:

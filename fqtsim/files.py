@@ -68,6 +68,20 @@ def check_path(path, option: str = "--out") -> Path:
     return Path(path)
 
 
+def claim_file(path, inputs=(), option: str = "--csv", suffix: str = ".csv") -> Path:
+    """Check that a command may write file `path`: not empty, not a directory, not one of its
+    `inputs`, and, if it exists, a `suffix` file (a table it may have written), not anything else."""
+    path = check_path(path, option)
+    if path.is_dir():
+        raise ValueError(f"{option}: {path} is a directory; give a file name")
+    if any(path.resolve() == Path(item).resolve() for item in inputs):
+        raise ValueError(f"{option}: {path} is an input of this command; give another file name")
+    if path.exists() and path.suffix != suffix:
+        raise ValueError(f"{option}: {path} exists and is not a {suffix} file; give a new file "
+                         f"name ending in {suffix}")
+    return path
+
+
 def foreign_entries(path: Path, command: str) -> list[str]:
     """Entries of directory `path` that `command` does not write (temporaries are its own)."""
     _, patterns = OUTPUTS[command]

@@ -161,3 +161,14 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(tmp_path):
     assert "Traceback" not in err
     assert "interrupted; " in err and "run the same command to resume" in err
     assert (out / "checkpoint.pt").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_cost_csv_never_overwrites_an_input_or_another_kind_of_file(tmp_path, capsys):
+    hw = tmp_path / "my.yaml"
+    hw.write_bytes((HW_DIR / "npu.yaml").read_bytes())
+    (tmp_path / "notes.txt").write_text("keep me")
+    before = listing(tmp_path)
+    refused(["cost", "--hw", str(hw), "--gemm", "8x8x8", "--csv", str(hw)], "an input", capsys)
+    refused(["cost", "--hw", str(hw), "--gemm", "8x8x8", "--csv", str(tmp_path / "notes.txt")],
+            "is not a .csv file", capsys)
+    assert listing(tmp_path) == before
