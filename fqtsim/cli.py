@@ -410,7 +410,6 @@ def cmd_run(args) -> int:
     from fqtsim.train import Diverged, train
 
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "argv", "restart")})
-    check_run_fits(cfg)
     try:
         summary = train(cfg, restart=args.restart)
     except Diverged as e:
@@ -420,35 +419,8 @@ def cmd_run(args) -> int:
     print(format_summary(summary))
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}")
-    print(f"\nwrote {cfg.run_dir}/: config.json metrics.csv ledger.csv model.pt summary.json")
+    print(f"\nrun directory {cfg.run_dir}/: config.json metrics.csv ledger.csv model.pt summary.json")
     return 0
-
-
-def check_run_fits(cfg: RunConfig):
-    """Plan every GEMM the run will put on the device (training steps of each batch size and the
-    evaluation pass) before training: a config whose tiles cannot fit, or whose MACs cannot take
-    the operand widths, is refused now, naming --hw and what to change."""
-    import numpy as np
-
-    from fqtsim import load_hw, workloads
-    from fqtsim.cost import check_training
-    from fqtsim.data import load
-
-    hw = load_hw(cfg.hw)
-    if cfg.mode == "fp32":   # nothing runs on the device
-        return
-    data = load(cfg.dataset, seed=cfg.seed)
-    if cfg.model == "cnn":
-        layers = workloads.cnn(data.image_shape, data.classes)
-    else:
-        layers = workloads.mlp(int(np.prod(data.image_shape)), data.classes)
-    train_rows = len(data.y_train)
-    steps = -(-train_rows // cfg.batch_size)
-    sizes = {train_rows // steps, -(-train_rows // steps)}   # np.array_split's batch sizes
-    check_training(hw, layers, sizes, cfg.quantizer, cfg.range_policy, cfg.grad_bits,
-                   backward=cfg.mode == "fqt", what=f"--hw {cfg.hw}")
-    check_training(hw, layers, {len(data.y_test)}, backward=False,
-                   what=f"--hw {cfg.hw} (the evaluation pass over the test set)", hint="")
 
 
 def format_summary(s: dict) -> str:

@@ -3,28 +3,65 @@ output directories that never take what fqtsim did not write, tables as Markdown
 
 The rule for output directories (`claim_dir`): a command writes into a directory only if it is
 new, empty, or recognisably an earlier output of the same command: every entry is a name that
-command writes (`OUTPUTS`) and its signature file is there. It never writes into a directory that
-holds one of its own inputs, the current directory or one of its parents. Anything else is
-refused with a message naming the path and what is in the way.
+command writes (`OUTPUTS`), none is a symbolic link, and its signature file is there with the
+content that command gives it (names alone could be anyone's). It never writes into a directory
+that holds one of its inputs or lies inside an input directory, nor into the current directory
+or one of its parents. Anything else is refused with a message naming the path and what is in
+the way. Temporaries carry ".fqtsim-" in their names, so no user file is taken for one.
 """
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-# What each command writes into its output directory: (signature file, entry patterns).
-# Temporaries are ".<name>.*.tmp" (write_atomic) and ".<name>.*" folders (replace_dir).
+
+def _run_signature(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"hw", "mode", "quantizer", "hw_config"} <= set(config)
+
+
+def _starts_with(text: str):
+    def check(path: Path) -> bool:
+        try:
+            with open(path, errors="replace") as f:
+                return f.read(len(text)) == text
+        except OSError:
+            return False
+    return check
+
+
+def _report_signature(path: Path) -> bool:
+    """A report.md of fqtsim's, naming every file beside it (its plots and tables)."""
+    if not _starts_with("# fqtsim overhead report")(path):
+        return False
+    text = path.read_text(errors="replace")
+    return all(p.name in text for p in path.parent.iterdir()
+               if p.name not in ("report.md", "report.html") and not is_temporary(p.name))
+
+
+# What each command writes into its output directory: (signature file, check of its content,
+# entry patterns)
 OUTPUTS = {
-    "run": ("config.json", ["config.json", "metrics.csv", "ledger.csv", "model.pt", "summary.json",
-                            "checkpoint.pt", "ledger-parts"]),
-    "report": ("report.md", ["report.html", "report.md", "*.png", "*.csv"]),
-    "sweep": ("results.csv", ["results.csv", "table.csv", "table.md", "points"]),
-    "variance": ("variance.csv", ["variance.csv", "variance.png", "training"]),
+    "run": ("config.json", _run_signature,
+            ["config.json", "metrics.csv", "ledger.csv", "model.pt", "summary.json",
+             "checkpoint.pt", "ledger-parts"]),
+    "report": ("report.md", _report_signature, ["report.html", "report.md", "*.png", "*.csv"]),
+    "sweep": ("results.csv", _starts_with("id,"), ["results.csv", "table.csv", "table.md", "points"]),
+    "variance": ("variance.csv", _starts_with("model,layer,"),
+                 ["variance.csv", "variance.png", "training"]),
 }
-TEMPORARY = [".*.tmp", ".*.tmp.*"]
+TEMPORARY = ".*.fqtsim-*.tmp"   # write_atomic's files, replace_dir's folders
+
+
+def is_temporary(name: str) -> bool:
+    return fnmatch.fnmatch(name, TEMPORARY)
 
 
 def _umask() -> int:
@@ -45,7 +82,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         raise ValueError(f"{path} is a directory; give a file path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.fqtsim-", suffix=".tmp")
     except OSError as e:   # name the file we were writing, not a temporary or nothing
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
@@ -84,63 +121,71 @@ def claim_file(path, inputs=(), option: str = "--csv", suffix: str = ".csv") -> 
 
 def foreign_entries(path: Path, command: str) -> list[str]:
     """Entries of directory `path` that `command` does not write (temporaries are its own)."""
-    _, patterns = OUTPUTS[command]
-    return sorted(p.name for p in path.iterdir()
-                  if not any(fnmatch.fnmatch(p.name, g) for g in patterns + TEMPORARY))
+    _, _, patterns = OUTPUTS[command]
+    return sorted(p.name for p in path.iterdir() if p.is_symlink() or not (
+        is_temporary(p.name) or any(fnmatch.fnmatch(p.name, g) for g in patterns)))
 
 
 def claim_dir(path, command: str, inputs=(), option: str = "--out") -> Path:
-    """Check that `command` may write directory `path` (see the module docstring); returns it.
-
-    `inputs`: files and directories the command reads; the output may not contain any of them.
-    Returns the path; creates nothing.
-    """
-    path = check_path(path, option)
-    resolved = path.resolve()
-    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
-        raise ValueError(f"{option}: {path} is the current directory or one above it; give a new "
-                         f"directory for fqtsim {command}'s output")
-    for item in inputs:
-        item = Path(item).resolve()
-        if item == resolved or resolved in item.parents:
-            raise ValueError(f"{option}: {path} contains {item}, an input of this command; give "
+    """Check that `command` may write directory `path` (see the module docstring); returns it
+    as an absolute path with links resolved. `inputs`: files and directories the command reads.
+    Creates nothing."""
+    given = check_path(path, option)
+    path = given.resolve()
+    cwd = Path.cwd().resolve()
+    if path == cwd or path in cwd.parents:
+        raise ValueError(f"{option}: {given} is the current directory or one above it; give a "
+                         f"new directory for fqtsim {command}'s output")
+    for item in map(lambda i: Path(i).resolve(), inputs):
+        if item == path or path in item.parents:
+            raise ValueError(f"{option}: {given} contains {item}, an input of this command; give "
                              f"another directory")
+        if item.is_dir() and item in path.parents:
+            raise ValueError(f"{option}: {given} lies inside {item}, an input of this command; "
+                             f"give a directory outside it")
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{option}: {path} is a file; give a directory")
-    if path.is_dir() and any(path.iterdir()):
-        signature, _ = OUTPUTS[command]
+        raise ValueError(f"{option}: {given} is a file; give a directory")
+    if path.is_dir() and any(not is_temporary(p.name) for p in path.iterdir()):
+        signature, genuine, _ = OUTPUTS[command]
         foreign = foreign_entries(path, command)
-        if foreign or not (path / signature).exists():
-            what = f"holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which" \
-                if foreign else "has no " + signature + ", so it is not an output of fqtsim " + command + "; it"
-            raise ValueError(f"{option}: {path} {what} fqtsim {command} did not write; give a new "
-                             f"or empty directory, or remove what is there yourself")
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+            raise ValueError(f"{option}: {given} holds {shown}, which fqtsim {command} did not "
+                             f"write; give a new or empty directory, or remove what is there yourself")
+        if not genuine(path / signature):
+            raise ValueError(f"{option}: {given} is not an output of fqtsim {command} (no "
+                             f"{signature} of its own); give a new or empty directory, or remove "
+                             f"what is there yourself")
     return path
 
 
 def remove_temporaries(path: Path):
     """Delete leftover temporaries (from a killed write) in directory `path`."""
     for p in path.iterdir():
-        if any(fnmatch.fnmatch(p.name, g) for g in TEMPORARY):
+        if is_temporary(p.name) and not p.is_symlink():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def clear_dir(path: Path):
+    """Empty a directory that `claim_dir` accepted (links are removed, never followed)."""
+    for p in path.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def replace_dir(build, out: Path):
     """Build a directory whole with `build(tmp)` and put it at `out` (claimed with `claim_dir`),
     replacing an earlier output; a failure leaves `out` as it was."""
+    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.*.tmp"):   # from a killed build
+    for stale in out.parent.glob(f".{out.name}.fqtsim-*.tmp"):   # from a killed build
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    tmp.chmod(DIR_MODE)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fqtsim-", suffix=".tmp"))
+    tmp.chmod(DIR_MODE)   # mkdtemp's 0700 would carry over
     try:
         build(tmp)
-        for p in tmp.iterdir():
-            if p.is_file():
-                p.chmod(FILE_MODE)
         old = None
         if out.exists():
-            old = out.with_name(f".{out.name}.old.tmp")
+            old = out.with_name(f".{out.name}.fqtsim-old.tmp")
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
         tmp.rename(out)

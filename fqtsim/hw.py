@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,7 +158,8 @@ class Mapping:
 @dataclass(frozen=True)
 class HWConfig:
     """A whole device: array, accumulator, memories, vector unit, energy table and mapping."""
-    name: str = _check(lambda v: len(v) > 0, "a non-empty string")
+    name: str = _check(lambda v: re.fullmatch(r"[\w.+-]+", v) is not None,
+                       "a name of letters, digits and . _ + - (it names report files)")
     array: Array
     accumulator: Accumulator
     tcm: TCM

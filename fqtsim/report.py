@@ -22,7 +22,7 @@ from tqdm import tqdm  # noqa: E402
 
 import fqtsim.cost  # noqa: E402
 from fqtsim.files import claim_dir, replace_dir  # noqa: E402
-from fqtsim.hw import HWConfig, load_hw  # noqa: E402
+from fqtsim.hw import HWConfig, load_hw, resolve_hw  # noqa: E402
 from fqtsim.render import Section, write  # noqa: E402
 from fqtsim.rundir import LABEL_FIELDS, Run, label_runs, load_run  # noqa: E402
 
@@ -314,7 +314,7 @@ def build_report(out: str | Path, runs=(), model: str | None = None, batch: int 
     `fqtsim.files.claim_dir`)."""
     if not runs and not model:
         raise ValueError("nothing to report: give run directories and/or --model with --hw")
-    out = claim_dir(out, "report", inputs=[*runs, *hw_paths])
+    out = claim_dir(out, "report", inputs=[*runs, *map(resolve_hw, hw_paths)])
     hws = [load_hw(p) for p in hw_paths] if model else []
     if model and not hws:
         raise ValueError("--model needs at least one --hw")

@@ -333,7 +333,8 @@ def collect(points: dict[str, RunConfig], out: Path, errors: dict | None = None)
                     "ddr_bytes": s["bytes_by_level"].get("ddr", 0.0),
                     "overflows": s["overflows"], "clips": s["clips"]}
         else:
-            row |= {"status": "failed", "error": (errors or {}).get(pid, "not run")}
+            error = (errors or {}).get(pid)   # none yet: the point is queued or running
+            row |= {"status": "failed", "error": error} if error else {"status": "not run"}
         rows.append(row)
     results = pd.DataFrame(rows)
     write_atomic(out / "results.csv", results.to_csv(index=False))

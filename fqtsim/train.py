@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from fqtsim.data import DATASETS, load
 from fqtsim.device import Device
-from fqtsim.files import check_path, claim_dir, remove_temporaries, write_atomic
+from fqtsim.files import check_path, claim_dir, clear_dir, remove_temporaries, write_atomic
 from fqtsim.fqt import MODES, FQTConfig, Simulator, convert
 from fqtsim.hw import load_hw, resolve_hw
 from fqtsim.models import MODELS, build
@@ -90,6 +90,10 @@ class Diverged(RuntimeError):
     """The loss became NaN or Inf."""
 
 
+class OtherRun(ValueError):
+    """The run directory holds a run with another config."""
+
+
 class Interrupted(RuntimeError):
     """Ctrl-C: the run stopped; its last checkpoint is kept."""
 
@@ -110,21 +114,28 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
     run_dir = claim_dir(cfg.run_dir, "run", inputs=[resolve_hw(cfg.hw)])
     config = {**asdict(cfg), "out": str(run_dir), "hw_config": asdict(hw)}
     config = json.loads(json.dumps(config, default=list))   # as config.json holds it
-    if restart and run_dir.exists():
-        for p in run_dir.iterdir():   # claim_dir checked that all of it is ours
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    elif (run_dir / "config.json").exists():
+    # restart: the earlier run is cleared when the new one first writes, not before (a run
+    # stopped in its first epoch leaves the earlier one as it was)
+    to_clear = restart and run_dir.exists()
+    if not restart and (run_dir / "config.json").exists():
         _check_same_run(run_dir, config)
         if (run_dir / "summary.json").exists():
             log.info(f"{run_dir} holds this run, finished; --restart runs it again")
             _clean_checkpoint(run_dir)
             return json.loads((run_dir / "summary.json").read_text())
-    if run_dir.exists():
+    if run_dir.exists() and not to_clear:
         remove_temporaries(run_dir)
 
     data = load(cfg.dataset, seed=cfg.seed)
     if cfg.model == "cnn":
         data = data.as_images()
+    check_fits(cfg, hw, data)
+
+    def start_writing():   # before the first file of this run
+        nonlocal to_clear
+        if to_clear:
+            clear_dir(run_dir)
+            to_clear = False
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, data.image_shape, data.classes)
     sim = Simulator(Device(hw), FQTConfig(cfg.mode, cfg.quantizer, cfg.grad_bits,
@@ -139,7 +150,7 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
     state = {"epoch": 0, "metrics": [], "seconds": 0.0}
 
     checkpoint = run_dir / "checkpoint.pt"
-    if checkpoint.exists():
+    if checkpoint.exists() and not to_clear:
         state = torch.load(io.BytesIO(checkpoint.read_bytes()), weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -149,7 +160,7 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
         torch.set_rng_state(state["torch_rng"])
         log.info(f"resuming from epoch {state['epoch']} of {cfg.epochs} ({checkpoint})")
     parts = run_dir / "ledger-parts"
-    for stale in sorted(parts.glob("epoch-*.csv"))[state["epoch"]:] if parts.exists() else []:
+    for stale in sorted(parts.glob("epoch-*.csv"))[state["epoch"]:] if parts.exists() and not to_clear else []:
         stale.unlink()   # written after the last checkpoint, or by a run that never checkpointed
     metrics = state["metrics"]
     started = time.perf_counter() - state["seconds"]
@@ -183,6 +194,7 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
                                 "lr": scheduler.get_last_lr()[0], **_step_totals(events)})
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
+            start_writing()
             _write_config(run_dir, config)
             write_atomic(parts / f"epoch-{epoch:05d}.csv", _frame(ledgers).to_csv(index=False))
             ledgers = []
@@ -195,13 +207,15 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
                 log.info(f"epoch {epoch + 1}/{cfg.epochs}: mean training loss {np.mean(losses):.4f}, "
                          f"{time.perf_counter() - started:.0f} s")
     except Diverged:
+        start_writing()
         _write_config(run_dir, config)
         write_atomic(run_dir / "metrics.csv", pd.DataFrame(metrics).to_csv(index=False))
         _assemble_ledger(run_dir, extra=_frame(ledgers).to_csv(index=False) if ledgers else None)
         raise
     except KeyboardInterrupt:
         kept = (f"{run_dir} keeps the checkpoint of epoch {saved} of {cfg.epochs}: run the same "
-                f"command to resume" if saved else "no epoch had finished, so nothing was written")
+                f"command to resume" if saved else "no epoch had finished, so nothing was written"
+                + (f" ({run_dir} holds the earlier run as it was)" if to_clear else ""))
         raise Interrupted(f"interrupted; {kept}") from None
     finally:
         bar.close()
@@ -219,6 +233,28 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
     return summary
 
 
+def check_fits(cfg: RunConfig, hw, data):
+    """Plan every GEMM the run puts on the device (training steps of each batch size and the
+    evaluation pass) before training: a config whose tiles cannot fit, or whose MACs cannot take
+    the operand widths, is refused now, naming --hw and what to change."""
+    from fqtsim import workloads
+    from fqtsim.cost import check_training
+
+    if cfg.mode == "fp32":   # nothing runs on the device
+        return
+    if cfg.model == "cnn":
+        layers = workloads.cnn(data.image_shape, data.classes)
+    else:
+        layers = workloads.mlp(int(np.prod(data.image_shape)), data.classes)
+    train_rows = len(data.y_train)
+    steps = -(-train_rows // cfg.batch_size)
+    sizes = {train_rows // steps, -(-train_rows // steps)}   # np.array_split's batch sizes
+    check_training(hw, layers, sizes, cfg.quantizer, cfg.range_policy, cfg.grad_bits,
+                   backward=cfg.mode == "fqt", what=f"--hw {cfg.hw}")
+    check_training(hw, layers, {len(data.y_test)}, backward=False,
+                   what=f"--hw {cfg.hw} (the evaluation pass over the test set)", hint="")
+
+
 def _check_same_run(run_dir: Path, config: dict):
     """Refuse to mix two configs in one run directory."""
     try:
@@ -233,8 +269,8 @@ def _check_same_run(run_dir: Path, config: dict):
     if changed or not same_hw:
         what = ", ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in changed[:3])
         what = what or f"the hardware config differs from {old.get('hw')!r}'s"
-        raise ValueError(f"--out: {run_dir} holds a run with another config ({what}); give "
-                         f"another --out, or --restart to replace that run")
+        raise OtherRun(f"--out: {run_dir} holds a run with another config ({what}); give "
+                       f"another --out, or --restart to replace that run")
 
 
 def _write_config(run_dir: Path, config: dict):

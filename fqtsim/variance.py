@@ -170,7 +170,7 @@ def plot(table: pd.DataFrame, path):
     axes[0][0].set_ylabel("variance of the weight gradient")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -186,18 +186,18 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset:
     them). Every option is checked, and the batches counted against the dataset, before any
     training. `progress`: bars on a terminal, else log lines (training: per epoch; measuring:
     per quantizer and width)."""
+    import io
     import json
-    import os
     from pathlib import Path
 
     from fqtsim.data import DATASETS, load
     from fqtsim.device import Device
     from fqtsim.files import claim_dir, write_atomic
     from fqtsim.fqt import convert
-    from fqtsim.hw import load_hw
+    from fqtsim.hw import load_hw, resolve_hw
     from fqtsim.models import MODELS, build
     from fqtsim.quantizers import check_bits
-    from fqtsim.train import RunConfig, train
+    from fqtsim.train import OtherRun, RunConfig, train
 
     given = {"model": model, "dataset": dataset, "epochs": epochs, "seed": seed}
     if from_run is not None:
@@ -233,7 +233,7 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset:
         if q not in ("ptq", "psq", "bhq"):
             raise ValueError(f"--quantizer: got {q!r}; expected ptq, psq or bhq")
     device_hw = load_hw(hw)
-    out = claim_dir(out, "variance", inputs=[hw, *([from_run] if from_run else [])])
+    out = claim_dir(out, "variance", inputs=[resolve_hw(hw), *([from_run] if from_run else [])])
     data = load(dataset, seed=seed)
     data = data.as_images() if model == "cnn" else data
     if batches * batch_size > len(data.y_train):
@@ -242,7 +242,10 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset:
     if from_run is None:
         cfg = RunConfig(hw=hw, mode="qat", model=model, dataset=dataset, epochs=epochs,
                         batch_size=batch_size, seed=seed, out=str(out / "training"))
-        train(cfg, progress=progress)
+        try:
+            train(cfg, progress=progress)
+        except OtherRun:   # this command's own training, from an earlier call with other options
+            train(cfg, progress=progress, restart=True)
         from_run = cfg.out
     net = build(model, data.image_shape, data.classes)
     net.load_state_dict(torch.load(Path(from_run) / "model.pt"))
@@ -254,6 +257,7 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset:
     table = measure(net, sim, fixed, quantizers, bits, draws, progress=progress)
     table.insert(0, "model", model)
     write_atomic(out / "variance.csv", table.to_csv(index=False))
-    plot(table, out / ".variance.png.tmp.png")
-    os.replace(out / ".variance.png.tmp.png", out / "variance.png")
+    png = io.BytesIO()
+    plot(table, png)
+    write_atomic(out / "variance.png", png.getvalue())
     return table

@@ -162,7 +162,7 @@ CLI_CASES = [
      "tiny-tcm.yaml: npu cannot run this training"),
     (["run", "--hw", I("short-k-tile.yaml"), "--dataset", "synthetic"],
      "mapping.tile_k = 8 < K = 64 needs tile_m <= array.rows"),
-    (["run", "--hw", I("four-bit.yaml"), "--dataset", "synthetic"], "operand codes of 2..4"),
+    (["run", "--hw", I("four-bit.yaml"), "--dataset", "synthetic"], "operand codes of at most 4 bits"),
     (["run", "--hw", I("tiny-tcm.yaml"), "--mode", "qat", "--dataset", "synthetic"],
      "cannot run this training"),
     # output directories

@@ -115,36 +115,45 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch, capsys):
             f"{csv}: No space left on device", capsys)
 
 
-# A run killed with SIGKILL at a chosen point: after epoch 1's checkpoint, in the middle of epoch 2
+# A run killed with SIGKILL at a chosen point: in the middle of epoch 2 (after epoch 1's
+# checkpoint), or at epoch 2's checkpoint, after its ledger part was written
 KILLED_RUN = """
 import os, signal, sys
 import fqtsim.train as t
-take = t._take
+take, save = t._take, t._save_checkpoint
 def take_then_die(device, step):
-    if step == {kill_at}:
+    if {where!r} == "mid-epoch" and step == {steps_per_epoch} + 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return take(device, step)
-t._take = take_then_die
+def save_then_die(path, model, optimizer, scheduler, sim, order_rng, epoch, *rest):
+    if {where!r} == "at checkpoint" and epoch == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(path, model, optimizer, scheduler, sim, order_rng, epoch, *rest)
+t._take, t._save_checkpoint = take_then_die, save_then_die
 t.train(t.RunConfig(**{config}), progress=False)
 """
 
 
-@pytest.mark.parametrize("model, policy, quantizer", [("mlp", "dynamic", "psq"), ("cnn", "delayed", "bhq")])
-def test_a_killed_run_resumes_to_the_same_results(model, policy, quantizer, tmp_path):
-    config = dict(hw=NPU, model=model, dataset="synthetic", epochs=3, batch_size=200,
+@pytest.mark.parametrize("mode, model, policy, quantizer, where", [
+    ("fqt", "mlp", "dynamic", "psq", "mid-epoch"), ("fqt", "cnn", "delayed", "bhq", "mid-epoch"),
+    ("fqt", "mlp", "delayed", "ptq", "at checkpoint"), ("qat", "cnn", "dynamic", "psq", "mid-epoch"),
+    ("fp32", "mlp", "dynamic", "psq", "at checkpoint")])
+def test_a_killed_run_resumes_to_the_same_results(mode, model, policy, quantizer, where, tmp_path):
+    config = dict(hw=NPU, mode=mode, model=model, dataset="synthetic", epochs=3, batch_size=200,
                   range_policy=policy, quantizer=quantizer, grad_bits=4)
     whole = train(RunConfig(**config, out=str(tmp_path / "whole")), progress=False)
-    steps_per_epoch = whole["steps"] // 3
     killed = tmp_path / "killed"
-    script = KILLED_RUN.format(kill_at=steps_per_epoch + 1, config={**config, "out": str(killed)})
+    script = KILLED_RUN.format(where=where, steps_per_epoch=whole["steps"] // 3,
+                               config={**config, "out": str(killed)})
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()
     assert (killed / "checkpoint.pt").exists() and not (killed / "summary.json").exists()
-    (killed / ".ledger.csv.abc123.tmp").write_text("left by a killed write")
+    (killed / ".ledger.csv.fqtsim-abc123.tmp").write_text("left by a killed write")
     resumed = train(RunConfig(**config, out=str(killed)), progress=False)
     for name in ("ledger.csv", "metrics.csv", "model.pt"):
         assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     assert {**resumed, "seconds": 0} == {**whole, "seconds": 0}
+    assert not (killed / "checkpoint.pt").exists() and not (killed / "ledger-parts").exists()
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
 
 
@@ -172,3 +181,70 @@ def test_cost_csv_never_overwrites_an_input_or_another_kind_of_file(tmp_path, ca
     refused(["cost", "--hw", str(hw), "--gemm", "8x8x8", "--csv", str(tmp_path / "notes.txt")],
             "is not a .csv file", capsys)
     assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("command, name, text", [
+    (["report", "--model", "mlp", "--batch", "8", "--hw", NPU], "report.md", "# my own notes"),
+    (["sweep", *TINY], "results.csv", "a,b\n1,2\n"),
+    (["run", *TINY], "config.json", '{"lr": 1}'),
+    (["run", *TINY, "--restart"], "config.json", '{"lr": 1}'),
+    (["variance", "--hw", NPU], "variance.csv", "x,y\n"),
+])
+def test_files_named_like_ours_but_not_ours_are_left_alone(command, name, text, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / name).write_text(text)
+    refused([*command, "--out", str(mine)], "is not an output of fqtsim", capsys)
+    assert listing(tmp_path) == {f"mine/{name}": text.encode()}
+
+
+def test_a_report_directory_with_a_file_its_report_does_not_name_is_left_alone(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["report", "--model", "mlp", "--batch", "8", "--hw", NPU, "--out", str(out)]) == 0
+    (out / "photo.png").write_bytes(b"mine")
+    refused(["report", "--model", "mlp", "--batch", "8", "--hw", NPU, "--out", str(out)],
+            "is not an output of fqtsim report", capsys)
+    assert (out / "photo.png").read_bytes() == b"mine"
+
+
+def test_hidden_user_files_are_never_taken_for_temporaries(finished_run, tmp_path):
+    run = tmp_path / "run"
+    config = dict(hw=NPU, dataset="synthetic", epochs=2, batch_size=200, out=str(run))
+    train(RunConfig(**config), progress=False)
+    (run / ".scratch.tmp").write_text("mine")
+    with pytest.raises(ValueError, match=".scratch.tmp, which fqtsim run did not write"):
+        train(RunConfig(**config), progress=False)
+    assert (run / ".scratch.tmp").read_text() == "mine"
+
+
+def test_odd_spellings_of_an_output_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = dict(hw=NPU, dataset="synthetic", epochs=1, batch_size=200)
+    train(RunConfig(**config, out="runx/sub/.."), progress=False)
+    assert sorted(p.name for p in (tmp_path / "runx").iterdir()) == [
+        "config.json", "ledger.csv", "metrics.csv", "model.pt", "summary.json"]
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    for _ in range(2):   # a report into a link replaces what it points to, and keeps the link
+        assert main(["report", "--model", "mlp", "--batch", "8", "--hw", NPU, "--out", "link"]) == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "report.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "runx", "target"]
+
+
+def test_an_output_inside_an_input_directory_is_refused(finished_run, capsys):
+    before = listing(finished_run)
+    refused(["report", str(finished_run), "--out", str(finished_run / "rep")], "lies inside", capsys)
+    assert listing(finished_run) == before
+
+
+def test_a_restart_stopped_in_its_first_epoch_keeps_the_earlier_run(finished_run, monkeypatch):
+    import fqtsim.train as t
+    before = listing(finished_run)
+
+    def interrupt(device, step):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(t, "_take", interrupt)
+    with pytest.raises(t.Interrupted, match="holds the earlier run as it was"):
+        train(RunConfig(hw=NPU, dataset="synthetic", epochs=2, batch_size=200, quantizer="bhq",
+                        out=str(finished_run)), progress=False, restart=True)
+    assert listing(finished_run) == before

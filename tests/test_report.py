@@ -49,8 +49,9 @@ def test_report_from_runs_and_cost_model(tmp_path, two_runs, capsys):
 def test_report_needs_something_to_report(tmp_path):
     with pytest.raises(ValueError, match="nothing to report"):
         build_report(tmp_path / "r")
+    (tmp_path / "not-a-run").mkdir()
     with pytest.raises(ValueError, match="no summary.json"):
-        build_report(tmp_path / "r", runs=[tmp_path])
+        build_report(tmp_path / "r", runs=[tmp_path / "not-a-run"])
     with pytest.raises(ValueError, match="--model needs at least one --hw"):
         build_report(tmp_path / "r", model="mlp")
     assert not (tmp_path / "r").exists()
