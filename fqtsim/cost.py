@@ -72,6 +72,11 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
             inner_load = first_o and first_i if n_inner == 1 and nk == 1 else True
             outer_load = first_i if nk == 1 else True
             load_a, load_b = (inner_load, outer_load) if inner == "m" else (outer_load, inner_load)
+            # an operand held whole loads each tile on first use: in the first iteration of the
+            # loop it does not depend on (n for A, m for B)
+            first = {outer: first_o, inner: first_i}
+            load_a = first["n"] if tiling.a_whole else load_a
+            load_b = first["m"] if tiling.b_whole else load_b
             a_in = nbytes(sm * k, a_bits) if load_a else 0.0
             b_in = nbytes(k * sn, b_bits) if load_b else 0.0
             folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)

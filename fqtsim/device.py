@@ -158,7 +158,9 @@ class Device:
         if writeback == "materialized":
             level = wide_level(hw, t, live_wide_elements(scope, t, m, n))
         starts = {"m": range(0, m, t.tm), "n": range(0, n, t.tn)}
-        resident = {"load_a": None, "load_b": None}   # the A and B tiles in TCM
+        # the A and B tiles in TCM: the last one loaded, or every one so far for an operand
+        # held whole
+        resident = {"load_a": set() if t.a_whole else None, "load_b": set() if t.b_whole else None}
         events = {}
         for o in starts[t.order[0]]:
             for i in starts[t.order[1]]:
@@ -170,8 +172,13 @@ class Device:
                     sk = min(t.tk, k - k0)
                     for event, tile, count, bits in (("load_a", (m0, k0), sm * sk, a_bits),
                                                      ("load_b", (k0, n0), sk * sn, b_bits)):
-                        if resident[event] != tile:   # a tile already in TCM is not loaded again
-                            resident[event] = tile
+                        held = resident[event]
+                        if tile not in held if isinstance(held, set) else held != tile:
+                            # a tile already in TCM is not loaded again
+                            if isinstance(held, set):
+                                held.add(tile)
+                            else:
+                                resident[event] = tile
                             moved = nbytes(count, bits)
                             add(events, event, "ddr", count, moved)
                             ddr += moved

@@ -89,6 +89,19 @@ class Accumulator:
 
 
 @dataclass(frozen=True)
+class Partitions:
+    """TCM split into a buffer per operand (KiB each): A tiles, B tiles, and output tiles with
+    their partial sums; what the three leave, and the output buffer's rest, hold wide outputs."""
+    a_kib: float = _positive(f"a finite number > 0, at most {MAX_TCM_KIB} (KiB)", MAX_TCM_KIB)
+    b_kib: float = _positive(f"a finite number > 0, at most {MAX_TCM_KIB} (KiB)", MAX_TCM_KIB)
+    out_kib: float = _positive(f"a finite number > 0, at most {MAX_TCM_KIB} (KiB)", MAX_TCM_KIB)
+
+    @property
+    def sizes_bytes(self) -> tuple[int, int, int]:
+        return int(self.a_kib * 1024), int(self.b_kib * 1024), int(self.out_kib * 1024)
+
+
+@dataclass(frozen=True)
 class TCM:
     """On-chip scratchpad: operand tiles, partial sums and (when they fit) wide outputs."""
     size_kib: float = _positive(f"a finite number > 0, at most {MAX_TCM_KIB} (KiB, 1 TiB)",
@@ -97,6 +110,7 @@ class TCM:
     write_bytes_per_cycle: float = _bandwidth()
     read_pj_per_byte: float = _non_negative()
     write_pj_per_byte: float = _non_negative()
+    partitions: Partitions | None = None   # null: one pool shared by tiles and wide outputs
 
     @property
     def size_bytes(self) -> int:
@@ -312,6 +326,8 @@ def _convert(hint, value, key, f):
     if value is None and type(None) in options:
         return None
     base = next(t for t in options if t is not type(None))
+    if dataclasses.is_dataclass(base):
+        return _build(base, value, key)
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -341,6 +357,11 @@ def _describe(hint, f):
 
 
 def _check_consistency(hw: HWConfig):
+    parts = hw.tcm.partitions
+    if parts is not None and parts.a_kib + parts.b_kib + parts.out_kib > hw.tcm.size_kib:
+        raise _SchemaError(f"tcm.partitions: A, B and output buffers of {parts.a_kib:g} + "
+                           f"{parts.b_kib:g} + {parts.out_kib:g} KiB exceed tcm.size_kib = "
+                           f"{hw.tcm.size_kib:g}; make them smaller or the TCM larger")
     acc = hw.accumulator
     if acc.spill_every is not None and acc.psum_bits < acc.bits:
         raise _SchemaError(f"accumulator.psum_bits: got {acc.psum_bits}, narrower than "

@@ -11,9 +11,15 @@ The loop nest, written down once (the device walks it, `fqtsim.cost` sums it in 
         write back the (tm x tn) output tile
 
 A (M x K) and B (K x N) live in DDR; TCM holds one A tile, one B tile and one output tile (twice
-each with double buffering: the second copy is the prefetch slot, not extra reuse). Because folds keep
+each with double buffering: the second copy is the prefetch slot, not extra reuse). An operand that
+fits its buffer whole is held whole instead, once (no prefetch slot: nothing follows it), and stays
+resident across the loop nest: each of its tiles is loaded on first use only. Because folds keep
 their accumulators over the whole K loop, a K tile shorter than K allows only one fold per tile
 (tm <= rows, tn <= cols).
+
+Buffers: TCM is one pool (`tcm.partitions: null`), shared by the tiles and held operands, the
+rest free for wide outputs; or fixed partitions for A, B and the output tiles (with their
+partial sums), the output partition's rest and any unpartitioned TCM free for wide outputs.
 """
 from __future__ import annotations
 
@@ -55,12 +61,16 @@ def wide_bits(hw: HWConfig) -> int:
 
 @dataclass(frozen=True)
 class Tiling:
-    """TCM tile sizes for one GEMM, its loop order (outer first) and the TCM they take."""
+    """TCM tile sizes for one GEMM, its loop order (outer first), whether A and B are held
+    whole, the TCM they take and the TCM left for wide outputs."""
     tm: int
     tn: int
     tk: int
     order: tuple
     footprint: int
+    free: int
+    a_whole: bool = False
+    b_whole: bool = False
 
     def tile_counts(self, m: int, n: int, k: int) -> tuple[int, int, int]:
         return math.ceil(m / self.tm), math.ceil(n / self.tn), math.ceil(k / self.tk)
@@ -71,13 +81,29 @@ def buffers(hw: HWConfig) -> int:
     return 2 if hw.mapping.double_buffer else 1
 
 
-def footprint(hw: HWConfig, tm, tn, tk, a_bits, b_bits, out_bits) -> int:
-    """TCM bytes of one A, B and output tile (times two with double buffering)."""
+def buffer_bytes(hw: HWConfig, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_whole=False,
+                 b_whole=False) -> tuple[int, int, int]:
+    """TCM bytes of A (its tiles, or all of it held whole, once), of B, and of the output tiles
+    (with their partial sums when the accumulator spills)."""
+    copies = buffers(hw)
     buf_bits = out_bits
     if hw.accumulator.spill_every is not None:
         buf_bits = max(buf_bits, hw.accumulator.psum_bits)  # partial sums live in the output tile
-    return math.ceil(buffers(hw) * (nbytes(tm * tk, a_bits) + nbytes(tk * tn, b_bits)
-                                + nbytes(tm * tn, buf_bits)))
+    a = nbytes(m * k, a_bits) if a_whole else copies * nbytes(tm * tk, a_bits)
+    b = nbytes(k * n, b_bits) if b_whole else copies * nbytes(tk * tn, b_bits)
+    return math.ceil(a), math.ceil(b), math.ceil(copies * nbytes(tm * tn, buf_bits))
+
+
+def placement(hw: HWConfig, use: tuple[int, int, int]) -> tuple[bool, int, int]:
+    """Whether buffers of `use` bytes (A, B, output) fit the TCM, the bytes they take, and the
+    bytes left for wide outputs."""
+    capacity, parts = hw.tcm.size_bytes, hw.tcm.partitions
+    taken = sum(use)
+    if parts is None:
+        return taken <= capacity, taken, capacity - taken
+    sizes = parts.sizes_bytes
+    fits = all(u <= p for u, p in zip(use, sizes))
+    return fits, taken, capacity - sum(sizes) + sizes[2] - use[2]
 
 
 def operand_loads(tiling: Tiling, m: int, n: int, k: int) -> tuple[int, int]:
@@ -90,33 +116,52 @@ def operand_loads(tiling: Tiling, m: int, n: int, k: int) -> tuple[int, int]:
     else:
         b = b_once if nn == 1 and nk == 1 else b_once * nm
         a = a_once if nk == 1 else a_once * nn
-    return a, b
+    return (a_once if tiling.a_whole else a), (b_once if tiling.b_whole else b)
 
 
 @functools.lru_cache(maxsize=4096)
 def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int) -> Tiling:
-    """Tiles from the config where given, else the fitting tiles with the fewest estimated cycles."""
+    """Tiles from the config where given, else the fitting tiles with the fewest estimated
+    cycles; an operand is held whole where that fits (with partitions, always; in a pool, where
+    it pays)."""
     mp, arr = hw.mapping, hw.array
     capacity = hw.tcm.size_bytes
 
-    def make(tm, tn, tk):
-        return Tiling(tm, tn, tk, tuple(mp.loop_order),
-                      footprint(hw, tm, tn, tk, a_bits, b_bits, out_bits))
+    parts = hw.tcm.partitions
+    if parts is None:   # in a pool, holding an operand whole competes with the tiles: try both
+        a_wholes = b_wholes = (False, True)
+    else:               # a partition holds its operand whole whenever it can (ZigZag's rule)
+        a_wholes = (nbytes(m * k, a_bits) <= parts.sizes_bytes[0],)
+        b_wholes = (nbytes(k * n, b_bits) <= parts.sizes_bytes[1],)
 
-    def one_fold_ok(t):
-        return t.tk >= k or (t.tm <= arr.rows and t.tn <= arr.cols)
+    def options(tm, tn, tk):
+        """The tilings of these tile sizes that fit."""
+        out = []
+        for a_whole in a_wholes:
+            for b_whole in b_wholes:
+                use = buffer_bytes(hw, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_whole, b_whole)
+                fits, taken, free = placement(hw, use)
+                if fits:
+                    out.append(Tiling(tm, tn, tk, tuple(mp.loop_order), taken, free, a_whole, b_whole))
+        return out
+
+    def one_fold_ok(tm, tn, tk):
+        return tk >= k or (tm <= arr.rows and tn <= arr.cols)
 
     if None not in (mp.tile_m, mp.tile_n, mp.tile_k):
-        t = make(min(mp.tile_m, m), min(mp.tile_n, n), min(mp.tile_k, k))
-        if not one_fold_ok(t):
-            raise ValueError(f"{hw.name}: mapping.tile_k = {t.tk} < K = {k} needs tile_m <= "
+        tm, tn, tk = min(mp.tile_m, m), min(mp.tile_n, n), min(mp.tile_k, k)
+        if not one_fold_ok(tm, tn, tk):
+            raise ValueError(f"{hw.name}: mapping.tile_k = {tk} < K = {k} needs tile_m <= "
                              f"array.rows ({arr.rows}) and tile_n <= array.cols ({arr.cols}): "
                              f"folds keep their accumulators over the whole K loop")
-        if t.footprint > capacity:
-            raise ValueError(f"{hw.name}: tiles {t.tm}x{t.tn}x{t.tk} for GEMM {m}x{k}x{n} need "
-                             f"{t.footprint} B of TCM, tcm.size_kib gives {capacity} B; make "
-                             f"mapping.tile_m/tile_n/tile_k smaller or set them to null")
-        return t
+        fitting = options(tm, tn, tk)
+        if not fitting:
+            use = buffer_bytes(hw, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits)
+            raise ValueError(f"{hw.name}: tiles {tm}x{tn}x{tk} for GEMM {m}x{k}x{n} need "
+                             f"{sum(use)} B of TCM (A {use[0]}, B {use[1]}, output {use[2]}), "
+                             f"{_room(hw)}; make mapping.tile_m/tile_n/tile_k smaller or set "
+                             f"them to null")
+        return min(fitting, key=lambda t: _score(hw, t, m, n, k, a_bits, b_bits))
 
     def choices(given, dim, step):
         if given is not None:
@@ -125,36 +170,54 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
         return {min(dim, s) for s in sizes}
 
     tks = {min(mp.tile_k, k)} if mp.tile_k is not None else {k}
-    candidates = [make(tm, tn, tk) for tk in tks
-                  for tm in choices(mp.tile_m, m, arr.rows) for tn in choices(mp.tile_n, n, arr.cols)]
+    candidates = [t for tk in tks for tm in choices(mp.tile_m, m, arr.rows)
+                  for tn in choices(mp.tile_n, n, arr.cols) if one_fold_ok(tm, tn, tk)
+                  for t in options(tm, tn, tk)]
     if mp.tile_k is None:  # K does not fit whole: one fold per tile, the longest K slice that fits
         for tm in choices(mp.tile_m, m, arr.rows) if mp.tile_m else choices(None, min(m, arr.rows), 1):
             for tn in choices(mp.tile_n, n, arr.cols) if mp.tile_n else choices(None, min(n, arr.cols), 1):
-                per_k = buffers(hw) * (nbytes(tm, a_bits) + nbytes(tn, b_bits))
-                tk = min(k - 1, int((capacity - make(tm, tn, 0).footprint) // per_k))
-                while tk >= 1 and make(tm, tn, tk).footprint > capacity:  # packed sub-byte tiles
+                if tm > arr.rows or tn > arr.cols:
+                    continue
+                copies = buffers(hw)
+                out_tiles = buffer_bytes(hw, m, n, k, tm, tn, 0, a_bits, b_bits, out_bits)[2]
+                if parts is None:
+                    room = (capacity - out_tiles) / (copies * (nbytes(tm, a_bits) + nbytes(tn, b_bits)))
+                else:
+                    room = min(parts.sizes_bytes[0] / (copies * nbytes(tm, a_bits)),
+                               parts.sizes_bytes[1] / (copies * nbytes(tn, b_bits)))
+                tk = min(k - 1, int(room))
+                while tk >= 1 and not options(tm, tn, tk):  # packed sub-byte tiles
                     tk -= 1
                 if tk >= 1:
-                    candidates.append(make(tm, tn, tk))
-    fitting = [t for t in candidates if t.footprint <= capacity and one_fold_ok(t)]
-    if not fitting:
+                    candidates += options(tm, tn, tk)
+    if not candidates:
         big = [f"mapping.{f} = {v}" for f, v, a in (("tile_m", mp.tile_m, arr.rows),
                                                        ("tile_n", mp.tile_n, arr.cols)) if v and v > a]
         why = (f"; {' and '.join(big)} exceed the array, which forces all of K into one tile: "
                f"set them to null") if big else "; raise tcm.size_kib or use a smaller GEMM"
         raise ValueError(f"{hw.name}: no tiling of GEMM {m}x{k}x{n} ({a_bits}x{b_bits}-bit "
-                         f"operands) fits {capacity} B of TCM even with one fold per tile{why}")
+                         f"operands) fits {_room(hw)} even with one fold per tile{why}")
+    return min(candidates, key=lambda t: _score(hw, t, m, n, k, a_bits, b_bits))
 
-    def score(t):  # estimated cycles first (idle lanes cost time), then DDR bytes, then size
-        a, b = operand_loads(t, m, n, k)
-        ddr = nbytes(a, a_bits) + nbytes(b, b_bits)
-        nm, nn, nk = t.tile_counts(m, n, k)
-        compute = nm * nn * math.ceil(t.tm / arr.rows) * math.ceil(t.tn / arr.cols) * k
-        memory = ddr / hw.ddr.bytes_per_cycle
-        cycles = max(compute, memory) if mp.double_buffer else compute + memory
-        return cycles, ddr, nm * nn * nk, t.footprint, t.tm, t.tn
 
-    return min(fitting, key=score)
+def _room(hw: HWConfig) -> str:
+    parts = hw.tcm.partitions
+    if parts is None:
+        return f"{hw.tcm.size_bytes} B of TCM"
+    a, b, out = parts.sizes_bytes
+    return f"tcm.partitions of A {a} B, B {b} B, output {out} B"
+
+
+def _score(hw: HWConfig, t: Tiling, m, n, k, a_bits, b_bits):
+    """Estimated cycles first (idle lanes cost time), then DDR bytes, then fewer tiles, less TCM."""
+    a, b = operand_loads(t, m, n, k)
+    ddr = nbytes(a, a_bits) + nbytes(b, b_bits)
+    nm, nn, nk = t.tile_counts(m, n, k)
+    arr = hw.array
+    compute = nm * nn * math.ceil(t.tm / arr.rows) * math.ceil(t.tn / arr.cols) * k
+    memory = ddr / hw.ddr.bytes_per_cycle
+    cycles = max(compute, memory) if hw.mapping.double_buffer else compute + memory
+    return cycles, ddr, nm * nn * nk, t.footprint, t.tm, t.tn
 
 
 def live_wide_elements(scope: str, tiling: Tiling, m: int, n: int, rows_per_sample: int = 1) -> int:
@@ -174,8 +237,7 @@ def live_wide_elements(scope: str, tiling: Tiling, m: int, n: int, rows_per_samp
 def wide_level(hw: HWConfig, tiling: Tiling, live_elements: int) -> str:
     """Where a wide (accumulator-width) tensor lands: TCM if its live part fits beside the
     tiles, else DDR."""
-    fits = nbytes(live_elements, wide_bits(hw)) <= hw.tcm.size_bytes - tiling.footprint
-    return "tcm" if fits else "ddr"
+    return "tcm" if nbytes(live_elements, wide_bits(hw)) <= tiling.free else "ddr"
 
 
 def phase_stalls(hw: HWConfig, compute: float, ddr_bytes: float, tcm_read: float,

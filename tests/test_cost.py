@@ -71,6 +71,12 @@ VARIANTS = {
     "given tiles": {"mapping.tile_m": 48, "mapping.tile_n": 40, "mapping.tile_k": None},
     "k tiled": {"mapping.tile_m": 16, "mapping.tile_n": 16, "mapping.tile_k": 100},
     "tiny tcm": {"tcm.size_kib": 2},
+    "partitions": {"tcm.partitions": {"a_kib": 64, "b_kib": 64, "out_kib": 32}},
+    "small partitions": {"tcm.partitions": {"a_kib": 3, "b_kib": 5, "out_kib": 1}},
+    "partitions, m outer": {"tcm.partitions": {"a_kib": 40, "b_kib": 20, "out_kib": 8},
+                            "mapping.loop_order": ["m", "n"]},
+    "partitions, k tiled": {"tcm.partitions": {"a_kib": 8, "b_kib": 8, "out_kib": 4},
+                            "mapping.tile_m": 16, "mapping.tile_n": 16, "mapping.tile_k": 100},
     "spill 7": {"accumulator.spill_every": 7, "accumulator.bits": 20, "accumulator.psum_bits": 24},
     "spill 1000": {"accumulator.spill_every": 1000},
     "spill, k tiled": {"accumulator.spill_every": 40, "mapping.tile_m": 16, "mapping.tile_n": 16,
@@ -109,8 +115,9 @@ def rows_of(ledger):
 
 def test_scale_sim_output_stationary_mapping(make_hw):
     # SCALE-Sim / ZigZag order on a 16x16 array: column folds outer, row folds inner, whole K in a
-    # fold: DRAM reads M*K*ceil(N/16) for A, K*N for B, M*N writes for C.
-    hw = unit(make_hw, **{"mapping.tile_m": 16, "mapping.tile_n": 16})
+    # fold: DRAM reads M*K*ceil(N/16) for A, K*N for B, M*N writes for C, when A does not fit
+    # the TCM whole (24 KiB: A's 30,000 B do not; its 16-row tiles do)
+    hw = unit(make_hw, **{"mapping.tile_m": 16, "mapping.tile_n": 16, "tcm.size_kib": 24})
     m, k, n = 100, 300, 70
     r = rows_of(fqtsim.cost.gemm(hw, m, n, k))
     assert r["load_a", "ddr"].count == m * k * math.ceil(n / 16)
@@ -120,6 +127,32 @@ def test_scale_sim_output_stationary_mapping(make_hw):
     # compute-bound: ceil(M/16) * ceil(N/16) folds of K cycles each, no stall
     assert r["mac_8x8", "array"].cycles == math.ceil(m / 16) * math.ceil(n / 16) * k
     assert r["stall", "ddr"].cycles == 0 and r["stall", "tcm"].cycles == 0
+
+
+def test_an_operand_that_fits_whole_is_loaded_once(make_hw):
+    # 256 KiB holds A (30,000 B) whole, once: loaded once, not once per column fold
+    hw = unit(make_hw, **{"mapping.tile_m": 16, "mapping.tile_n": 16})
+    r = rows_of(fqtsim.cost.gemm(hw, 100, 70, 300))
+    assert r["load_a", "ddr"].count == 100 * 300 and r["load_b", "ddr"].count == 300 * 70
+    t = plan(hw, 100, 70, 300, 8, 8, 8)
+    assert t.a_whole and t.footprint == 100 * 300 + 2 * 300 * 16 + 2 * 16 * 16
+
+
+def test_partitions_hold_what_fits_them_and_are_validated(make_hw, tmp_path):
+    parts = {"tcm.partitions": {"a_kib": 64, "b_kib": 64, "out_kib": 32}}
+    hw = make_hw("npu", **parts)
+    t = plan(hw, 200, 100, 300, 8, 8, 8)          # A 60,000 B fits its 64 KiB whole
+    assert t.a_whole and t.b_whole                 # B 30,000 B too
+    big = plan(hw, 512, 512, 512, 8, 8, 8)          # 256 KiB operands: tiled, double buffered
+    assert not big.a_whole and not big.b_whole
+    assert 2 * big.tm * big.tk <= 64 * 1024 and 2 * big.tk * big.tn <= 64 * 1024
+    assert big.free == (256 - 160) * 1024 + 32 * 1024 - 2 * big.tm * big.tn
+    with pytest.raises(ValueError, match="tcm.partitions: A, B and output buffers of 200 "):
+        make_hw("npu", **{"tcm.partitions": {"a_kib": 200, "b_kib": 64, "out_kib": 32}})
+    with pytest.raises(ValueError, match="tcm.partitions.b_kib: got -1"):
+        make_hw("npu", **{"tcm.partitions": {"a_kib": 1, "b_kib": -1, "out_kib": 32}})
+    with pytest.raises(ValueError, match="tcm.partitions: unknown key 'c_kib'"):
+        make_hw("npu", **{"tcm.partitions": {"a_kib": 1, "b_kib": 1, "out_kib": 1, "c_kib": 1}})
 
 
 def test_unit_energies_are_hand_formulas(make_hw):
