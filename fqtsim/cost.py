@@ -16,7 +16,7 @@ import pandas as pd
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
 from fqtsim.mapping import (as_int, check_gemm, live_wide_elements, nbytes, phase_stalls,
-                            plan, stored_output_bits, wide_level)
+                            plan, stored_output_bits, wide_bits, wide_level)
 from fqtsim.schedule import (QuantScheme, as_scheme, correction_events, input_events, output_events,
                              output_writeback, rename_wide_output, update_events,
                              FORWARD_BITS, GRAD_WEIGHT_BITS, weight_gradient_method)
@@ -58,7 +58,7 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
         level = wide_level(hw, tiling, live_wide_elements(scope, tiling, m, n))
 
     rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
-    psum_bytes = nbytes(1, hw.accumulator.psum_bits)
+    psum_bytes = nbytes(1, wide_bits(hw))
     nm, nn, nk = tiling.tile_counts(m, n, k)
     dims = {"m": (m, tiling.tm), "n": (n, tiling.tn)}
     outer, inner = tiling.order
@@ -85,8 +85,11 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
             out = nbytes(sm * sn, out_store)
             tcm_read = nbytes(read_a, a_bits) + nbytes(read_b, b_bits)
             tcm_write = a_in + b_in + (out if writeback != "handoff" else 0.0)
-            if spill is not None:
-                spills = sm * sn * math.ceil(k / spill)
+            # partial sums in TCM: at spill points, or at the end of each K tile when several
+            # folds share a split K
+            parks = spill is None and nk > 1 and folds_m * folds_n > 1
+            if spill is not None or parks:
+                spills = sm * sn * (math.ceil(k / spill) if spill is not None else nk)
                 psum_rw = (2 * spills - sm * sn) * psum_bytes
                 tcm_read += psum_rw - spills * psum_bytes + sm * sn * psum_bytes
                 tcm_write += spills * psum_bytes

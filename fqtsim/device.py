@@ -16,7 +16,7 @@ import pandas as pd
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
 from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
-                            stored_output_bits, wide_level)
+                            stored_output_bits, wide_bits, wide_level)
 from fqtsim.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
 from fqtsim.schedule import (FORWARD_BITS, QuantScheme, as_scheme, output_writeback,
@@ -122,8 +122,8 @@ class Device:
             self._walks[key] = self._walk(*key)
         tiling, level, walked = self._walks[key]
         events = {event: list(totals) for event, totals in walked.items()}
-        if events[("mac", "array")][0] != counts["macs"] or \
-                events.get(("psum_spill", "tcm"), [0])[0] != counts["spills"]:
+        spills = events.get(("psum_spill", "tcm"), [0])[0]   # parked partial sums too, without spills
+        if events[("mac", "array")][0] != counts["macs"] or (acc.spill_every and spills != counts["spills"]):
             raise AssertionError("loop-nest walk and kernel disagree on MACs or spills")
         add(events, "overflow", "array", counts["overflows"])
         rename_wide_output(events, a_quant)
@@ -151,7 +151,7 @@ class Device:
         Returns the tiling, the level the output is written to, and the raw events."""
         hw = self.hw
         rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
-        psum_bytes = nbytes(1, hw.accumulator.psum_bits)
+        psum_bytes = nbytes(1, wide_bits(hw))
         out_store = stored_output_bits(hw, writeback, out_bits)
         t = plan(hw, m, n, k, a_bits, b_bits, out_store)
         level = "ddr"
@@ -168,6 +168,8 @@ class Device:
                 sm, sn = min(t.tm, m - m0), min(t.tn, n - n0)
                 folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)
                 compute, ddr, tcm_read, tcm_write = 0, 0.0, 0.0, 0.0
+                # several folds over a split K, no spills: each K tile's sums wait in TCM
+                parks = spill is None and t.tk < k and folds_m * folds_n > 1
                 for k0 in range(0, k, t.tk):
                     sk = min(t.tk, k - k0)
                     for event, tile, count, bits in (("load_a", (m0, k0), sm * sk, a_bits),
@@ -201,8 +203,14 @@ class Device:
                         add(events, "psum_spill", "tcm", sm * sn * points, written + read)
                         tcm_write += written
                         tcm_read += read
+                    if parks:   # the first K tile writes its sums, each later one adds to them
+                        written = sm * sn * psum_bytes
+                        read = 0.0 if k0 == 0 else written
+                        add(events, "psum_spill", "tcm", sm * sn, written + read)
+                        tcm_write += written
+                        tcm_read += read
                 out = nbytes(sm * sn, out_store)
-                if spill is not None:
+                if spill is not None or parks:
                     add(events, "psum_drain", "tcm", sm * sn, sm * sn * psum_bytes)
                     tcm_read += sm * sn * psum_bytes
                 if writeback != "handoff":

@@ -4,18 +4,21 @@ The loop nest, written down once (the device walks it, `fqtsim.cost` sums it in 
 
     for o in outer tiles:              # loop_order[0]: n (column folds outer) or m
       for i in inner tiles:            # loop_order[1]
-        for t in k tiles:              # K innermost: accumulators stay in the array over all of K
+        for t in k tiles:              # K innermost
           load A[m-tile, t] unless it is the A tile already in TCM
           load B[t, n-tile] unless it is the B tile already in TCM
           the array runs ceil(tm/rows) * ceil(tn/cols) folds over the tile's K slice
-        write back the (tm x tn) output tile
+          several folds and more K tiles to come: park the folds' sums in TCM (psum_spill)
+        write back the (tm x tn) output tile (after adding the parked sums: psum_drain)
 
 A (M x K) and B (K x N) live in DDR; TCM holds one A tile, one B tile and one output tile (twice
 each with double buffering: the second copy is the prefetch slot, not extra reuse). An operand that
 fits its buffer whole is held whole instead, once (no prefetch slot: nothing follows it), and stays
-resident across the loop nest: each of its tiles is loaded on first use only. Because folds keep
-their accumulators over the whole K loop, a K tile shorter than K allows only one fold per tile
-(tm <= rows, tn <= cols).
+resident across the loop nest: each of its tiles is loaded on first use only. With one fold per
+tile (tm <= rows, tn <= cols) the accumulators stay in the array over all K tiles; with several,
+each K tile's sums are parked in the output tile's TCM at `wide_bits` and read back by the next,
+which leaves the results exact only where the accumulator wraps (and does not spill) or spills
+at the K tiles' ends anyway (`k_split_ok`); a saturating accumulator keeps one fold per K tile.
 
 Buffers: TCM is one pool (`tcm.partitions: null`), shared by the tiles and held operands, the
 rest free for wide outputs; or fixed partitions for A, B and the output tiles (with their
@@ -87,8 +90,8 @@ def buffer_bytes(hw: HWConfig, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_
     (with their partial sums when the accumulator spills)."""
     copies = buffers(hw)
     buf_bits = out_bits
-    if hw.accumulator.spill_every is not None:
-        buf_bits = max(buf_bits, hw.accumulator.psum_bits)  # partial sums live in the output tile
+    if hw.accumulator.spill_every is not None or parks_psums(hw, tm, tn, tk, k):
+        buf_bits = max(buf_bits, wide_bits(hw))  # partial sums live in the output tile
     a = nbytes(m * k, a_bits) if a_whole else copies * nbytes(tm * tk, a_bits)
     b = nbytes(k * n, b_bits) if b_whole else copies * nbytes(tk * tn, b_bits)
     return math.ceil(a), math.ceil(b), math.ceil(copies * nbytes(tm * tn, buf_bits))
@@ -146,14 +149,16 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
         return out
 
     def one_fold_ok(tm, tn, tk):
-        return tk >= k or (tm <= arr.rows and tn <= arr.cols)
+        return k_split_ok(hw, tm, tn, tk, k)
 
     if None not in (mp.tile_m, mp.tile_n, mp.tile_k):
         tm, tn, tk = min(mp.tile_m, m), min(mp.tile_n, n), min(mp.tile_k, k)
         if not one_fold_ok(tm, tn, tk):
-            raise ValueError(f"{hw.name}: mapping.tile_k = {tk} < K = {k} needs tile_m <= "
-                             f"array.rows ({arr.rows}) and tile_n <= array.cols ({arr.cols}): "
-                             f"folds keep their accumulators over the whole K loop")
+            raise ValueError(f"{hw.name}: mapping.tile_k = {tk} < K = {k} with several folds per "
+                             f"tile parks partial sums in TCM between K tiles, which would change "
+                             f"what a {hw.accumulator.overflow} accumulator computes"
+                             f"{_split_rule(hw)}; or make tile_m <= array.rows ({arr.rows}) and "
+                             f"tile_n <= array.cols ({arr.cols})")
         fitting = options(tm, tn, tk)
         if not fitting:
             use = buffer_bytes(hw, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits)
@@ -173,23 +178,23 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
     candidates = [t for tk in tks for tm in choices(mp.tile_m, m, arr.rows)
                   for tn in choices(mp.tile_n, n, arr.cols) if one_fold_ok(tm, tn, tk)
                   for t in options(tm, tn, tk)]
-    if mp.tile_k is None:  # K does not fit whole: one fold per tile, the longest K slice that fits
-        for tm in choices(mp.tile_m, m, arr.rows) if mp.tile_m else choices(None, min(m, arr.rows), 1):
-            for tn in choices(mp.tile_n, n, arr.cols) if mp.tile_n else choices(None, min(n, arr.cols), 1):
-                if tm > arr.rows or tn > arr.cols:
-                    continue
-                copies = buffers(hw)
-                out_tiles = buffer_bytes(hw, m, n, k, tm, tn, 0, a_bits, b_bits, out_bits)[2]
-                if parts is None:
-                    room = (capacity - out_tiles) / (copies * (nbytes(tm, a_bits) + nbytes(tn, b_bits)))
-                else:
-                    room = min(parts.sizes_bytes[0] / (copies * nbytes(tm, a_bits)),
-                               parts.sizes_bytes[1] / (copies * nbytes(tn, b_bits)))
-                tk = min(k - 1, int(room))
-                while tk >= 1 and not options(tm, tn, tk):  # packed sub-byte tiles
-                    tk -= 1
-                if tk >= 1:
-                    candidates += options(tm, tn, tk)
+    if mp.tile_k is None:  # K does not fit whole: tiles with the longest K slice that fits
+        pairs = {(tm, tn) for tm in choices(mp.tile_m, m, arr.rows) for tn in choices(mp.tile_n, n, arr.cols)}
+        if not mp.tile_m:   # one fold per tile: every width up to the array's
+            pairs |= {(tm, tn) for tm in choices(None, min(m, arr.rows), 1) for tn in choices(mp.tile_n, n, arr.cols)}
+        if not mp.tile_n:
+            pairs |= {(tm, tn) for tm, _ in list(pairs) for tn in choices(None, min(n, arr.cols), 1)}
+        spill = hw.accumulator.spill_every
+        for tm, tn in sorted(pairs):
+            multi = tm > arr.rows or tn > arr.cols
+            if multi and spill is None and hw.accumulator.overflow != "wrap":
+                continue   # a saturating accumulator cannot restart at K tiles (k_split_ok)
+            step = spill if multi and spill is not None else 1   # K tiles end on spill points
+            tk = _longest_k(hw, m, n, k, tm, tn, a_bits, b_bits, out_bits) // step * step
+            while tk >= 1 and not options(tm, tn, tk):  # packed sub-byte tiles, held operands
+                tk -= step
+            if tk >= 1:
+                candidates += options(tm, tn, tk)
     if not candidates:
         big = [f"mapping.{f} = {v}" for f, v, a in (("tile_m", mp.tile_m, arr.rows),
                                                        ("tile_n", mp.tile_n, arr.cols)) if v and v > a]
@@ -198,6 +203,42 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
         raise ValueError(f"{hw.name}: no tiling of GEMM {m}x{k}x{n} ({a_bits}x{b_bits}-bit "
                          f"operands) fits {_room(hw)} even with one fold per tile{why}")
     return min(candidates, key=lambda t: _score(hw, t, m, n, k, a_bits, b_bits))
+
+
+def k_split_ok(hw: HWConfig, tm: int, tn: int, tk: int, k: int) -> bool:
+    """Whether a tile may split K. One fold per tile keeps its accumulators in the array; with
+    several, each fold's sums are parked in TCM between K tiles (at `wide_bits`), which leaves
+    the results as they are where the accumulator wraps without spilling (sums mod 2^bits add
+    up in any grouping) or spills anyway at the K tiles' ends (tk a multiple of spill_every)."""
+    if tk >= k or (tm <= hw.array.rows and tn <= hw.array.cols):
+        return True
+    acc = hw.accumulator
+    return acc.overflow == "wrap" if acc.spill_every is None else tk % acc.spill_every == 0
+
+
+def parks_psums(hw: HWConfig, tm: int, tn: int, tk: int, k: int) -> bool:
+    """Several folds per tile over a split K, no spills: partial sums wait in TCM between K tiles."""
+    return (hw.accumulator.spill_every is None and tk < k
+            and (tm > hw.array.rows or tn > hw.array.cols))
+
+
+def _split_rule(hw: HWConfig) -> str:
+    acc = hw.accumulator
+    if acc.spill_every is not None:
+        return f" unless tile_k is a multiple of accumulator.spill_every ({acc.spill_every})"
+    return "" if acc.overflow == "wrap" else " (saturation depends on where sums restart)"
+
+
+def _longest_k(hw: HWConfig, m, n, k, tm, tn, a_bits, b_bits, out_bits) -> int:
+    """An upper estimate of the longest K slice whose A and B tiles fit beside the output tiles."""
+    copies, parts = buffers(hw), hw.tcm.partitions
+    out_tiles = buffer_bytes(hw, m, n, k, tm, tn, 0, a_bits, b_bits, out_bits)[2]
+    if parts is None:
+        room = (hw.tcm.size_bytes - out_tiles) / (copies * (nbytes(tm, a_bits) + nbytes(tn, b_bits)))
+    else:
+        room = min(parts.sizes_bytes[0] / (copies * nbytes(tm, a_bits)),
+                   parts.sizes_bytes[1] / (copies * nbytes(tn, b_bits)))
+    return min(k - 1, int(room))
 
 
 def _room(hw: HWConfig) -> str:

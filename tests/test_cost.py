@@ -81,6 +81,10 @@ VARIANTS = {
     "spill 1000": {"accumulator.spill_every": 1000},
     "spill, k tiled": {"accumulator.spill_every": 40, "mapping.tile_m": 16, "mapping.tile_n": 16,
                        "mapping.tile_k": 24},
+    "spill, k tiled, several folds": {"accumulator.spill_every": 16, "mapping.tile_m": 48,
+                                      "mapping.tile_n": 32, "mapping.tile_k": 64},
+    "parked partial sums": {"mapping.tile_m": 64, "mapping.tile_n": 48, "mapping.tile_k": 50},
+    "parked, tiny tcm": {"tcm.size_kib": 4},
 }
 
 
@@ -218,10 +222,20 @@ def test_tile_that_cannot_fit(make_hw):
         fqtsim.cost.gemm(tiny, 64, 64, 64)
 
 
-def test_k_tile_needs_one_fold(make_hw):
-    hw = make_hw("npu", **{"mapping.tile_m": 32, "mapping.tile_n": 16, "mapping.tile_k": 8})
-    with pytest.raises(ValueError, match="tile_k = 8 < K = 64 needs tile_m <= array.rows"):
-        fqtsim.cost.gemm(hw, 64, 64, 64)
+def test_k_tiles_of_several_folds_park_partial_sums_where_results_stay_exact(make_hw):
+    tiles = {"mapping.tile_m": 32, "mapping.tile_n": 16, "mapping.tile_k": 8}
+    # a wrapping accumulator: 2 folds per tile, 8 K tiles, sums parked at 32 bits in TCM
+    r = rows_of(fqtsim.cost.gemm(unit(make_hw, **tiles), 64, 64, 64))
+    assert r["psum_spill", "tcm"].count == 64 * 64 * 8 and r["psum_drain", "tcm"].count == 64 * 64
+    assert r["psum_spill", "tcm"].bytes == (2 * 8 - 1) * 64 * 64 * 4
+    assert r["load_a", "ddr"].count == r["load_b", "ddr"].count == 64 * 64   # both held whole
+    # saturation restarts would change the results: refused, and spills must meet K tile ends
+    with pytest.raises(ValueError, match="tile_k = 8 < K = 64 with several folds per tile"):
+        fqtsim.cost.gemm(make_hw("npu", **tiles, **{"accumulator.overflow": "saturate"}), 64, 64, 64)
+    with pytest.raises(ValueError, match="unless tile_k is a multiple of accumulator.spill_every .16."):
+        fqtsim.cost.gemm(make_hw("npu-acc16", **tiles), 64, 64, 64)
+    spill = make_hw("npu-acc16", **{**tiles, "mapping.tile_k": 32})
+    assert rows_of(fqtsim.cost.gemm(spill, 64, 64, 64))["psum_spill", "tcm"].count == 64 * 64 * 4
 
 
 def test_bad_gemm_arguments():

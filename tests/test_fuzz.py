@@ -56,7 +56,7 @@ INPUT_FILES = {
     "tiny-tcm.yaml": _variant(**{"tcm.size_kib": 0.001}),
     "four-bit.yaml": _variant(**{"array.operand_bits": 4}),
     "short-k-tile.yaml": _variant(**{"mapping.tile_m": 64, "mapping.tile_n": 64,
-                                     "mapping.tile_k": 8}),
+                                     "mapping.tile_k": 8, "accumulator.overflow": "saturate"}),
 }
 
 
@@ -161,7 +161,7 @@ CLI_CASES = [
     (["run", "--hw", I("tiny-tcm.yaml"), "--dataset", "synthetic"],
      "tiny-tcm.yaml: npu cannot run this training"),
     (["run", "--hw", I("short-k-tile.yaml"), "--dataset", "synthetic"],
-     "mapping.tile_k = 8 < K = 64 needs tile_m <= array.rows"),
+     "mapping.tile_k = 8 < K = 64 with several folds per tile parks partial sums"),
     (["run", "--hw", I("four-bit.yaml"), "--dataset", "synthetic"], "operand codes of at most 4 bits"),
     (["run", "--hw", I("tiny-tcm.yaml"), "--mode", "qat", "--dataset", "synthetic"],
      "cannot run this training"),
