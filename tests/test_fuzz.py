@@ -396,11 +396,6 @@ def test_every_subcommand_help_shows_defaults(capsys):
         assert shown in out, shown
 
 
-def test_case_counts():
-    """The table's size, so a shrinking table is noticed."""
-    assert len(CLI_CASES) >= 100 and len(API_CASES) >= 100
-
-
 def test_bench_logs_a_line_per_round_off_a_terminal(caplog):
     from fqtsim.bench import gemm_bench
     with caplog.at_level("INFO", logger="fqtsim.bench"):
