@@ -15,8 +15,9 @@ import pandas as pd
 
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
-from fqtsim.mapping import (as_int, check_gemm, live_wide_elements, nbytes, phase_stalls,
-                            plan, stored_output_bits, wide_bits, wide_level)
+from fqtsim.mapping import (Producer, as_int, by_columns, check_gemm, live_wide_elements,
+                            loss_producer, nbytes, phase_stalls, plan, produced_by,
+                            stored_output_bits, wide_bits, wide_level)
 from fqtsim.schedule import (QuantScheme, as_scheme, correction_events, input_events, output_events,
                              output_writeback, rename_wide_output, update_events,
                              FORWARD_BITS, GRAD_WEIGHT_BITS, weight_gradient_method)
@@ -191,17 +192,20 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
     frames = []
     for i, layer in enumerate(layers):
         m = batch * layer.rows
+        producer = _producer(hw, layers, i, batch, grad_bits)
         gemms = [("output", gemm(hw, m, layer.n, layer.k, a_bits=FORWARD_BITS, b_bits=FORWARD_BITS,
                                  a_offset=True, b_offset=not layer.weights, name="output"))]
         wide_at = None
         if i > 0:
-            scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows)
+            scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows,
+                                 producer=producer)
             dx = gemm(hw, m, layer.k, layer.n, a_bits=grad_bits, b_bits=FORWARD_BITS, a_quant=scheme,
                       writeback="handoff", name="grad_input")
             gemms.append(("grad_input", dx))
             wide = dx.loc[dx.event == "wide_write", "level"]
             wide_at = wide.iloc[0] if len(wide) else None
-        scheme = QuantScheme(weight_gradient_method(quantizer), range_policy, shared_at=wide_at)
+        scheme = QuantScheme(weight_gradient_method(quantizer), range_policy, shared_at=wide_at,
+                             producer=by_columns(producer))
         dw = gemm(hw, layer.n, layer.k, m, a_bits=GRAD_WEIGHT_BITS, b_bits=FORWARD_BITS,
                   a_quant=scheme, b_offset=True,
                   writeback="materialized" if layer.weights else "handoff", name="grad_weight")
@@ -216,6 +220,17 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
             ledger.insert(0, "layer", layer.name)
             frames.append(ledger)
     return pd.concat(frames, ignore_index=True)
+
+
+def _producer(hw: HWConfig, layers, i: int, batch: int, grad_bits: int) -> Producer:
+    """What writes layer i's output gradient wide: the loss for the top layer, else the layer
+    above's grad_input GEMM, tiled as it is planned (its output handed off wide)."""
+    if i == len(layers) - 1:
+        return loss_producer(hw)
+    above = layers[i + 1]
+    m = batch * above.rows
+    tiling = plan(hw, m, above.k, above.n, grad_bits, FORWARD_BITS, wide_bits(hw))
+    return produced_by(tiling, above.k, above.rows)
 
 
 def check_training(hw: HWConfig, layers, batches, quantizer: str = "psq",

@@ -15,8 +15,8 @@ import pandas as pd
 
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
-from fqtsim.mapping import (check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
-                            stored_output_bits, wide_bits, wide_level)
+from fqtsim.mapping import (Producer, check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
+                            produced_by, stored_output_bits, wide_bits, wide_level)
 from fqtsim.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
 from fqtsim.schedule import (FORWARD_BITS, QuantScheme, as_scheme, output_writeback,
@@ -35,6 +35,7 @@ class Device:
         self._walks: dict[tuple, tuple] = {}
         self.last_output_level = "ddr"      # where the last GEMM wrote its output
         self.last_gradient_level = None     # where the last quantized gradient was written wide
+        self.last_handoff: Producer | None = None   # the last GEMM that handed its output on wide
 
     @property
     def ledger(self) -> pd.DataFrame:
@@ -43,12 +44,16 @@ class Device:
     def state(self) -> dict:
         """Where the last GEMM and the last quantized gradient left their outputs (the ledger
         and the walk cache are not state: the one is taken each step, the other recomputed)."""
+        handoff = self.last_handoff
         return {"last_output_level": self.last_output_level,
-                "last_gradient_level": self.last_gradient_level}
+                "last_gradient_level": self.last_gradient_level,
+                "last_handoff": None if handoff is None else [handoff.free, handoff.samples_at_once]}
 
     def restore(self, state: dict):
         self.last_output_level = state["last_output_level"]
         self.last_gradient_level = state["last_gradient_level"]
+        handoff = state.get("last_handoff")
+        self.last_handoff = None if handoff is None else Producer(*handoff)
 
     def take(self) -> pd.DataFrame:
         """The ledger so far; the device starts a fresh one."""
@@ -138,6 +143,8 @@ class Device:
         self._gemms += 1
         self._rows += price(self.hw, name, GemmSpec(a_bits, b_bits), events)
         self.last_output_level = level
+        if handoff:   # what the next quantizer down reads: its home depends on this GEMM's tiling
+            self.last_handoff = produced_by(tiling, n, a_quant.rows_per_sample if a_quant else 1)
         return c
 
     def update(self, params: int, name: str):

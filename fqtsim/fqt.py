@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fqtsim.device import Device
+from fqtsim.mapping import Producer, by_columns, loss_producer
 from fqtsim.quantizers import (DelayedRange, check_bits, quantize_activation, quantize_gradient,
                                quantize_weight)
 from fqtsim.schedule import FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme, weight_gradient_method
@@ -62,6 +63,7 @@ class Simulator:
         self.rng = np.random.default_rng(seed)
         self._histories: dict[str, DelayedRange] = {}
         self.probe: dict | None = None   # set to a dict to keep each layer's backward operands
+        self.top: str | None = None      # the last converted layer, whose gradient the loss writes
 
     def state(self) -> dict:
         """What a checkpoint needs to continue the run exactly: the random stream, the range
@@ -75,8 +77,15 @@ class Simulator:
         self._histories = {k: DelayedRange.from_state(h) for k, h in state["histories"].items()}
         self.device.restore(state["device"])
 
+    def producer(self, layer: str) -> Producer:
+        """What wrote `layer`'s output gradient wide: the loss for the top layer, else the
+        grad_input GEMM of the layer above, which the device ran last with a hand-off."""
+        if layer == self.top or self.device.last_handoff is None:
+            return loss_producer(self.device.hw)
+        return self.device.last_handoff
+
     def quantize(self, key: str, x: np.ndarray, method: str, bits: int, rows_per_sample: int = 1,
-                 shared_at: str | None = None):
+                 shared_at: str | None = None, producer: Producer | None = None):
         """Quantize gradient `x` under the run's range policy; returns (codes, scheme used).
 
         Delayed ranges come from this tensor's history; before it has any, the step is dynamic.
@@ -91,7 +100,8 @@ class Simulator:
         q = quantize_gradient(x, method, bits, self.rng, rows_per_sample=rows_per_sample, **bounds)
         if history is not None:
             history.observe(*q.observed)
-        return q, QuantScheme(method, policy, shared_at=shared_at, rows_per_sample=rows_per_sample)
+        return q, QuantScheme(method, policy, shared_at=shared_at, rows_per_sample=rows_per_sample,
+                              producer=producer)
 
 
 class _FQTMatmul(torch.autograd.Function):
@@ -119,16 +129,17 @@ class _FQTMatmul(torch.autograd.Function):
             sim.probe[layer.name] = {"dy": dy64, "x": qx.dequantize(), "w": qw.dequantize(),
                                      "rows_per_sample": layer.rows_per_sample}
         dx, wide_at = None, None
+        producer = sim.producer(layer.name)
         if need_dx:
             q, scheme = sim.quantize(f"{layer.name}.grad_input", dy64, config.quantizer,
-                                     config.grad_bits, layer.rows_per_sample)
+                                     config.grad_bits, layer.rows_per_sample, producer=producer)
             out = sim.device.matmul(q, qw, scheme=scheme, writeback="handoff",
                                     name=f"{layer.name}.grad_input")
             dx = torch.from_numpy(out).to(dy.dtype)
             wide_at = sim.device.last_gradient_level if scheme.materializes else None
         q, scheme = sim.quantize(f"{layer.name}.grad_weight", dy64.T,
                                  weight_gradient_method(config.quantizer), GRAD_WEIGHT_BITS,
-                                 shared_at=wide_at)
+                                 shared_at=wide_at, producer=by_columns(producer))
         dw = sim.device.matmul(q, qx, scheme=scheme, writeback="materialized",
                                name=f"{layer.name}.grad_weight")
         sim.device.update(qw.codes.size, name=f"{layer.name}.update")
@@ -187,4 +198,7 @@ def convert(model: nn.Module, sim: Simulator) -> nn.Module:
                 setattr(parent, child_name, FQTLinear(child, sim, name))
             elif isinstance(child, nn.Conv2d):
                 setattr(parent, child_name, FQTConv2d(child, sim, name))
+            else:
+                continue
+            sim.top = name   # modules in forward order (nn.Sequential): the last one is the top
     return model

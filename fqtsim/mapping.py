@@ -262,17 +262,41 @@ def _score(hw: HWConfig, t: Tiling, m, n, k, a_bits, b_bits):
 
 
 def live_wide_elements(scope: str, tiling: Tiling, m: int, n: int, rows_per_sample: int = 1) -> int:
-    """Wide output elements held at once until a range scope is complete.
-
-    A "rows" scope completes a band of whole rows (whole samples, when a sample spans several
-    rows) per inner step only when rows finish inside one outer iteration (m outer, or a single
-    column tile); with column tiles outer, no row is complete before the last one, so the whole
-    output is held, as for a "tensor" scope.
-    """
-    if scope == "rows" and (tiling.order[0] == "m" or tiling.tn >= n):
-        band = -(-tiling.tm // rows_per_sample) * rows_per_sample
-        return min(band, m) * n
+    """Wide output elements of this GEMM held at once until a range scope is complete: whole
+    rows complete band by band only with m outer or one column tile (see `produced_by`);
+    otherwise, as for a "tensor" scope, the whole output."""
+    samples = produced_by(tiling, n, rows_per_sample).samples_at_once
+    if scope == "rows" and samples is not None:
+        return min(samples * rows_per_sample, m) * n
     return m * n
+
+
+@dataclass(frozen=True)
+class Producer:
+    """What decides a wide gradient's home, of whatever writes it: the TCM bytes it leaves free
+    and how many whole samples it completes at a time (None: no row is complete before its end)."""
+    free: int
+    samples_at_once: int | None
+
+
+def produced_by(tiling: Tiling, n: int, rows_per_sample: int = 1) -> Producer:
+    """A GEMM writing an output of `n` columns tile by tile: with m outer (or one column tile)
+    it completes bands of tm rows, whole samples; with column tiles outer, rows end together."""
+    if tiling.order[0] == "m" or tiling.tn >= n:
+        return Producer(tiling.free, -(-tiling.tm // rows_per_sample))
+    return Producer(tiling.free, None)
+
+
+def by_columns(producer: Producer) -> Producer:
+    """The same producer, seen by a quantizer with a range per column of what it wrote (the
+    weight-gradient GEMM's, per output feature): no column is complete before its end."""
+    return Producer(producer.free, None)
+
+
+def loss_producer(hw: HWConfig) -> Producer:
+    """The loss gradient (softmax minus one-hot, on the vector unit): no GEMM's tiles beside it,
+    one sample at a time."""
+    return Producer(hw.tcm.size_bytes, 1)
 
 
 def wide_level(hw: HWConfig, tiling: Tiling, live_elements: int) -> str:

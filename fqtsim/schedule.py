@@ -4,12 +4,14 @@ The GEMM is dX = Q(dY) @ W: A = dY (M x K, rows = samples) arrives at accumulato
 GEMM that produced it; B = W holds symmetric weight codes. Per scheme:
 
 dynamic ranges (the range depends on the data itself, as in the paper):
-    wide_write    dY at accumulator width to TCM if its live scope fits beside the GEMM's tiles,
-                  else DDR. Scope: the whole tensor for PTQ and BHQ (BHQ sorts and mixes rows
-                  from anywhere); whole rows for PSQ, which an output-stationary producer finishes
-                  band by band (one row tile, whole samples) only with the m loop outer or a
-                  single column tile (`mapping.live_wide_elements`; the producer is taken to be
-                  tiled like this GEMM).
+    wide_write    dY at accumulator width, written by its producer (the layer above's
+                  grad_input, or the loss for the top layer), to TCM if its live scope fits
+                  what the producer leaves free, else DDR. Scope: the whole tensor for PTQ and
+                  BHQ (BHQ sorts and mixes rows from anywhere); whole rows for PSQ, which a
+                  producing GEMM finishes band by band (one row tile, whole samples) only with
+                  the m loop outer or a single column tile, and the loss one sample at a time
+                  (`wide_gradient_level`, `mapping.produced_by`). A GEMM costed on its own takes
+                  its producer to be tiled like itself.
     range_pass    read it back, one min/max per element
     sort          BHQ: bitonic network over the M row ranges (data independent)
     transform     BHQ: read, block Householder + row scale (3 mul + 2 add); dynamic: min/max of
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 
 from fqtsim.hw import HWConfig
 from fqtsim.ledger import add
-from fqtsim.mapping import Tiling, as_int, live_wide_elements, nbytes, wide_bits, wide_level
+from fqtsim.mapping import Producer, Tiling, as_int, nbytes, produced_by, wide_bits
 from fqtsim.quantizers import GRADIENT_METHODS
 
 METHODS = GRADIENT_METHODS
@@ -53,6 +55,9 @@ class QuantScheme:
                                    # to this level and reads it for ranges: no second wide_write,
                                    # its min/max ride along
     rows_per_sample: int = 1   # conv layers: im2col rows per sample (PSQ/BHQ group by sample)
+    producer: Producer | None = None   # what wrote the gradient wide (the layer above's
+                                       # grad_input, or the loss); None: a GEMM on its own, its
+                                       # producer taken to be tiled like it
 
     def __post_init__(self):
         if not isinstance(self.method, str) or self.method not in METHODS:
@@ -65,6 +70,8 @@ class QuantScheme:
         rows = self.rows_per_sample
         if as_int(rows) is None or rows < 1:
             raise ValueError(f"rows_per_sample: got {rows!r}; expected an integer >= 1")
+        if self.producer is not None and not isinstance(self.producer, Producer):
+            raise ValueError(f"producer: got {self.producer!r}; expected a fqtsim.mapping.Producer or None")
 
     @property
     def materializes(self) -> bool:
@@ -96,11 +103,16 @@ def bitonic_compares(n: int) -> int:
 
 def wide_gradient_level(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: int) -> str:
     """Where the wide gradient A (M x K) lives: where a sharing quantizer put it, else TCM if its
-    live scope fits (its producer taken to be tiled like this GEMM), else DDR."""
+    live scope fits what its producer leaves free, else DDR. The scope is the whole tensor for
+    PTQ and BHQ; for PSQ the whole samples the producer completes at a time (per-sample min/max
+    ride along in any output pipeline; requantizing needs whole rows)."""
     if scheme.shared_at is not None:
         return scheme.shared_at
-    scope = "rows" if scheme.method == "psq" else "tensor"
-    return wide_level(hw, tiling, live_wide_elements(scope, tiling, m, k, scheme.rows_per_sample))
+    producer = scheme.producer or produced_by(tiling, k, scheme.rows_per_sample)
+    live = m * k
+    if scheme.method == "psq" and producer.samples_at_once is not None:
+        live = min(m, producer.samples_at_once * scheme.rows_per_sample) * k
+    return "tcm" if nbytes(live, wide_bits(hw)) <= producer.free else "ddr"
 
 
 def output_writeback(scheme: QuantScheme | None, writeback: str, scope: str) -> tuple[str, str]:

@@ -266,3 +266,22 @@ def test_device_results_and_ledger_accumulate():
     dev.gemm(a, b, name="second")
     assert list(dev.ledger.gemm.unique()) == ["gemm0", "second"]
     assert dev.ledger[dev.ledger.event == "overflow"]["count"].sum() == 0
+
+
+def test_the_wide_gradient_home_is_decided_by_its_producer():
+    from fqtsim.mapping import Producer, loss_producer
+    from fqtsim.schedule import QuantScheme
+    hw = load_hw(HW_DIR / "npu.yaml")
+
+    def home(n, scheme):
+        ledger = fqtsim.cost.gemm(hw, 512, n, 64, a_quant=scheme)
+        return ledger.loc[ledger.event == "wide_write", "level"].iloc[0]
+    # dY 512 x 64 at 32 bits (128 KiB), written by the loss with the whole TCM free: on chip,
+    # whatever the consuming GEMM's width; a producer that leaves 100 KiB: off chip
+    for n in (16, 4096):
+        assert home(n, QuantScheme("ptq", producer=loss_producer(hw))) == "tcm"
+        assert home(n, QuantScheme("ptq", producer=Producer(100 * 1024, 1))) == "ddr"
+    # PSQ holds the whole samples its producer completes at once: 64 rows (32 KiB) fit 100 KiB,
+    # rows complete only at the end (column tiles outer) do not
+    assert home(16, QuantScheme("psq", producer=Producer(100 * 1024, 64))) == "tcm"
+    assert home(16, QuantScheme("psq", producer=Producer(100 * 1024, None))) == "ddr"
