@@ -87,7 +87,7 @@ def buffers(hw: HWConfig) -> int:
 def buffer_bytes(hw: HWConfig, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_whole=False,
                  b_whole=False) -> tuple[int, int, int]:
     """TCM bytes of A (its tiles, or all of it held whole, once), of B, and of the output tiles
-    (with their partial sums when the accumulator spills)."""
+    (with their partial sums when the accumulator spills or parks them between K tiles)."""
     copies = buffers(hw)
     buf_bits = out_bits
     if hw.accumulator.spill_every is not None or parks_psums(hw, tm, tn, tk, k):
@@ -128,7 +128,6 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
     cycles; an operand is held whole where that fits (with partitions, always; in a pool, where
     it pays)."""
     mp, arr = hw.mapping, hw.array
-    capacity = hw.tcm.size_bytes
 
     parts = hw.tcm.partitions
     if parts is None:   # in a pool, holding an operand whole competes with the tiles: try both
@@ -148,12 +147,12 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
                     out.append(Tiling(tm, tn, tk, tuple(mp.loop_order), taken, free, a_whole, b_whole))
         return out
 
-    def one_fold_ok(tm, tn, tk):
-        return k_split_ok(hw, tm, tn, tk, k)
+    def split_ok(tm, tn, tk):
+        return k_split_ok(hw, tm, tn, tk, k)   # results stay exact with these tiles
 
     if None not in (mp.tile_m, mp.tile_n, mp.tile_k):
         tm, tn, tk = min(mp.tile_m, m), min(mp.tile_n, n), min(mp.tile_k, k)
-        if not one_fold_ok(tm, tn, tk):
+        if not split_ok(tm, tn, tk):
             raise ValueError(f"{hw.name}: mapping.tile_k = {tk} < K = {k} with several folds per "
                              f"tile parks partial sums in TCM between K tiles, which would change "
                              f"what a {hw.accumulator.overflow} accumulator computes"
@@ -176,7 +175,7 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
 
     tks = {min(mp.tile_k, k)} if mp.tile_k is not None else {k}
     candidates = [t for tk in tks for tm in choices(mp.tile_m, m, arr.rows)
-                  for tn in choices(mp.tile_n, n, arr.cols) if one_fold_ok(tm, tn, tk)
+                  for tn in choices(mp.tile_n, n, arr.cols) if split_ok(tm, tn, tk)
                   for t in options(tm, tn, tk)]
     if mp.tile_k is None:  # K does not fit whole: tiles with the longest K slice that fits
         pairs = {(tm, tn) for tm in choices(mp.tile_m, m, arr.rows) for tn in choices(mp.tile_n, n, arr.cols)}
