@@ -16,7 +16,7 @@ import pandas as pd
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
 from fqtsim.mapping import (Producer, as_int, by_columns, check_gemm, live_wide_elements,
-                            loss_producer, nbytes, phase_stalls, plan, produced_by,
+                            loss_producer, nbytes, parks_psums, phase_stalls, plan, produced_by,
                             stored_output_bits, wide_bits, wide_level)
 from fqtsim.schedule import (QuantScheme, as_scheme, correction_events, input_events, output_events,
                              output_writeback, rename_wide_output, update_events,
@@ -88,7 +88,7 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
             tcm_write = a_in + b_in + (out if writeback != "handoff" else 0.0)
             # partial sums in TCM: at spill points, or at the end of each K tile when several
             # folds share a split K
-            parks = spill is None and nk > 1 and folds_m * folds_n > 1
+            parks = parks_psums(hw, sm, sn, tiling.tk, k)
             if spill is not None or parks:
                 spills = sm * sn * (math.ceil(k / spill) if spill is not None else nk)
                 psum_rw = (2 * spills - sm * sn) * psum_bytes

@@ -15,8 +15,9 @@ import pandas as pd
 
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
-from fqtsim.mapping import (Producer, check_gemm, live_wide_elements, nbytes, phase_stalls, plan,
-                            produced_by, stored_output_bits, wide_bits, wide_level)
+from fqtsim.mapping import (Producer, check_gemm, live_wide_elements, nbytes, parks_psums,
+                            phase_stalls, plan, produced_by, stored_output_bits, wide_bits,
+                            wide_level)
 from fqtsim.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
 from fqtsim.schedule import (FORWARD_BITS, QuantScheme, as_scheme, output_writeback,
@@ -176,7 +177,7 @@ class Device:
                 folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)
                 compute, ddr, tcm_read, tcm_write = 0, 0.0, 0.0, 0.0
                 # several folds over a split K, no spills: each K tile's sums wait in TCM
-                parks = spill is None and t.tk < k and folds_m * folds_n > 1
+                parks = parks_psums(hw, sm, sn, t.tk, k)
                 for k0 in range(0, k, t.tk):
                     sk = min(t.tk, k - k0)
                     for event, tile, count, bits in (("load_a", (m0, k0), sm * sk, a_bits),
