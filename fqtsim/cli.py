@@ -419,7 +419,9 @@ def cmd_run(args) -> int:
     print(format_summary(summary))
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}")
-    print(f"\nrun directory {cfg.run_dir}/: config.json metrics.csv ledger.csv model.pt summary.json")
+    mapping = " mapping.csv" if cfg.mode == "fqt" else ""
+    print(f"\nrun directory {cfg.run_dir}/: config.json metrics.csv ledger.csv{mapping} model.pt "
+          f"summary.json")
     return 0
 
 

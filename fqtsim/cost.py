@@ -38,7 +38,9 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     output). `a_offset`/`b_offset`: the operand's codes are affine (offset + scale * q), which
     costs a rank-1 correction after the GEMM; A's default is whether it is a quantized gradient.
     `hw` may be a config path; `a_quant` a method name ("ptq", "psq", "bhq": dynamic ranges).
-    m, n, k and the widths are integers (numpy integers too; not bools).
+    m, n, k and the widths are integers (numpy integers too; not bools). The ledger's
+    `attrs["mapping"]` says how the GEMM was laid out (loop order, tiles, operands held whole,
+    TCM taken and left, where the output went).
     """
     hw = as_hw(hw)
     a_quant = as_scheme(a_quant)
@@ -117,7 +119,13 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
         merge(events, input_events(hw, tiling, a_quant, m, k, a_bits))
         merge(events, output_events(hw, a_quant, m, n, out_bits, level, handoff))
     merge(events, correction_events(m, n, k, a_offset, b_offset))
-    return frame(price(hw, name, GemmSpec(a_bits, b_bits), events))
+    ledger = frame(price(hw, name, GemmSpec(a_bits, b_bits), events))
+    ledger.attrs["mapping"] = {"m": m, "k": k, "n": n, "loop_order": "".join(tiling.order),
+                               "tile_m": tiling.tm, "tile_n": tiling.tn, "tile_k": tiling.tk,
+                               "a_whole": tiling.a_whole, "b_whole": tiling.b_whole,
+                               "tcm_bytes": tiling.footprint, "tcm_free": tiling.free,
+                               "output_to": level if writeback != "handoff" else "handoff"}
+    return ledger
 
 
 def _classes(dim: int, tile: int):
@@ -177,6 +185,11 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
 
     `model`: a name from `fqtsim.workloads` or a list of its `Layer`s.
     """
+    return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[0]
+
+
+def _training_step(hw, model, batch, quantizer, range_policy, grad_bits):
+    """training_step's ledger and the mapping of each of its GEMMs (`mappings`)."""
     from fqtsim.workloads import Layer, workload
 
     hw = as_hw(hw)
@@ -189,7 +202,7 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
         raise ValueError(f"batch: got {batch!r}; expected an integer >= 1")
     batch = size
     QuantScheme(quantizer, range_policy)   # refuse a bad quantizer or range before any work
-    frames = []
+    frames, plans = [], []
     for i, layer in enumerate(layers):
         m = batch * layer.rows
         producer = _producer(hw, layers, i, batch, grad_bits)
@@ -214,12 +227,23 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
             level = dw.loc[dw.event == "writeback", "level"].iloc[0]
             events = update_events(hw, layer.weights, level)
             gemms.append(("update", frame(price(hw, "update", GemmSpec(FORWARD_BITS, FORWARD_BITS), events))))
-        for _, ledger in gemms:
+        for name, ledger in gemms:
+            if "mapping" in ledger.attrs:
+                plans.append({"layer": layer.name, "gemm": name, **ledger.attrs["mapping"]})
             ledger = ledger.copy()
             ledger[["count", "bytes", "energy_pj", "cycles"]] *= layer.repeat
             ledger.insert(0, "layer", layer.name)
             frames.append(ledger)
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), pd.DataFrame(plans)
+
+
+def mappings(hw: HWConfig, model, batch: int, quantizer: str = "psq",
+             range_policy: str = "dynamic", grad_bits: int = 8) -> pd.DataFrame:
+    """How each GEMM of a training step is laid onto the device (arguments as for
+    `training_step`): one row per layer and GEMM with its shape (A is M x K), loop order, TCM
+    tiles, which operands are held whole, the TCM the tiles take and leave, and where the output
+    goes."""
+    return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[1]
 
 
 def _producer(hw: HWConfig, layers, i: int, batch: int, grad_bits: int) -> Producer:

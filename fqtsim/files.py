@@ -50,8 +50,8 @@ def _report_signature(path: Path) -> bool:
 # entry patterns)
 OUTPUTS = {
     "run": ("config.json", _run_signature,
-            ["config.json", "metrics.csv", "ledger.csv", "model.pt", "summary.json",
-             "checkpoint.pt", "ledger-parts"]),
+            ["config.json", "metrics.csv", "ledger.csv", "mapping.csv", "model.pt",
+             "summary.json", "checkpoint.pt", "ledger-parts"]),
     "report": ("report.md", _report_signature, ["report.html", "report.md", "*.png", "*.csv"]),
     "sweep": ("results.csv", _starts_with("id,"), ["results.csv", "table.csv", "table.md", "points"]),
     "variance": ("variance.csv", _starts_with("model,layer,"),

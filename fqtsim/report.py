@@ -209,6 +209,13 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
     sec.tables.append((f"{model}_layers_psq_dynamic", layers[["hw", *layers.columns[:-1]]],
                        f"Per layer of {model}, one training step with dynamic PSQ: energy, bytes "
                        f"moved (all levels) and cycles, on each config."))
+    plans = pd.concat([fqtsim.cost.mappings(hw, model, batch, "psq", "dynamic", grad_bits)
+                       .assign(hw=hw.name) for hw in hws], ignore_index=True)
+    sec.tables.append((f"{model}_mapping", plans[["hw", *plans.columns[:-1]]],
+                       f"How each GEMM of {model} (dynamic PSQ) is laid onto each config: its shape "
+                       f"(A is m x k), loop order (outer first), TCM tiles, which operands are held "
+                       f"whole, the TCM bytes the tiles take and leave for wide outputs, and where "
+                       f"the output goes."))
 
     fig, ax = plt.subplots(figsize=(11, 4))
     labels = [f"{r.hw}\n{r.quantizer}\n{r.range}" for r in table.itertuples()]

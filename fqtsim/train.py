@@ -225,6 +225,10 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
     torch.save(model.state_dict(), buffer)
     write_atomic(run_dir / "model.pt", buffer.getvalue())
     ledger = _assemble_ledger(run_dir)
+    if cfg.mode == "fqt":   # how the device laid out each GEMM of a (full-batch) training step
+        from fqtsim.cost import mappings
+        write_atomic(run_dir / "mapping.csv", mappings(hw, _layers(cfg, data), cfg.batch_size, cfg.quantizer,
+                                                       cfg.range_policy, cfg.grad_bits).to_csv(index=False))
     summary = summarize_run(cfg, hw, ledger, metrics, accuracy, test_loss,
                             time.perf_counter() - started)
     summary["warnings"] = run_warnings(summary, data.classes, hw)
@@ -237,15 +241,11 @@ def check_fits(cfg: RunConfig, hw, data):
     """Plan every GEMM the run puts on the device (training steps of each batch size and the
     evaluation pass) before training: a config whose tiles cannot fit, or whose MACs cannot take
     the operand widths, is refused now, naming --hw and what to change."""
-    from fqtsim import workloads
     from fqtsim.cost import check_training
 
     if cfg.mode == "fp32":   # nothing runs on the device
         return
-    if cfg.model == "cnn":
-        layers = workloads.cnn(data.image_shape, data.classes)
-    else:
-        layers = workloads.mlp(int(np.prod(data.image_shape)), data.classes)
+    layers = _layers(cfg, data)
     train_rows = len(data.y_train)
     steps = -(-train_rows // cfg.batch_size)
     sizes = {train_rows // steps, -(-train_rows // steps)}   # np.array_split's batch sizes
@@ -253,6 +253,14 @@ def check_fits(cfg: RunConfig, hw, data):
                    backward=cfg.mode == "fqt", what=f"--hw {cfg.hw}")
     check_training(hw, layers, {len(data.y_test)}, backward=False,
                    what=f"--hw {cfg.hw} (the evaluation pass over the test set)", hint="")
+
+
+def _layers(cfg: RunConfig, data):
+    """The run's model as `fqtsim.workloads` layers (what the cost model plans)."""
+    from fqtsim import workloads
+    if cfg.model == "cnn":
+        return workloads.cnn(data.image_shape, data.classes)
+    return workloads.mlp(int(np.prod(data.image_shape)), data.classes)
 
 
 def _check_same_run(run_dir: Path, config: dict):

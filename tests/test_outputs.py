@@ -98,7 +98,8 @@ def test_a_run_directory_with_another_config_is_refused_then_restarted(finished_
 
 def test_output_files_share_one_mode_and_no_temporary_is_left(finished_run):
     modes = {p.name: p.stat().st_mode & 0o777 for p in finished_run.iterdir()}
-    assert sorted(modes) == ["config.json", "ledger.csv", "metrics.csv", "model.pt", "summary.json"]
+    assert sorted(modes) == ["config.json", "ledger.csv", "mapping.csv", "metrics.csv", "model.pt",
+                            "summary.json"]
     assert len(set(modes.values())) == 1, modes
 
 
@@ -222,7 +223,7 @@ def test_odd_spellings_of_an_output_directory(tmp_path, monkeypatch):
     config = dict(hw=NPU, dataset="synthetic", epochs=1, batch_size=200)
     train(RunConfig(**config, out="runx/sub/.."), progress=False)
     assert sorted(p.name for p in (tmp_path / "runx").iterdir()) == [
-        "config.json", "ledger.csv", "metrics.csv", "model.pt", "summary.json"]
+        "config.json", "ledger.csv", "mapping.csv", "metrics.csv", "model.pt", "summary.json"]
     (tmp_path / "target").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "target")
     for _ in range(2):   # a report into a link replaces what it points to, and keeps the link

@@ -83,8 +83,13 @@ def small(tmp_path, name, **kw):
 def test_run_writes_summary_metrics_and_ledger(tmp_path):
     summary = train(small(tmp_path, "a", quantizer="bhq", grad_bits=5), progress=False)
     run = tmp_path / "a"
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "ledger.csv", "metrics.csv",
-                                                     "model.pt", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "ledger.csv", "mapping.csv",
+                                                     "metrics.csv", "model.pt", "summary.json"]
+    plans = pd.read_csv(run / "mapping.csv")   # the tiles the device used, as the cost model plans them
+    ledger = pd.read_csv(run / "ledger.csv", dtype={"layer": str})
+    assert set(zip(plans.layer.astype(str), plans.gemm)) == set(zip(ledger.layer, ledger.gemm)) - {
+        (layer, "update") for layer in ledger.layer}
+    assert (plans.tcm_bytes + plans.tcm_free <= 256 * 1024).all() and set(plans.loop_order) == {"nm"}
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == summary
     for key in ("accuracy", "loss", "bytes_by_level", "energy_pj", "cycles", "overflows", "clips"):
