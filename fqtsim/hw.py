@@ -162,7 +162,8 @@ class MacEnergy:
 @dataclass(frozen=True)
 class Mapping:
     """Loop nest: two tiled output loops (outer first), the K loop innermost; tiles null = derived."""
-    loop_order: tuple = _check(lambda v: tuple(v) in (("n", "m"), ("m", "n")), "[n, m] or [m, n]")
+    loop_order: tuple | None = _check(lambda v: v is None or tuple(v) in (("n", "m"), ("m", "n")),
+                                      "[n, m], [m, n] or null (the planner picks per GEMM)")
     tile_m: int | None = _optional_count()
     tile_n: int | None = _optional_count()
     tile_k: int | None = _optional_count()

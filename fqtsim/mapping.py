@@ -124,11 +124,12 @@ def operand_loads(tiling: Tiling, m: int, n: int, k: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=4096)
 def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int) -> Tiling:
-    """Tiles from the config where given, else the fitting tiles with the fewest estimated
-    cycles; an operand is held whole where that fits (with partitions, always; in a pool, where
-    it pays)."""
+    """Tiles (and the loop order) from the config where given, else the fitting ones with the
+    fewest estimated cycles, then DDR bytes; an operand is held whole where that fits (with
+    partitions, always; in a pool, where it pays)."""
     mp, arr = hw.mapping, hw.array
 
+    orders = [tuple(mp.loop_order)] if mp.loop_order is not None else [("n", "m"), ("m", "n")]
     parts = hw.tcm.partitions
     if parts is None:   # in a pool, holding an operand whole competes with the tiles: try both
         a_wholes = b_wholes = (False, True)
@@ -144,7 +145,7 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
                 use = buffer_bytes(hw, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_whole, b_whole)
                 fits, taken, free = placement(hw, use)
                 if fits:
-                    out.append(Tiling(tm, tn, tk, tuple(mp.loop_order), taken, free, a_whole, b_whole))
+                    out += [Tiling(tm, tn, tk, order, taken, free, a_whole, b_whole) for order in orders]
         return out
 
     def split_ok(tm, tn, tk):

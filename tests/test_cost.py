@@ -71,6 +71,7 @@ VARIANTS = {
     "given tiles": {"mapping.tile_m": 48, "mapping.tile_n": 40, "mapping.tile_k": None},
     "k tiled": {"mapping.tile_m": 16, "mapping.tile_n": 16, "mapping.tile_k": 100},
     "tiny tcm": {"tcm.size_kib": 2},
+    "searched order": {"mapping.loop_order": None, "tcm.size_kib": 16},
     "partitions": {"tcm.partitions": {"a_kib": 64, "b_kib": 64, "out_kib": 32}},
     "small partitions": {"tcm.partitions": {"a_kib": 3, "b_kib": 5, "out_kib": 1}},
     "partitions, m outer": {"tcm.partitions": {"a_kib": 40, "b_kib": 20, "out_kib": 8},
@@ -285,3 +286,15 @@ def test_the_wide_gradient_home_is_decided_by_its_producer():
     # rows complete only at the end (column tiles outer) do not
     assert home(16, QuantScheme("psq", producer=Producer(100 * 1024, 64))) == "tcm"
     assert home(16, QuantScheme("psq", producer=Producer(100 * 1024, None))) == "ddr"
+
+
+@pytest.mark.parametrize("m, k, n", [(8192, 256, 512), (512, 256, 8192), (300, 1000, 70), (64, 64, 64)])
+def test_a_null_loop_order_is_searched_per_gemm(make_hw, m, k, n):
+    from fqtsim.mapping import _score
+    searched = make_hw("npu", **{"mapping.loop_order": None, "tcm.size_kib": 64})
+    t = plan(searched, m, n, k, 8, 8, 8)
+    for order in (["n", "m"], ["m", "n"]):
+        fixed = make_hw("npu", **{"mapping.loop_order": order, "tcm.size_kib": 64})
+        assert _score(searched, t, m, n, k, 8, 8) <= _score(fixed, plan(fixed, m, n, k, 8, 8, 8), m, n, k, 8, 8)
+    # A 512 x 256, B 256 x 8192 in 64 KiB: rows outer re-stream the smaller operand
+    assert plan(searched, 512, 8192, 256, 8, 8, 8).order == ("m", "n")

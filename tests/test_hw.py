@@ -47,7 +47,7 @@ def write(tmp_path, data, text=None):
     ("array.rows", 16.5, "integer"),
     ("array.rows", True, "integer"),
     ("mapping.double_buffer", "yes", "true or false"),
-    ("mapping.loop_order", ["k", "m"], "[n, m] or [m, n]"),
+    ("mapping.loop_order", ["k", "m"], "[n, m], [m, n] or null"),
     ("vector.rng.cycles", 0, "> 0"),
     ("array", [16, 16], "mapping"),
 ])
