@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -157,6 +158,52 @@ def claim_dir(path, command: str, inputs=(), option: str = "--out") -> Path:
                              f"{signature} of its own); give a new or empty directory, or remove "
                              f"what is there yourself")
     return path
+
+
+@contextmanager
+def exclusive(path: Path):
+    """Hold the lock of output directory `path` (a file beside it with the holder's pid): a
+    second process that would write the same directory is refused; a lock whose process is gone
+    (killed) is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.fqtsim-lock.tmp"
+    mine = path.parent / f".{path.name}.fqtsim-lock-{os.getpid()}.tmp"
+    mine.write_text(str(os.getpid()))
+    try:
+        while True:
+            try:
+                os.link(mine, lock)   # appears whole, with our pid, or not at all
+                break
+            except FileExistsError:
+                holder = _holder(lock)
+                if holder is not None and holder != os.getpid() and _alive(holder):
+                    raise ValueError(f"--out: {path} is being written by process {holder}; wait "
+                                     f"for it to finish or stop it") from None
+                lock.unlink(missing_ok=True)   # its process is gone: take the lock over
+    finally:
+        mine.unlink()
+    try:
+        yield
+    finally:
+        if _holder(lock) == os.getpid():
+            lock.unlink(missing_ok=True)
+
+
+def _holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
 
 
 def remove_temporaries(path: Path):

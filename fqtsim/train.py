@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from fqtsim.data import DATASETS, load
 from fqtsim.device import Device
-from fqtsim.files import check_path, claim_dir, clear_dir, remove_temporaries, write_atomic
+from fqtsim.files import (check_path, claim_dir, clear_dir, exclusive, remove_temporaries,
+                          write_atomic)
 from fqtsim.fqt import MODES, FQTConfig, Simulator, convert
 from fqtsim.hw import load_hw, resolve_hw
 from fqtsim.models import MODELS, build
@@ -130,7 +131,13 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
     if cfg.model == "cnn":
         data = data.as_images()
     check_fits(cfg, hw, data)
+    with exclusive(run_dir):   # one process at a time resumes and writes a run directory
+        return _train(cfg, hw, data, run_dir, config, to_clear, progress)
 
+
+def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool,
+           progress: bool) -> dict:
+    """The training loop of `train`, from the last checkpoint (if any) to the summary."""
     def start_writing():   # before the first file of this run
         nonlocal to_clear
         if to_clear:

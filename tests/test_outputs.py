@@ -249,3 +249,20 @@ def test_a_restart_stopped_in_its_first_epoch_keeps_the_earlier_run(finished_run
         train(RunConfig(hw=NPU, dataset="synthetic", epochs=2, batch_size=200, quantizer="bhq",
                         out=str(finished_run)), progress=False, restart=True)
     assert listing(finished_run) == before
+
+
+def test_one_process_at_a_time_writes_a_run_directory(tmp_path):
+    from fqtsim.files import exclusive
+    out = tmp_path / "run"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".run.fqtsim-lock.tmp").write_text(str(sleeper.pid))   # a live writer
+        with pytest.raises(ValueError, match=f"being written by process {sleeper.pid}"):
+            train(RunConfig(hw=NPU, dataset="synthetic", epochs=1, batch_size=200, out=str(out)),
+                  progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with exclusive(out):   # its writer is gone: the lock is taken over, and released after
+        assert (tmp_path / ".run.fqtsim-lock.tmp").read_text() == str(os.getpid())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
