@@ -43,8 +43,9 @@ class Device:
         return frame(self._rows)
 
     def state(self) -> dict:
-        """Where the last GEMM and the last quantized gradient left their outputs (the ledger
-        and the walk cache are not state: the one is taken each step, the other recomputed)."""
+        """Where the last GEMM and the last quantized gradient left their outputs, and what the
+        last hand-off GEMM left free (the ledger and the walk cache are not state: the one is
+        taken each step, the other recomputed)."""
         handoff = self.last_handoff
         return {"last_output_level": self.last_output_level,
                 "last_gradient_level": self.last_gradient_level,
