@@ -158,7 +158,7 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
 
     checkpoint = run_dir / "checkpoint.pt"
     if checkpoint.exists() and not to_clear:
-        state = torch.load(io.BytesIO(checkpoint.read_bytes()), weights_only=True)
+        state = _read_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -174,7 +174,7 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
     bar = tqdm(total=total_steps, initial=len(metrics), disable=None if progress else True,
                desc=f"{cfg.mode} {cfg.quantizer}{cfg.grad_bits}", unit="step")  # None: a terminal only
     log_epochs = progress and bar.disable   # no bar (a log, not a terminal): a line per epoch
-    ledgers, saved = [], state["epoch"]
+    ledgers = []
     try:
         for epoch in range(state["epoch"], cfg.epochs):
             model.train()
@@ -208,7 +208,6 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
             write_atomic(run_dir / "metrics.csv", pd.DataFrame(metrics).to_csv(index=False))
             _save_checkpoint(checkpoint, model, optimizer, scheduler, sim, order_rng, epoch + 1,
                              metrics, time.perf_counter() - started)
-            saved = epoch + 1
             if log_epochs:
                 losses = [m["loss"] for m in metrics if m["epoch"] == epoch]
                 log.info(f"epoch {epoch + 1}/{cfg.epochs}: mean training loss {np.mean(losses):.4f}, "
@@ -220,6 +219,8 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
         _assemble_ledger(run_dir, extra=_frame(ledgers).to_csv(index=False) if ledgers else None)
         raise
     except KeyboardInterrupt:
+        # the checkpoint on disk says what was kept (Ctrl-C may land between its rename and here)
+        saved = _read_checkpoint(checkpoint)["epoch"] if checkpoint.exists() and not to_clear else 0
         kept = (f"{run_dir} keeps the checkpoint of epoch {saved} of {cfg.epochs}: run the same "
                 f"command to resume" if saved else "no epoch had finished, so nothing was written"
                 + (f" ({run_dir} holds the earlier run as it was)" if to_clear else ""))
@@ -301,6 +302,10 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, sim, order_rng, ep
                 "order_rng": order_rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                 "metrics": metrics, "seconds": seconds}, buffer)
     write_atomic(path, buffer.getvalue())
+
+
+def _read_checkpoint(path: Path) -> dict:
+    return torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
 
 
 def _clean_checkpoint(run_dir: Path):
