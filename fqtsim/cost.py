@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
-from fqtsim.mapping import (Producer, as_int, by_columns, check_gemm, live_wide_elements,
-                            loss_producer, nbytes, parks_psums, phase_stalls, plan, produced_by,
-                            stored_output_bits, wide_bits, wide_level)
+from fqtsim.conv import Im2col, col2im
+from fqtsim.mapping import (Producer, a_tiles, as_int, b_tiles, by_columns, check_gemm,
+                            container_bits, live_wide_elements, loss_producer, nbytes, parks_psums,
+                            phase_stalls, plan, produced_by, stored_output_bits, wide_bits,
+                            wide_level)
 from fqtsim.schedule import (QuantScheme, as_scheme, correction_events, input_events, output_events,
                              output_writeback, rename_wide_output, update_events,
                              FORWARD_BITS, GRAD_WEIGHT_BITS, weight_gradient_method)
@@ -26,7 +29,8 @@ from fqtsim.schedule import (QuantScheme, as_scheme, correction_events, input_ev
 def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int = 8,
          out_bits: int = 8, writeback: str = "fused", scope: str = "tensor",
          a_quant: QuantScheme | None = None, a_offset: bool | None = None,
-         b_offset: bool = False, name: str = "gemm") -> pd.DataFrame:
+         b_offset: bool = False, a_im2col: Im2col | None = None, b_im2col: Im2col | None = None,
+         col2im: Im2col | None = None, name: str = "gemm") -> pd.DataFrame:
     """Ledger rows of one (M x K) @ (K x N) GEMM with `a_bits` x `b_bits` operand codes.
 
     `writeback="fused"` requantizes in the output pipeline and writes `out_bits` codes to DDR;
@@ -37,6 +41,10 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     with the passes of `fqtsim.schedule` before and after the GEMM (BHQ materializes the whole
     output). `a_offset`/`b_offset`: the operand's codes are affine (offset + scale * q), which
     costs a rank-1 correction after the GEMM; A's default is whether it is a quantized gradient.
+    `a_im2col` (A, M x K) or `b_im2col` (B, K x N): the operand is a convolution's im2col matrix
+    (`fqtsim.conv.Im2col`), built on chip from its feature map, which is what DDR holds and
+    moves. `col2im`: the output is such a matrix of a gradient, folded back onto its feature
+    map in TCM (the grad_input GEMM of a convolution).
     `hw` may be a config path; `a_quant` a method name ("ptq", "psq", "bhq": dynamic ranges).
     m, n, k and the widths are integers (numpy integers too; not bools). The ledger's
     `attrs["mapping"]` says how the GEMM was laid out (loop order, tiles, operands held whole,
@@ -55,7 +63,10 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     handoff = writeback == "handoff"
     writeback, scope = output_writeback(a_quant, writeback, scope)
     out_store = stored_output_bits(hw, writeback, out_bits)
-    tiling = plan(hw, m, n, k, a_bits, b_bits, out_store)
+    _check_im2col(a_im2col, "a_im2col", m, k)
+    _check_im2col(b_im2col, "b_im2col", k, n)
+    _check_im2col(col2im, "col2im", m, n)
+    tiling = plan(hw, m, n, k, a_bits, b_bits, out_store, a_im2col, b_im2col)
     level = "ddr"
     if writeback == "materialized":
         level = wide_level(hw, tiling, live_wide_elements(scope, tiling, m, n))
@@ -63,14 +74,15 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
     psum_bytes = nbytes(1, wide_bits(hw))
     nm, nn, nk = tiling.tile_counts(m, n, k)
-    dims = {"m": (m, tiling.tm), "n": (n, tiling.tn)}
+    dims = {"m": a_tiles(tiling, m, k, a_bits, a_im2col), "n": b_tiles(tiling, k, n, b_bits, b_im2col)}
     outer, inner = tiling.order
-    n_inner = math.ceil(dims[inner][0] / dims[inner][1])
+    n_inner = {"m": nm, "n": nn}[inner]
     events = {}
-    for so, co, first_o in _classes(*dims[outer]):
-        for si, ci, first_i in _classes(*dims[inner]):
+    for so, co, first_o, *moves_o in dims[outer]:
+        for si, ci, first_i, *moves_i in dims[inner]:
             times = co * ci
             sm, sn = (si, so) if inner == "m" else (so, si)
+            (a_each, a_new), (b_each, b_new) = (moves_i, moves_o) if inner == "m" else (moves_o, moves_i)
             # the inner loop's operand stays in TCM only if it never changes: one inner tile, one K tile
             inner_load = first_o and first_i if n_inner == 1 and nk == 1 else True
             outer_load = first_i if nk == 1 else True
@@ -80,8 +92,8 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
             first = {outer: first_o, inner: first_i}
             load_a = first["n"] if tiling.a_whole else load_a
             load_b = first["m"] if tiling.b_whole else load_b
-            a_in = nbytes(sm * k, a_bits) if load_a else 0.0
-            b_in = nbytes(k * sn, b_bits) if load_b else 0.0
+            a_in = (a_new if tiling.a_whole else a_each) if load_a else 0.0
+            b_in = (b_new if tiling.b_whole else b_each) if load_b else 0.0
             folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)
             read_a, read_b = sm * k * folds_n, sn * k * folds_m
             compute = folds_m * folds_n * k
@@ -104,8 +116,8 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
                 tcm_read += out
             stall_ddr, stall_tcm = phase_stalls(hw, compute, ddr, tcm_read, tcm_write)
             add(events, "mac", "array", times * sm * sn * k, 0.0, times * compute)
-            add(events, "load_a", "ddr", times * (sm * k if load_a else 0), times * a_in)
-            add(events, "load_b", "ddr", times * (k * sn if load_b else 0), times * b_in)
+            add(events, "load_a", "ddr", times * _elements(a_in, a_bits), times * a_in)
+            add(events, "load_b", "ddr", times * _elements(b_in, b_bits), times * b_in)
             add(events, "read_a", "tcm", times * read_a, times * nbytes(read_a, a_bits))
             add(events, "read_b", "tcm", times * read_b, times * nbytes(read_b, b_bits))
             if writeback != "handoff":
@@ -119,6 +131,8 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
         merge(events, input_events(hw, tiling, a_quant, m, k, a_bits))
         merge(events, output_events(hw, a_quant, m, n, out_bits, level, handoff))
     merge(events, correction_events(m, n, k, a_offset, b_offset))
+    if col2im is not None:
+        merge(events, col2im_events(hw, col2im))
     ledger = frame(price(hw, name, GemmSpec(a_bits, b_bits), events))
     ledger.attrs["mapping"] = {"m": m, "k": k, "n": n, "loop_order": "".join(tiling.order),
                                "tile_m": tiling.tm, "tile_n": tiling.tn, "tile_k": tiling.tk,
@@ -128,17 +142,32 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     return ledger
 
 
-def _classes(dim: int, tile: int):
-    """Tiles along one loop as (size, how many, is the first tile) classes."""
-    count = math.ceil(dim / tile)
-    last = dim - (count - 1) * tile
-    out = [(min(tile, dim), 1, True)]
-    full_rest = count - 1 - (last != tile)
-    if full_rest > 0:
-        out.append((tile, full_rest, False))
-    if count > 1 and last != tile:
-        out.append((last, 1, False))
-    return out
+def _elements(moved: float, bits: int) -> int:
+    """Elements in `moved` bytes of `bits`-wide values (exact: bytes are whole containers)."""
+    return round(moved * 8 / container_bits(bits))
+
+
+def _check_im2col(win, option: str, rows: int, cols: int):
+    if win is None:
+        return
+    if not isinstance(win, Im2col):
+        raise TypeError(f"{option}: got {win!r}; expected a fqtsim.conv.Im2col or None")
+    if (win.rows, win.cols) != (rows, cols):
+        raise ValueError(f"{option}: its im2col matrix is {win.rows}x{win.cols}, the GEMM's "
+                         f"operand {rows}x{cols}")
+
+
+def col2im_events(hw: HWConfig, win: Im2col) -> dict:
+    """Folding an im2col gradient (written wide into TCM tile by tile) onto its feature map:
+    every entry that lands inside the map is written, each landing on an element already
+    written is a read-modify-write and one vector add. Nothing for kernels that do not overlap."""
+    entries, elements = col2im(win)
+    events = {}
+    if entries > elements:
+        width = nbytes(1, wide_bits(hw))
+        add(events, "col2im", "tcm", entries, (2 * entries - elements) * width)
+        add(events, "col2im", "vector", entries - elements)
+    return events
 
 
 def overhead(hw: HWConfig, m: int, n: int, k: int, schemes, *, grad_bits: int = 8,
@@ -180,7 +209,7 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
     """Every event of one FQT training step, layer by layer (the `layer` column), as
     `fqtsim.fqt` runs it: the forward GEMM on 8-bit codes; grad_input with the gradient
     quantized by `quantizer` at `grad_bits` (all but the first layer), handed off at full width
-    to the next quantizer down; grad_weight with the 8-bit per-tensor (PTQ) or per-feature
+    to the next quantizer down (a conv layer's folded onto its input by col2im); grad_weight with the 8-bit per-tensor (PTQ) or per-feature
     quantizer sharing the wide gradient; and the SGD update of FP32 masters.
 
     `model`: a name from `fqtsim.workloads` or a list of its `Layer`s.
@@ -205,22 +234,24 @@ def _training_step(hw, model, batch, quantizer, range_policy, grad_bits):
     frames, plans = [], []
     for i, layer in enumerate(layers):
         m = batch * layer.rows
+        win = None if layer.im2col is None else replace(layer.im2col, samples=batch)
         producer = _producer(hw, layers, i, batch, grad_bits)
         gemms = [("output", gemm(hw, m, layer.n, layer.k, a_bits=FORWARD_BITS, b_bits=FORWARD_BITS,
-                                 a_offset=True, b_offset=not layer.weights, name="output"))]
+                                 a_offset=True, b_offset=not layer.weights, a_im2col=win,
+                                 name="output"))]
         wide_at = None
         if i > 0:
             scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows,
                                  producer=producer)
             dx = gemm(hw, m, layer.k, layer.n, a_bits=grad_bits, b_bits=FORWARD_BITS, a_quant=scheme,
-                      writeback="handoff", name="grad_input")
+                      writeback="handoff", col2im=win, name="grad_input")
             gemms.append(("grad_input", dx))
             wide = dx.loc[dx.event == "wide_write", "level"]
             wide_at = wide.iloc[0] if len(wide) else None
         scheme = QuantScheme(weight_gradient_method(quantizer), range_policy, shared_at=wide_at,
                              producer=by_columns(producer))
         dw = gemm(hw, layer.n, layer.k, m, a_bits=GRAD_WEIGHT_BITS, b_bits=FORWARD_BITS,
-                  a_quant=scheme, b_offset=True,
+                  a_quant=scheme, b_offset=True, b_im2col=win,
                   writeback="materialized" if layer.weights else "handoff", name="grad_weight")
         gemms.append(("grad_weight", dw))
         if layer.weights:

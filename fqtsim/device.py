@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from fqtsim.conv import Im2col
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
 from fqtsim.mapping import (Producer, check_gemm, live_wide_elements, nbytes, parks_psums,
@@ -65,16 +66,18 @@ class Device:
 
     def gemm(self, a: np.ndarray, b: np.ndarray, *, a_bits: int = 8, b_bits: int = 8,
              out_bits: int = 8, writeback: str = "fused", scope: str = "tensor",
-             name: str | None = None) -> np.ndarray:
+             a_im2col=None, b_im2col=None, col2im=None, name: str | None = None) -> np.ndarray:
         """Exact accumulator results (int64, M x N) of codes `a` (M x K) @ `b` (K x N).
 
         `a`, `b`: int8 (signed) or uint8 (unsigned) arrays of `a_bits`/`b_bits`-bit codes. The
-        write-back arguments are those of `fqtsim.cost.gemm`.
+        write-back and im2col arguments are those of `fqtsim.cost.gemm`.
         """
-        return self._run(a, b, a_bits, b_bits, out_bits, writeback, scope, name)
+        return self._run(a, b, a_bits, b_bits, out_bits, writeback, scope, name,
+                         windows=(a_im2col, b_im2col, col2im))
 
     def matmul(self, a: Quantized, b: Quantized, *, scheme: QuantScheme | None = None,
-               out_bits: int = 8, writeback: str = "fused", name: str | None = None) -> np.ndarray:
+               out_bits: int = 8, writeback: str = "fused", a_im2col=None, b_im2col=None,
+               col2im=None, name: str | None = None) -> np.ndarray:
         """The float product of two quantized operands, computed as integer hardware does.
 
         The integer GEMM runs on the codes; scales, offsets (a rank-1 correction with the other
@@ -82,7 +85,8 @@ class Device:
         `scheme`: how `a`, a gradient, was quantized on the device (its passes are recorded);
         None for static codes. Scales must not vary along the reduction dimension: A per tensor
         or per row, B per tensor or per column. `writeback`: as for `gemm` ("handoff" when the
-        output feeds another quantizer).
+        output feeds another quantizer). `a_im2col`, `b_im2col`, `col2im`: as for
+        `fqtsim.cost.gemm` (a convolution's operands and grad_input output).
         """
         for label, q in (("a", a), ("b", b)):
             if not isinstance(q, Quantized):
@@ -91,7 +95,7 @@ class Device:
         scheme = as_scheme(scheme, "scheme")
         _check_realizable(a, b, scheme)
         c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, writeback, "tensor", name,
-                      a_quant=scheme, qa=a, qb=b)
+                      a_quant=scheme, qa=a, qb=b, windows=(a_im2col, b_im2col, col2im))
         out = a.scale * (c * b.scale)
         if a.affine:  # A's codes stand for offset + scale * q
             out += a.offset * (b.codes.sum(axis=0, keepdims=True, dtype=np.int64) * b.scale)
@@ -102,7 +106,7 @@ class Device:
         return out if a.transform is None else a.transform.inverse(out)
 
     def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None,
-             qa=None, qb=None):
+             qa=None, qb=None, windows=(None, None, None)):
         for label, x in (("a", a), ("b", b)):
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"{label}: got a {type(x).__name__}; expected a numpy array of "
@@ -119,12 +123,17 @@ class Device:
                                                        writeback, scope)
         _check_codes("a", a, a_bits)
         _check_codes("b", b, b_bits)
+        for option, win, shape in zip(("a_im2col", "b_im2col", "col2im"), windows,
+                                      ((m, k), (k, n), (m, n))):
+            if win is not None and (not isinstance(win, Im2col) or (win.rows, win.cols) != shape):
+                raise ValueError(f"{option}: got {win!r}; expected the Im2col of a {shape[0]}x"
+                                 f"{shape[1]} matrix or None")
         handoff = writeback == "handoff"
         writeback, scope = output_writeback(a_quant, writeback, scope)
         acc = self.hw.accumulator
         c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
                              spill_every=acc.spill_every, psum_bits=acc.psum_bits)
-        key = (m, n, k, a_bits, b_bits, out_bits, writeback, scope)
+        key = (m, n, k, a_bits, b_bits, out_bits, writeback, scope, *windows)
         if key not in self._walks:   # the loop nest depends on shapes only: walk each once
             self._walks[key] = self._walk(*key)
         tiling, level, walked = self._walks[key]
@@ -141,6 +150,8 @@ class Device:
             merge(events, output_passes(self.hw, a_quant, qa, n, out_bits, level, handoff))
         if qa is not None:
             merge(events, corrections(qa, qb))
+        if windows[2] is not None:
+            merge(events, _fold(self.hw, windows[2]))
         name = name if name is not None else f"gemm{self._gemms}"
         self._gemms += 1
         self._rows += price(self.hw, name, GemmSpec(a_bits, b_bits), events)
@@ -155,21 +166,19 @@ class Device:
         events = update_events(self.hw, params, self.last_output_level)
         self._rows += price(self.hw, name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
-    def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope):
+    def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_win, b_win, _):
         """Walk the loop nest tile by tile, recording raw events per phase (one output tile).
         Returns the tiling, the level the output is written to, and the raw events."""
         hw = self.hw
         rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
         psum_bytes = nbytes(1, wide_bits(hw))
         out_store = stored_output_bits(hw, writeback, out_bits)
-        t = plan(hw, m, n, k, a_bits, b_bits, out_store)
+        t = plan(hw, m, n, k, a_bits, b_bits, out_store, a_win, b_win)
         level = "ddr"
         if writeback == "materialized":
             level = wide_level(hw, t, live_wide_elements(scope, t, m, n))
         starts = {"m": range(0, m, t.tm), "n": range(0, n, t.tn)}
-        # the A and B tiles in TCM: the last one loaded, or every one so far for an operand
-        # held whole
-        resident = {"load_a": set() if t.a_whole else None, "load_b": set() if t.b_whole else None}
+        loaders = {"load_a": _Loader(a_win, t.a_whole), "load_b": _Loader(b_win, t.b_whole)}
         events = {}
         for o in starts[t.order[0]]:
             for i in starts[t.order[1]]:
@@ -181,15 +190,10 @@ class Device:
                 parks = parks_psums(hw, sm, sn, t.tk, k)
                 for k0 in range(0, k, t.tk):
                     sk = min(t.tk, k - k0)
-                    for event, tile, count, bits in (("load_a", (m0, k0), sm * sk, a_bits),
-                                                     ("load_b", (k0, n0), sk * sn, b_bits)):
-                        held = resident[event]
-                        if tile not in held if isinstance(held, set) else held != tile:
-                            # a tile already in TCM is not loaded again
-                            if isinstance(held, set):
-                                held.add(tile)
-                            else:
-                                resident[event] = tile
+                    for event, tile, bits in (("load_a", (m0, sm, k0, sk), a_bits),
+                                              ("load_b", (k0, sk, n0, sn), b_bits)):
+                        count = loaders[event].load(*tile)
+                        if count:
                             moved = nbytes(count, bits)
                             add(events, event, "ddr", count, moved)
                             ddr += moved
@@ -235,6 +239,71 @@ class Device:
                 add(events, "stall", "ddr", 0, 0.0, stall_ddr)
                 add(events, "stall", "tcm", 0, 0.0, stall_tcm)
         return t, level, events
+
+
+class _Loader:
+    """One operand's tiles in TCM: the last one loaded, or, held whole, all so far. `load`
+    returns the elements a tile brings from DDR: none if it is in TCM; for an im2col operand,
+    the input elements its windows cover (held whole: those not loaded before)."""
+
+    def __init__(self, win: Im2col | None, whole: bool):
+        self.win, self.whole = win, whole
+        self.last, self.seen = None, set()
+        self.loaded = None if win is None or not whole else \
+            np.zeros(win.channels * win.samples * win.in_h * win.in_w, dtype=bool)
+
+    def load(self, r0: int, rows: int, c0: int, cols: int) -> int:
+        tile = (r0, c0)
+        if tile in self.seen or (not self.whole and tile == self.last):
+            return 0
+        if self.whole:
+            self.seen.add(tile)
+        self.last = tile
+        if self.win is None:
+            return rows * cols
+        elements = _window_elements(self.win, r0, r0 + rows, c0, c0 + cols)
+        if self.loaded is None:
+            return elements.size
+        new = elements[~self.loaded[elements]]
+        self.loaded[new] = True
+        return new.size
+
+
+def _window_pixels(win: Im2col, r0: int, r1: int) -> np.ndarray:
+    """Every (sample, y, x) under the kernel windows of im2col rows [r0, r1), listed: the
+    flat indices of the input pixels inside the map, with repeats (one per window tap)."""
+    rows = np.arange(r0, r1)
+    sample, position = np.divmod(rows, win.out_h * win.out_w)
+    oy, ox = np.divmod(position, win.out_w)
+    (kh, kw), (sh, sw), (ph, pw) = win.kernel, win.stride, win.padding
+    y = (oy * sh - ph)[:, None, None] + np.arange(kh)[None, :, None]
+    x = (ox * sw - pw)[:, None, None] + np.arange(kw)[None, None, :]
+    y, x = np.broadcast_arrays(y, x)
+    sample = np.broadcast_to(sample[:, None, None], y.shape)
+    inside = (y >= 0) & (y < win.in_h) & (x >= 0) & (x < win.in_w)
+    return ((sample * win.in_h + y) * win.in_w + x)[inside]
+
+
+def _window_elements(win: Im2col, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """Flat (channel, sample, y, x) indices a tile of rows [r0, r1) and columns [c0, c1)
+    loads: its windows' distinct pixels, in every channel its columns touch (whole windows)."""
+    pixels = np.unique(_window_pixels(win, r0, r1))
+    channels = np.unique(np.arange(c0, c1) // (win.kernel[0] * win.kernel[1]))
+    per_channel = win.samples * win.in_h * win.in_w
+    return (channels[:, None] * per_channel + pixels[None, :]).ravel()
+
+
+def _fold(hw: HWConfig, win: Im2col) -> dict:
+    """col2im of a wide im2col gradient into its feature map in TCM (see `fqtsim.cost.col2im_events`),
+    counted entry by entry."""
+    taps = _window_pixels(win, 0, win.rows)
+    entries, elements = taps.size * win.channels, np.unique(taps).size * win.channels
+    events = {}
+    if entries > elements:
+        width = nbytes(1, wide_bits(hw))
+        add(events, "col2im", "tcm", entries, (2 * entries - elements) * width)
+        add(events, "col2im", "vector", entries - elements)
+    return events
 
 
 def _check_codes(name: str, x: np.ndarray, bits: int):

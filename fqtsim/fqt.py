@@ -13,6 +13,9 @@ Modes: `fp32` leaves the model alone; `qat` runs the forward GEMM on the device 
 in float (straight-through); `fqt` runs all three on the device. Weights stay FP32 masters that
 the optimizer updates; BatchNorm, ReLU and pooling stay float.
 
+A conv layer's im2col matrix is charged as the device builds it, from the feature map in DDR
+(`fqtsim.conv`), and grad_input's im2col-shaped output as folded back onto the input (col2im).
+
 Cost accounting: dy arrives at accumulator width from the layer above, so `grad_input` charges
 its quantizer's passes (wide write, ranges, ...) and `grad_weight` shares that wide tensor; the
 grad_input output is handed off at accumulator width to the next quantizer down; the weight
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fqtsim.conv import Im2col
 from fqtsim.device import Device
 from fqtsim.mapping import Producer, by_columns, loss_producer
 from fqtsim.quantizers import (DelayedRange, check_bits, quantize_activation, quantize_gradient,
@@ -112,8 +116,8 @@ class _FQTMatmul(torch.autograd.Function):
         sim = layer.sim
         qx = quantize_activation(x.detach().double().numpy(), FORWARD_BITS)
         qw = quantize_weight(w.detach().double().numpy(), FORWARD_BITS)
-        y = sim.device.matmul(qx, qw.T, name=f"{layer.name}.output")
-        ctx.qx, ctx.qw, ctx.layer = qx, qw, layer
+        y = sim.device.matmul(qx, qw.T, a_im2col=layer.im2col, name=f"{layer.name}.output")
+        ctx.qx, ctx.qw, ctx.layer, ctx.im2col = qx, qw, layer, layer.im2col
         return torch.from_numpy(y).to(x.dtype)
 
     @staticmethod
@@ -134,14 +138,14 @@ class _FQTMatmul(torch.autograd.Function):
             q, scheme = sim.quantize(f"{layer.name}.grad_input", dy64, config.quantizer,
                                      config.grad_bits, layer.rows_per_sample, producer=producer)
             out = sim.device.matmul(q, qw, scheme=scheme, writeback="handoff",
-                                    name=f"{layer.name}.grad_input")
+                                    col2im=ctx.im2col, name=f"{layer.name}.grad_input")
             dx = torch.from_numpy(out).to(dy.dtype)
             wide_at = sim.device.last_gradient_level if scheme.materializes else None
         q, scheme = sim.quantize(f"{layer.name}.grad_weight", dy64.T,
                                  weight_gradient_method(config.quantizer), GRAD_WEIGHT_BITS,
                                  shared_at=wide_at, producer=by_columns(producer))
         dw = sim.device.matmul(q, qx, scheme=scheme, writeback="materialized",
-                               name=f"{layer.name}.grad_weight")
+                               b_im2col=ctx.im2col, name=f"{layer.name}.grad_weight")
         sim.device.update(qw.codes.size, name=f"{layer.name}.update")
         return dx, torch.from_numpy(dw).to(dy.dtype), None
 
@@ -149,6 +153,7 @@ class _FQTMatmul(torch.autograd.Function):
 class FQTLinear(nn.Module):
     """nn.Linear with its GEMMs on the simulated device; shares the original parameters."""
     rows_per_sample = 1
+    im2col = None
 
     def __init__(self, linear: nn.Linear, sim: Simulator, name: str):
         super().__init__()
@@ -161,24 +166,28 @@ class FQTLinear(nn.Module):
 
 
 class FQTConv2d(nn.Module):
-    """nn.Conv2d as im2col + an FQT GEMM; shares the original parameters."""
+    """nn.Conv2d as im2col + an FQT GEMM; shares the original parameters. The numerics unfold
+    the input in torch; the device charges the im2col matrix as built on chip from the feature
+    map (`im2col`, the last batch's geometry) and grad_input's fold back onto it (col2im)."""
 
     def __init__(self, conv: nn.Conv2d, sim: Simulator, name: str):
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"{name}: only ungrouped convolutions with numeric zero padding "
-                             f"are supported")
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str) \
+                or conv.dilation != (1, 1):
+            raise ValueError(f"{name}: only ungrouped, undilated convolutions with numeric zero "
+                             f"padding are supported")
         self.weight, self.bias = conv.weight, conv.bias
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
+        self.padding = conv.padding
         self.sim, self.name = sim, name
         self.rows_per_sample = 1
+        self.im2col: Im2col | None = None
 
     def forward(self, x):
-        n, _, h, w = x.shape
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, CKK, L)
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        n, c, h, w = x.shape
+        self.im2col = Im2col(n, c, h, w, self.kernel_size, self.stride, self.padding)
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (N, CKK, L)
+        oh, ow = self.im2col.out_h, self.im2col.out_w
         self.rows_per_sample = oh * ow
         rows = cols.transpose(1, 2).reshape(n * oh * ow, -1)            # (N*L, CKK)
         y = _FQTMatmul.apply(rows, self.weight.reshape(self.weight.shape[0], -1), self)

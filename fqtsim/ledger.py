@@ -30,6 +30,9 @@ for their ops (count = elements; ops per element in PASS_OPS):
                          the write-back)
     inverse_transform    BHQ: T^-1 on the wide output rows, then requantization
     inverse_codes (ddr)  output codes written after the inverse transform
+    col2im (tcm|vector)  a convolution's grad_input: its im2col output folded onto the feature
+                         map in TCM at accumulator width (count: entries written; the bytes
+                         include the read of each one that adds to an earlier), one add each
     optimizer_read       SGD with momentum on FP32 masters: read the weight gradient (where its
     optimizer_write      GEMM left it), master weights and momentum; write masters, momentum and
     weight_update        the 8-bit weight codes of the next forward pass
@@ -44,7 +47,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from fqtsim.hw import HWConfig
-from fqtsim.mapping import container_bits
+from fqtsim.mapping import container_bits, wide_bits
 
 COLUMNS = ["gemm", "event", "level", "count", "bytes", "energy_pj", "cycles"]
 
@@ -68,12 +71,13 @@ PASS_OPS = {
     "requant_pass": {"rng": 1, "requant": 1},
     "colsum": {"add": 1},
     "rowsum": {"add": 1},
+    "col2im": {"add": 1},
     "zero_point": {"mul": 1, "add": 1},
     "inverse_transform": {"mul": 3, "add": 2, "requant": 1},
     "weight_update": {"mul": 3, "add": 3, "requant": 1},   # decay, momentum, step; new codes
 }
 # Direction of each pass's memory traffic at its level.
-PASS_MEMORY = {"wide_write": "write", "range_pass": "read", "transform": "read",
+PASS_MEMORY = {"col2im": "write", "wide_write": "write", "range_pass": "read", "transform": "read",
                "requant_pass": "read", "code_write": "write", "inverse_transform": "read",
                "inverse_codes": "write", "optimizer_read": "read", "optimizer_write": "write"}
 
@@ -104,6 +108,9 @@ def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float
     tcm, ddr, acc = hw.tcm, hw.ddr, hw.accumulator
     if level == "vector":
         return count * sum(n * getattr(hw.vector, op).pj for op, n in PASS_OPS[event].items())
+    if event == "col2im":   # entries written; the rest of the bytes read back to add to
+        written = count * container_bits(wide_bits(hw)) / 8
+        return written * tcm.write_pj_per_byte + (nbytes - written) * tcm.read_pj_per_byte
     if event in PASS_MEMORY:
         return nbytes * pass_transfer_pj(hw, level, PASS_MEMORY[event])
     if event == "sr_rng":
@@ -148,7 +155,7 @@ def price(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> list[tuple]:
 
 EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code_write",
           "sr_rng", "clip", "mac", "overflow", "requantize", "load_a", "load_b", "read_a",
-          "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "writeback",
+          "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im", "writeback",
           "wide_output", "inverse_transform", "inverse_codes", "optimizer_read", "optimizer_write",
           "weight_update", "stall")
 

@@ -85,16 +85,35 @@ def buffers(hw: HWConfig) -> int:
 
 
 def buffer_bytes(hw: HWConfig, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_whole=False,
-                 b_whole=False) -> tuple[int, int, int]:
+                 b_whole=False, a_win=None, b_win=None) -> tuple[int, int, int]:
     """TCM bytes of A (its tiles, or all of it held whole, once), of B, and of the output tiles
-    (with their partial sums when the accumulator spills or parks them between K tiles)."""
+    (with their partial sums when the accumulator spills or parks them between K tiles). An
+    operand built on chip from a feature map (`a_win`, `b_win`: its `fqtsim.conv.Im2col`)
+    takes its largest tile's input elements, or the whole map's."""
     copies = buffers(hw)
     buf_bits = out_bits
     if hw.accumulator.spill_every is not None or parks_psums(hw, tm, tn, tk, k):
         buf_bits = max(buf_bits, wide_bits(hw))  # partial sums live in the output tile
-    a = nbytes(m * k, a_bits) if a_whole else copies * nbytes(tm * tk, a_bits)
-    b = nbytes(k * n, b_bits) if b_whole else copies * nbytes(tk * tn, b_bits)
+    if a_win is None:
+        a = nbytes(m * k, a_bits) if a_whole else copies * nbytes(tm * tk, a_bits)
+    else:
+        a = nbytes(a_win.elements if a_whole else copies * _largest_window(a_win, tm, tk), a_bits)
+    if b_win is None:
+        b = nbytes(k * n, b_bits) if b_whole else copies * nbytes(tk * tn, b_bits)
+    else:
+        b = nbytes(b_win.elements if b_whole else copies * _largest_window(b_win, tk, tn), b_bits)
     return math.ceil(a), math.ceil(b), math.ceil(copies * nbytes(tm * tn, buf_bits))
+
+
+@functools.lru_cache(maxsize=65536)
+def _largest_window(win, rows: int, cols: int) -> int:
+    """Input elements of the largest tile of `rows` x `cols` of an on-chip im2col matrix."""
+    return int(win.row_tiles(rows).each.max()) * int(win.col_tiles(cols).each.max())
+
+
+def whole_bytes(win, rows: int, cols: int, bits: int) -> float:
+    """DDR bytes of an operand loaded once: its matrix, or the feature map it is built from."""
+    return nbytes(rows * cols if win is None else win.elements, bits)
 
 
 def placement(hw: HWConfig, use: tuple[int, int, int]) -> tuple[bool, int, int]:
@@ -109,44 +128,110 @@ def placement(hw: HWConfig, use: tuple[int, int, int]) -> tuple[bool, int, int]:
     return fits, taken, capacity - sum(sizes) + sizes[2] - use[2]
 
 
-def operand_loads(tiling: Tiling, m: int, n: int, k: int) -> tuple[int, int]:
-    """Elements of A and of B loaded from DDR over the whole loop nest, by the reuse rule above."""
+def a_tiles(tiling: Tiling, m: int, k: int, bits: int, win=None) -> list[tuple]:
+    """A's tiles along m as classes (size, count, first, bytes, new bytes): the DDR bytes one
+    m tile moves when loaded with all its K tiles, and those it adds on first use when A is
+    held whole (its windows' pixels not loaded before; for a plain matrix, the same)."""
+    if win is None:
+        return [(s, c, f, nbytes(s * k, bits), nbytes(s * k, bits))
+                for s, c, f in tile_classes(m, tiling.tm)]
+    rows, channels = win.row_tiles(tiling.tm), win.col_tiles(tiling.tk).total
+    return _classes_of(rows.size, rows.count, nbytes(rows.each * channels, bits),
+                       nbytes(rows.new * win.channels, bits))
+
+
+def b_tiles(tiling: Tiling, k: int, n: int, bits: int, win=None) -> list[tuple]:
+    """B's tiles along n as classes, as `a_tiles` (an im2col B: rows = positions, along K)."""
+    if win is None:
+        return [(s, c, f, nbytes(k * s, bits), nbytes(k * s, bits))
+                for s, c, f in tile_classes(n, tiling.tn)]
+    cols, pixels = win.col_tiles(tiling.tn), win.row_tiles(tiling.tk).total
+    return _classes_of(cols.size, cols.count, nbytes(pixels * cols.each, bits),
+                       nbytes(int(win.pixels(0, win.rows)) * cols.new, bits))
+
+
+def tile_classes(dim: int, tile: int) -> list[tuple]:
+    """Tiles along one loop as (size, how many, is the first tile) classes."""
+    count = math.ceil(dim / tile)
+    last = dim - (count - 1) * tile
+    out = [(min(tile, dim), 1, True)]
+    full_rest = count - 1 - (last != tile)
+    if full_rest > 0:
+        out.append((tile, full_rest, False))
+    if count > 1 and last != tile:
+        out.append((last, 1, False))
+    return out
+
+
+def _classes_of(size, count, each, new) -> list[tuple]:
+    """(size, count, first, each, new) classes of tiles given as classes whose first holds the
+    first tile: that tile on its own, the rest grouped by what they move."""
+    count = np.array(count)
+    count[0] -= 1
+    keep = count > 0
+    table = np.stack([size[keep], each[keep], new[keep]], axis=1)
+    groups, inverse = np.unique(table, axis=0, return_inverse=True)
+    totals = np.bincount(inverse.ravel(), weights=count[keep], minlength=len(groups))
+    out = [(int(size[0]), 1, True, float(each[0]), float(new[0]))]
+    return out + [(int(s), int(c), False, float(e), float(nw))
+                  for (s, e, nw), c in zip(groups, totals)]
+
+
+def operand_loads(tiling: Tiling, m: int, n: int, k: int, a_bits: int, b_bits: int, a_win=None,
+                  b_win=None) -> tuple[float, float]:
+    """DDR bytes of A and of B loaded over the whole loop nest, by the reuse rule above."""
     nm, nn, nk = tiling.tile_counts(m, n, k)
-    a_once, b_once = m * k, k * n
+    a_once, b_once = nbytes(m * k, a_bits), nbytes(k * n, b_bits)
+    if a_win is not None:   # each m tile's windows, in every channel its K tiles touch
+        a_once = nbytes(a_win.row_tiles(tiling.tm).total * a_win.col_tiles(tiling.tk).total, a_bits)
+    if b_win is not None:
+        b_once = nbytes(b_win.row_tiles(tiling.tk).total * b_win.col_tiles(tiling.tn).total, b_bits)
     if tiling.order == ("n", "m"):  # A follows the inner loop, B the outer one
         a = a_once if nm == 1 and nk == 1 else a_once * nn
         b = b_once if nk == 1 else b_once * nm
     else:
         b = b_once if nn == 1 and nk == 1 else b_once * nm
         a = a_once if nk == 1 else a_once * nn
-    return (a_once if tiling.a_whole else a), (b_once if tiling.b_whole else b)
+    if tiling.a_whole:
+        a = whole_bytes(a_win, m, k, a_bits)
+    if tiling.b_whole:
+        b = whole_bytes(b_win, k, n, b_bits)
+    return a, b
 
 
 @functools.lru_cache(maxsize=4096)
-def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int) -> Tiling:
+def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int,
+         a_win=None, b_win=None) -> Tiling:
     """Tiles (and the loop order) from the config where given, else the fitting ones with the
     fewest estimated cycles, then DDR bytes; an operand is held whole where that fits (with
-    partitions, always; in a pool, where it pays)."""
+    partitions, always; in a pool, where it pays). `a_win`, `b_win`: the `fqtsim.conv.Im2col`
+    of an operand built on chip from a feature map, or None."""
     mp, arr = hw.mapping, hw.array
 
     orders = [tuple(mp.loop_order)] if mp.loop_order is not None else [("n", "m"), ("m", "n")]
     parts = hw.tcm.partitions
     if parts is None:   # in a pool, holding an operand whole competes with the tiles: try both
-        a_wholes = b_wholes = (False, True)
+        a_wholes, b_wholes = ((False, True) if whole_bytes(win, r, c, bits) <= hw.tcm.size_bytes
+                              else (False,) for win, r, c, bits in ((a_win, m, k, a_bits),
+                                                                    (b_win, k, n, b_bits)))
     else:               # a partition holds its operand whole whenever it can (ZigZag's rule)
-        a_wholes = (nbytes(m * k, a_bits) <= parts.sizes_bytes[0],)
-        b_wholes = (nbytes(k * n, b_bits) <= parts.sizes_bytes[1],)
+        a_wholes = (whole_bytes(a_win, m, k, a_bits) <= parts.sizes_bytes[0],)
+        b_wholes = (whole_bytes(b_win, k, n, b_bits) <= parts.sizes_bytes[1],)
 
     def options(tm, tn, tk):
         """The tilings of these tile sizes that fit."""
         out = []
         for a_whole in a_wholes:
             for b_whole in b_wholes:
-                use = buffer_bytes(hw, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_whole, b_whole)
+                use = buffer_bytes(hw, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_whole,
+                                   b_whole, a_win, b_win)
                 fits, taken, free = placement(hw, use)
                 if fits:
                     out += [Tiling(tm, tn, tk, order, taken, free, a_whole, b_whole) for order in orders]
         return out
+
+    def score(t):
+        return _score(hw, t, m, n, k, a_bits, b_bits, a_win, b_win)
 
     def split_ok(tm, tn, tk):
         return k_split_ok(hw, tm, tn, tk, k)   # results stay exact with these tiles
@@ -161,17 +246,21 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
                              f"tile_n <= array.cols ({arr.cols})")
         fitting = options(tm, tn, tk)
         if not fitting:
-            use = buffer_bytes(hw, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits)
+            use = buffer_bytes(hw, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_win=a_win,
+                               b_win=b_win)
             raise ValueError(f"{hw.name}: tiles {tm}x{tn}x{tk} for GEMM {m}x{k}x{n} need "
                              f"{sum(use)} B of TCM (A {use[0]}, B {use[1]}, output {use[2]}), "
                              f"{_room(hw)}; make mapping.tile_m/tile_n/tile_k smaller or set "
                              f"them to null")
-        return min(fitting, key=lambda t: _score(hw, t, m, n, k, a_bits, b_bits))
+        return min(fitting, key=score)
 
     def choices(given, dim, step):
         if given is not None:
             return {min(given, dim)}
         sizes = {step << i for i in range(dim.bit_length() + 1)} | {1 << i for i in range(dim.bit_length())}
+        if dim == m and a_win is not None:   # bands of whole output rows, and whole samples
+            sizes |= {band << i for band in (a_win.out_w, a_win.positions)
+                      for i in range(max(1, (dim // band).bit_length()))}
         return {min(dim, s) for s in sizes}
 
     tks = {min(mp.tile_k, k)} if mp.tile_k is not None else {k}
@@ -190,9 +279,19 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
             if multi and spill is None and hw.accumulator.overflow != "wrap":
                 continue   # a saturating accumulator cannot restart at K tiles (k_split_ok)
             step = spill if multi and spill is not None else 1   # K tiles end on spill points
-            tk = _longest_k(hw, m, n, k, tm, tn, a_bits, b_bits, out_bits) // step * step
-            while tk >= 1 and not options(tm, tn, tk):  # packed sub-byte tiles, held operands
-                tk -= step
+            if a_win is not None and k > a_win.taps:   # K tiles of whole channels
+                step = math.lcm(step, a_win.taps)
+            if b_win is None:
+                tk = _longest_k(hw, m, n, k, tm, tn, a_bits, b_bits, out_bits, a_win) // step * step
+                while tk >= 1 and not options(tm, tn, tk):  # packed sub-byte tiles, held operands
+                    tk -= step
+            else:   # windows grow unevenly with the K slice: the longest that fits, by bisection
+                slices = _k_slices(k, step, b_win)
+                lo, hi = -1, len(slices) - 1
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if options(tm, tn, slices[mid]) else (lo, mid - 1)
+                tk = slices[lo] if lo >= 0 else 0
             if tk >= 1:
                 candidates += options(tm, tn, tk)
     if not candidates:
@@ -202,7 +301,16 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
                f"set them to null") if big else "; raise tcm.size_kib or use a smaller GEMM"
         raise ValueError(f"{hw.name}: no tiling of GEMM {m}x{k}x{n} ({a_bits}x{b_bits}-bit "
                          f"operands) fits {_room(hw)} even with one fold per tile{why}")
-    return min(candidates, key=lambda t: _score(hw, t, m, n, k, a_bits, b_bits))
+    return min(candidates, key=score)
+
+
+def _k_slices(k: int, step: int, b_win) -> list[int]:
+    """K slices shorter than K to try, ascending: multiples of `step`; along an im2col B's
+    positions (a weight gradient's reduction), powers of two and bands of whole output rows."""
+    if b_win is None:
+        return list(range(step, k, step))
+    bands = {band << i for band in (1, b_win.out_w, b_win.positions) for i in range(k.bit_length())}
+    return sorted(s for s in bands if s < k and s % step == 0)
 
 
 def k_split_ok(hw: HWConfig, tm: int, tn: int, tk: int, k: int) -> bool:
@@ -229,14 +337,16 @@ def _split_rule(hw: HWConfig) -> str:
     return "" if acc.overflow == "wrap" else " (saturation depends on where sums restart)"
 
 
-def _longest_k(hw: HWConfig, m, n, k, tm, tn, a_bits, b_bits, out_bits) -> int:
-    """An upper estimate of the longest K slice whose A and B tiles fit beside the output tiles."""
+def _longest_k(hw: HWConfig, m, n, k, tm, tn, a_bits, b_bits, out_bits, a_win=None) -> int:
+    """An upper estimate of the longest K slice whose A and B tiles fit beside the output tiles
+    (an im2col A: its windows' pixels per channel, shared by the channel's kernel taps)."""
     copies, parts = buffers(hw), hw.tcm.partitions
     out_tiles = buffer_bytes(hw, m, n, k, tm, tn, 0, a_bits, b_bits, out_bits)[2]
+    a_rows = tm if a_win is None else _largest_window(a_win, tm, 1) / a_win.taps
     if parts is None:
-        room = (hw.tcm.size_bytes - out_tiles) / (copies * (nbytes(tm, a_bits) + nbytes(tn, b_bits)))
+        room = (hw.tcm.size_bytes - out_tiles) / (copies * (nbytes(a_rows, a_bits) + nbytes(tn, b_bits)))
     else:
-        room = min(parts.sizes_bytes[0] / (copies * nbytes(tm, a_bits)),
+        room = min(parts.sizes_bytes[0] / (copies * nbytes(a_rows, a_bits)),
                    parts.sizes_bytes[1] / (copies * nbytes(tn, b_bits)))
     return min(k - 1, int(room))
 
@@ -249,13 +359,14 @@ def _room(hw: HWConfig) -> str:
     return f"tcm.partitions of A {a} B, B {b} B, output {out} B"
 
 
-def _score(hw: HWConfig, t: Tiling, m, n, k, a_bits, b_bits):
+def _score(hw: HWConfig, t: Tiling, m, n, k, a_bits, b_bits, a_win=None, b_win=None):
     """Estimated cycles first (idle lanes cost time), then DDR bytes, then fewer tiles, less TCM."""
-    a, b = operand_loads(t, m, n, k)
-    ddr = nbytes(a, a_bits) + nbytes(b, b_bits)
+    ddr = sum(operand_loads(t, m, n, k, a_bits, b_bits, a_win, b_win))
     nm, nn, nk = t.tile_counts(m, n, k)
     arr = hw.array
-    compute = nm * nn * math.ceil(t.tm / arr.rows) * math.ceil(t.tn / arr.cols) * k
+    folds = [sum(c * math.ceil(size / lanes) for size, c, _ in tile_classes(dim, tile))
+             for dim, tile, lanes in ((m, t.tm, arr.rows), (n, t.tn, arr.cols))]
+    compute = folds[0] * folds[1] * k
     memory = ddr / hw.ddr.bytes_per_cycle
     cycles = max(compute, memory) if hw.mapping.double_buffer else compute + memory
     return cycles, ddr, nm * nn * nk, t.footprint, t.tm, t.tn
