@@ -7,20 +7,21 @@ counts them.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pandas as pd
 
+from fqtsim.conv import Im2col, col2im
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
-from fqtsim.conv import Im2col, col2im
 from fqtsim.mapping import (Producer, a_tiles, as_int, b_tiles, by_columns, check_gemm,
                             container_bits, live_wide_elements, loss_producer, nbytes, parks_psums,
-                            phase_stalls, plan, produced_by, stored_output_bits, wide_bits,
-                            wide_level)
+                            phase_stalls, plans, produced_by, stored_output_bits, Tiling,
+                            wide_bits, wide_level)
 from fqtsim.schedule import (QuantScheme, as_scheme, correction_events, input_events, output_events,
                              output_writeback, rename_wide_output, update_events,
                              FORWARD_BITS, GRAD_WEIGHT_BITS, weight_gradient_method)
@@ -30,7 +31,8 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
          out_bits: int = 8, writeback: str = "fused", scope: str = "tensor",
          a_quant: QuantScheme | None = None, a_offset: bool | None = None,
          b_offset: bool = False, a_im2col: Im2col | None = None, b_im2col: Im2col | None = None,
-         col2im: Im2col | None = None, name: str = "gemm") -> pd.DataFrame:
+         col2im: Im2col | None = None, consumer: tuple | None = None,
+         name: str = "gemm") -> pd.DataFrame:
     """Ledger rows of one (M x K) @ (K x N) GEMM with `a_bits` x `b_bits` operand codes.
 
     `writeback="fused"` requantizes in the output pipeline and writes `out_bits` codes to DDR;
@@ -44,7 +46,9 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     `a_im2col` (A, M x K) or `b_im2col` (B, K x N): the operand is a convolution's im2col matrix
     (`fqtsim.conv.Im2col`), built on chip from its feature map, which is what DDR holds and
     moves. `col2im`: the output is such a matrix of a gradient, folded back onto its feature
-    map in TCM (the grad_input GEMM of a convolution).
+    map in TCM (the grad_input GEMM of a convolution). `consumer`: (method, range policy, bits)
+    of the gradient quantizer that reads a handed-off output wide; the mapper weighs where the
+    tiling leaves that gradient (a producer's plan keeps room for it where that pays).
     `hw` may be a config path; `a_quant` a method name ("ptq", "psq", "bhq": dynamic ranges).
     m, n, k and the widths are integers (numpy integers too; not bools). The ledger's
     `attrs["mapping"]` says how the GEMM was laid out (loop order, tiles, operands held whole,
@@ -60,13 +64,109 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     a_offset = a_quant is not None if a_offset is None else bool(a_offset)
     m, n, k, a_bits, b_bits, out_bits = check_gemm(hw, m, n, k, a_bits, b_bits, out_bits,
                                                    writeback, scope)
-    handoff = writeback == "handoff"
-    writeback, scope = output_writeback(a_quant, writeback, scope)
-    out_store = stored_output_bits(hw, writeback, out_bits)
     _check_im2col(a_im2col, "a_im2col", m, k)
     _check_im2col(b_im2col, "b_im2col", k, n)
     _check_im2col(col2im, "col2im", m, n)
-    tiling = plan(hw, m, n, k, a_bits, b_bits, out_store, a_im2col, b_im2col)
+    spec = Gemm(m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant, a_offset, b_offset,
+                a_im2col, b_im2col, col2im, check_consumer(consumer, writeback))
+    tiling = layout(hw, spec)
+    events, level = gemm_events(hw, spec, tiling)
+    ledger = frame(price(hw, name, GemmSpec(spec.a_bits, spec.b_bits), events))
+    ledger.attrs["mapping"] = {"m": spec.m, "k": spec.k, "n": spec.n, "loop_order": "".join(tiling.order),
+                               "tile_m": tiling.tm, "tile_n": tiling.tn, "tile_k": tiling.tk,
+                               "a_whole": tiling.a_whole, "b_whole": tiling.b_whole,
+                               "tcm_bytes": tiling.footprint, "tcm_free": tiling.free,
+                               "output_to": level if spec.writeback != "handoff" else "handoff"}
+    return ledger
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One GEMM as `gemm` takes it, checked: what its events and its mapping depend on."""
+    m: int
+    n: int
+    k: int
+    a_bits: int
+    b_bits: int
+    out_bits: int
+    writeback: str
+    scope: str
+    a_quant: QuantScheme | None
+    a_offset: bool
+    b_offset: bool
+    a_im2col: Im2col | None
+    b_im2col: Im2col | None
+    col2im: Im2col | None
+    consumer: tuple | None = None
+
+
+@functools.lru_cache(maxsize=8192)
+def layout(hw: HWConfig, spec: Gemm) -> Tiling:
+    """The tiling `spec` runs with: of the mapper's candidates (`fqtsim.mapping.plans`: the best
+    few estimates, and the best that leaves room for a materialized output), the one whose
+    whole cost, quantizer passes included, is least by the config's `mapping.objective`."""
+    writeback, scope = output_writeback(spec.a_quant, spec.writeback, spec.scope)
+    options = plans(hw, spec.m, spec.n, spec.k, spec.a_bits, spec.b_bits,
+                    stored_output_bits(hw, writeback, spec.out_bits), spec.a_im2col, spec.b_im2col)
+    chosen = list(options[:CANDIDATES])
+    if writeback == "materialized":   # room for the wide output changes where it goes
+        fits = [t for t in options if wide_level(hw, t, live_wide_elements(scope, t, spec.m, spec.n)) == "tcm"]
+        chosen += fits[:1]
+    if spec.consumer is not None:     # and room for the gradient the next quantizer reads wide
+        fits = [t for t in options if ("wide_write", "tcm") in _consumer_events(hw, spec, t)]
+        chosen += fits[:1]
+    if len(chosen) == 1:
+        return chosen[0]
+    return min(chosen, key=lambda t: _objective(hw, spec, t))
+
+
+CANDIDATES = 4   # best estimates the mapper prices in full
+
+
+def _objective(hw: HWConfig, spec: Gemm, tiling: Tiling) -> float:
+    events, _ = gemm_events(hw, spec, tiling, after=False)
+    if spec.consumer is not None:
+        merge(events, _consumer_events(hw, spec, tiling))
+    rows = price(hw, "gemm", GemmSpec(spec.a_bits, spec.b_bits), events)
+    energy, cycles = sum(r[5] for r in rows), sum(r[6] for r in rows)
+    return {"energy": energy, "cycles": cycles, "edp": energy * cycles}[hw.mapping.objective]
+
+
+def _consumer_events(hw: HWConfig, spec: Gemm, tiling: Tiling) -> dict:
+    """What the quantizer reading this GEMM's handed-off output does with it, where this tiling
+    leaves it: per sample, the output's elements (folded back onto the input map for a conv)."""
+    method, policy, bits = spec.consumer
+    rows = spec.a_quant.rows_per_sample if spec.a_quant is not None else 1
+    samples = spec.m // rows
+    per_sample = (spec.m * spec.n if spec.col2im is None else spec.col2im.elements) // samples
+    scheme = QuantScheme(method, policy, producer=produced_by(tiling, spec.n, rows))
+    return input_events(hw, tiling, scheme, samples, per_sample, bits)
+
+
+def check_consumer(consumer, writeback: str):
+    if consumer is None:
+        return None
+    try:
+        method, policy, bits = consumer
+        QuantScheme(method, policy)
+        ok = as_int(bits) is not None and 2 <= bits <= 8
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or writeback != "handoff":
+        raise ValueError(f"consumer: got {consumer!r}; expected (method, range policy, bits) of "
+                         f"the quantizer reading a handed-off output (writeback='handoff'), e.g. "
+                         f"('psq', 'dynamic', 8)")
+    return (method, policy, int(bits))
+
+
+def gemm_events(hw: HWConfig, spec: Gemm, tiling: Tiling, after: bool = True) -> tuple[dict, str]:
+    """Raw events of `spec` laid out by `tiling`, and the level its output is written to.
+    `after`: with the offset corrections and col2im, which no tiling changes."""
+    (m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant, a_offset, b_offset, a_im2col,
+     b_im2col, col2im, _) = (getattr(spec, f.name) for f in fields(spec))
+    handoff = writeback == "handoff"
+    writeback, scope = output_writeback(a_quant, writeback, scope)
+    out_store = stored_output_bits(hw, writeback, out_bits)
     level = "ddr"
     if writeback == "materialized":
         level = wide_level(hw, tiling, live_wide_elements(scope, tiling, m, n))
@@ -130,16 +230,11 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     if a_quant is not None:
         merge(events, input_events(hw, tiling, a_quant, m, k, a_bits))
         merge(events, output_events(hw, a_quant, m, n, out_bits, level, handoff))
-    merge(events, correction_events(m, n, k, a_offset, b_offset))
-    if col2im is not None:
-        merge(events, col2im_events(hw, col2im))
-    ledger = frame(price(hw, name, GemmSpec(a_bits, b_bits), events))
-    ledger.attrs["mapping"] = {"m": m, "k": k, "n": n, "loop_order": "".join(tiling.order),
-                               "tile_m": tiling.tm, "tile_n": tiling.tn, "tile_k": tiling.tk,
-                               "a_whole": tiling.a_whole, "b_whole": tiling.b_whole,
-                               "tcm_bytes": tiling.footprint, "tcm_free": tiling.free,
-                               "output_to": level if writeback != "handoff" else "handoff"}
-    return ledger
+    if after:
+        merge(events, correction_events(m, n, k, a_offset, b_offset))
+        if col2im is not None:
+            merge(events, col2im_events(hw, col2im))
+    return events, level
 
 
 def _elements(moved: float, bits: int) -> int:
@@ -231,20 +326,30 @@ def _training_step(hw, model, batch, quantizer, range_policy, grad_bits):
         raise ValueError(f"batch: got {batch!r}; expected an integer >= 1")
     batch = size
     QuantScheme(quantizer, range_policy)   # refuse a bad quantizer or range before any work
+    windows = [None if layer.im2col is None else replace(layer.im2col, samples=batch)
+               for layer in layers]
+    # backward runs from the top: each grad_input GEMM, laid out as it runs, writes the wide
+    # gradient of the layer below (the loss writes the top layer's)
+    producers, grad_inputs = [loss_producer(hw)] * len(layers), {}
+    for i in range(len(layers) - 1, 0, -1):
+        layer = layers[i]
+        scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows,
+                             producer=producers[i])
+        dx = gemm(hw, batch * layer.rows, layer.k, layer.n, a_bits=grad_bits, b_bits=FORWARD_BITS,
+                  a_quant=scheme, writeback="handoff", col2im=windows[i],
+                  consumer=(quantizer, range_policy, grad_bits), name="grad_input")
+        grad_inputs[i] = dx
+        producers[i - 1] = produced_by(_tiling(dx), layer.k, layer.rows)
     frames, plans = [], []
     for i, layer in enumerate(layers):
         m = batch * layer.rows
-        win = None if layer.im2col is None else replace(layer.im2col, samples=batch)
-        producer = _producer(hw, layers, i, batch, grad_bits)
+        win, producer = windows[i], producers[i]
         gemms = [("output", gemm(hw, m, layer.n, layer.k, a_bits=FORWARD_BITS, b_bits=FORWARD_BITS,
                                  a_offset=True, b_offset=not layer.weights, a_im2col=win,
                                  name="output"))]
         wide_at = None
         if i > 0:
-            scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows,
-                                 producer=producer)
-            dx = gemm(hw, m, layer.k, layer.n, a_bits=grad_bits, b_bits=FORWARD_BITS, a_quant=scheme,
-                      writeback="handoff", col2im=win, name="grad_input")
+            dx = grad_inputs[i]
             gemms.append(("grad_input", dx))
             wide = dx.loc[dx.event == "wide_write", "level"]
             wide_at = wide.iloc[0] if len(wide) else None
@@ -277,15 +382,11 @@ def mappings(hw: HWConfig, model, batch: int, quantizer: str = "psq",
     return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[1]
 
 
-def _producer(hw: HWConfig, layers, i: int, batch: int, grad_bits: int) -> Producer:
-    """What writes layer i's output gradient wide: the loss for the top layer, else the layer
-    above's grad_input GEMM, tiled as it is planned (its output handed off wide)."""
-    if i == len(layers) - 1:
-        return loss_producer(hw)
-    above = layers[i + 1]
-    m = batch * above.rows
-    tiling = plan(hw, m, above.k, above.n, grad_bits, FORWARD_BITS, wide_bits(hw))
-    return produced_by(tiling, above.k, above.rows)
+def _tiling(ledger: pd.DataFrame) -> Tiling:
+    """The tiling a ledger of `gemm` was laid out by (its attrs["mapping"])."""
+    mp = ledger.attrs["mapping"]
+    return Tiling(mp["tile_m"], mp["tile_n"], mp["tile_k"], tuple(mp["loop_order"]),
+                  mp["tcm_bytes"], mp["tcm_free"], mp["a_whole"], mp["b_whole"])
 
 
 def check_training(hw: HWConfig, layers, batches, quantizer: str = "psq",

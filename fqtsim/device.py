@@ -16,9 +16,9 @@ import pandas as pd
 from fqtsim.conv import Im2col
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
+from fqtsim.cost import Gemm, check_consumer, layout
 from fqtsim.mapping import (Producer, check_gemm, live_wide_elements, nbytes, parks_psums,
-                            phase_stalls, plan, produced_by, stored_output_bits, wide_bits,
-                            wide_level)
+                            phase_stalls, produced_by, stored_output_bits, wide_bits, wide_level)
 from fqtsim.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
 from fqtsim.schedule import (FORWARD_BITS, QuantScheme, as_scheme, output_writeback,
@@ -77,7 +77,7 @@ class Device:
 
     def matmul(self, a: Quantized, b: Quantized, *, scheme: QuantScheme | None = None,
                out_bits: int = 8, writeback: str = "fused", a_im2col=None, b_im2col=None,
-               col2im=None, name: str | None = None) -> np.ndarray:
+               col2im=None, consumer: tuple | None = None, name: str | None = None) -> np.ndarray:
         """The float product of two quantized operands, computed as integer hardware does.
 
         The integer GEMM runs on the codes; scales, offsets (a rank-1 correction with the other
@@ -85,8 +85,9 @@ class Device:
         `scheme`: how `a`, a gradient, was quantized on the device (its passes are recorded);
         None for static codes. Scales must not vary along the reduction dimension: A per tensor
         or per row, B per tensor or per column. `writeback`: as for `gemm` ("handoff" when the
-        output feeds another quantizer). `a_im2col`, `b_im2col`, `col2im`: as for
-        `fqtsim.cost.gemm` (a convolution's operands and grad_input output).
+        output feeds another quantizer). `a_im2col`, `b_im2col`, `col2im`, `consumer`: as for
+        `fqtsim.cost.gemm` (a convolution's operands and grad_input output; the quantizer
+        reading a handed-off output).
         """
         for label, q in (("a", a), ("b", b)):
             if not isinstance(q, Quantized):
@@ -95,7 +96,8 @@ class Device:
         scheme = as_scheme(scheme, "scheme")
         _check_realizable(a, b, scheme)
         c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, writeback, "tensor", name,
-                      a_quant=scheme, qa=a, qb=b, windows=(a_im2col, b_im2col, col2im))
+                      a_quant=scheme, qa=a, qb=b, windows=(a_im2col, b_im2col, col2im),
+                      consumer=consumer)
         out = a.scale * (c * b.scale)
         if a.affine:  # A's codes stand for offset + scale * q
             out += a.offset * (b.codes.sum(axis=0, keepdims=True, dtype=np.int64) * b.scale)
@@ -106,7 +108,7 @@ class Device:
         return out if a.transform is None else a.transform.inverse(out)
 
     def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None,
-             qa=None, qb=None, windows=(None, None, None)):
+             qa=None, qb=None, windows=(None, None, None), consumer=None):
         for label, x in (("a", a), ("b", b)):
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"{label}: got a {type(x).__name__}; expected a numpy array of "
@@ -128,15 +130,18 @@ class Device:
             if win is not None and (not isinstance(win, Im2col) or (win.rows, win.cols) != shape):
                 raise ValueError(f"{option}: got {win!r}; expected the Im2col of a {shape[0]}x"
                                  f"{shape[1]} matrix or None")
+        tiling = layout(self.hw, Gemm(m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant,
+                                      qa is not None and qa.affine, qb is not None and qb.affine,
+                                      *windows, check_consumer(consumer, writeback)))
         handoff = writeback == "handoff"
         writeback, scope = output_writeback(a_quant, writeback, scope)
         acc = self.hw.accumulator
         c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
                              spill_every=acc.spill_every, psum_bits=acc.psum_bits)
-        key = (m, n, k, a_bits, b_bits, out_bits, writeback, scope, *windows)
+        key = (m, n, k, a_bits, b_bits, out_bits, writeback, scope, tiling, *windows[:2])
         if key not in self._walks:   # the loop nest depends on shapes only: walk each once
             self._walks[key] = self._walk(*key)
-        tiling, level, walked = self._walks[key]
+        level, walked = self._walks[key]
         events = {event: list(totals) for event, totals in walked.items()}
         spills = events.get(("psum_spill", "tcm"), [0])[0]   # parked partial sums too, without spills
         if events[("mac", "array")][0] != counts["macs"] or (acc.spill_every and spills != counts["spills"]):
@@ -166,14 +171,13 @@ class Device:
         events = update_events(self.hw, params, self.last_output_level)
         self._rows += price(self.hw, name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
-    def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_win, b_win, _):
-        """Walk the loop nest tile by tile, recording raw events per phase (one output tile).
-        Returns the tiling, the level the output is written to, and the raw events."""
+    def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope, t, a_win, b_win):
+        """Walk the loop nest of tiling `t` tile by tile, recording raw events per phase (one
+        output tile). Returns the level the output is written to and the raw events."""
         hw = self.hw
         rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
         psum_bytes = nbytes(1, wide_bits(hw))
         out_store = stored_output_bits(hw, writeback, out_bits)
-        t = plan(hw, m, n, k, a_bits, b_bits, out_store, a_win, b_win)
         level = "ddr"
         if writeback == "materialized":
             level = wide_level(hw, t, live_wide_elements(scope, t, m, n))
@@ -238,7 +242,7 @@ class Device:
                 add(events, "mac", "array", 0, 0.0, compute)
                 add(events, "stall", "ddr", 0, 0.0, stall_ddr)
                 add(events, "stall", "tcm", 0, 0.0, stall_tcm)
-        return t, level, events
+        return level, events
 
 
 class _Loader:

@@ -138,7 +138,8 @@ class _FQTMatmul(torch.autograd.Function):
             q, scheme = sim.quantize(f"{layer.name}.grad_input", dy64, config.quantizer,
                                      config.grad_bits, layer.rows_per_sample, producer=producer)
             out = sim.device.matmul(q, qw, scheme=scheme, writeback="handoff",
-                                    col2im=ctx.im2col, name=f"{layer.name}.grad_input")
+                                    col2im=ctx.im2col, name=f"{layer.name}.grad_input",
+                                    consumer=(config.quantizer, config.range_policy, config.grad_bits))
             dx = torch.from_numpy(out).to(dy.dtype)
             wide_at = sim.device.last_gradient_level if scheme.materializes else None
         q, scheme = sim.quantize(f"{layer.name}.grad_weight", dy64.T,

@@ -27,6 +27,9 @@ from pathlib import Path
 import yaml
 
 
+OBJECTIVES = ("energy", "cycles", "edp")
+
+
 def _check(test, allowed):
     return field(metadata={"test": test, "allowed": allowed})
 
@@ -168,6 +171,10 @@ class Mapping:
     tile_n: int | None = _optional_count()
     tile_k: int | None = _optional_count()
     double_buffer: bool
+    # what the mapper minimizes where the YAML leaves tiles or loop order open: the GEMM's energy,
+    # its cycles, or their product (edp), each with its quantizer's passes
+    objective: str = field(default="cycles", metadata={
+        "test": lambda v: v in OBJECTIVES, "allowed": "energy, cycles or edp"})
 
 
 @dataclass(frozen=True)

@@ -199,13 +199,20 @@ def operand_loads(tiling: Tiling, m: int, n: int, k: int, a_bits: int, b_bits: i
     return a, b
 
 
-@functools.lru_cache(maxsize=4096)
 def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int,
          a_win=None, b_win=None) -> Tiling:
-    """Tiles (and the loop order) from the config where given, else the fitting ones with the
-    fewest estimated cycles, then DDR bytes; an operand is held whole where that fits (with
-    partitions, always; in a pool, where it pays). `a_win`, `b_win`: the `fqtsim.conv.Im2col`
-    of an operand built on chip from a feature map, or None."""
+    """The tiling with the fewest estimated cycles, then DDR bytes, of `plans`."""
+    return plans(hw, m, n, k, a_bits, b_bits, out_bits, a_win, b_win)[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int,
+          a_win=None, b_win=None) -> tuple[Tiling, ...]:
+    """The tilings a GEMM may run with, best estimate first (fewest cycles, then DDR bytes): tiles
+    (and the loop order) from the config where given, else every fitting size searched; an
+    operand is held whole where that fits (with partitions, always; in a pool, where it pays).
+    `a_win`, `b_win`: the `fqtsim.conv.Im2col` of an operand built on chip from a feature map,
+    or None. `fqtsim.cost.layout` picks among them by the config's `mapping.objective`."""
     mp, arr = hw.mapping, hw.array
 
     orders = [tuple(mp.loop_order)] if mp.loop_order is not None else [("n", "m"), ("m", "n")]
@@ -252,7 +259,7 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
                              f"{sum(use)} B of TCM (A {use[0]}, B {use[1]}, output {use[2]}), "
                              f"{_room(hw)}; make mapping.tile_m/tile_n/tile_k smaller or set "
                              f"them to null")
-        return min(fitting, key=score)
+        return tuple(sorted(fitting, key=score))
 
     def choices(given, dim, step):
         if given is not None:
@@ -301,7 +308,7 @@ def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bit
                f"set them to null") if big else "; raise tcm.size_kib or use a smaller GEMM"
         raise ValueError(f"{hw.name}: no tiling of GEMM {m}x{k}x{n} ({a_bits}x{b_bits}-bit "
                          f"operands) fits {_room(hw)} even with one fold per tile{why}")
-    return min(candidates, key=score)
+    return tuple(sorted(set(candidates), key=score))
 
 
 def _k_slices(k: int, step: int, b_win) -> list[int]:

@@ -86,6 +86,8 @@ VARIANTS = {
                                       "mapping.tile_n": 32, "mapping.tile_k": 64},
     "parked partial sums": {"mapping.tile_m": 64, "mapping.tile_n": 48, "mapping.tile_k": 50},
     "parked, tiny tcm": {"tcm.size_kib": 4},
+    "cycles objective": {"mapping.objective": "cycles", "mapping.loop_order": None},
+    "edp objective": {"mapping.objective": "edp", "tcm.size_kib": 32},
 }
 
 
@@ -298,3 +300,55 @@ def test_a_null_loop_order_is_searched_per_gemm(make_hw, m, k, n):
         assert _score(searched, t, m, n, k, 8, 8) <= _score(fixed, plan(fixed, m, n, k, 8, 8, 8), m, n, k, 8, 8)
     # A 512 x 256, B 256 x 8192 in 64 KiB: rows outer re-stream the smaller operand
     assert plan(searched, 512, 8192, 256, 8, 8, 8).order == ("m", "n")
+
+
+def test_the_mapper_minimizes_the_configs_objective_with_the_schemes_passes(make_hw):
+    from fqtsim.cost import Gemm, _objective, layout
+    from fqtsim.mapping import plans, stored_output_bits
+    from fqtsim.schedule import QuantScheme
+
+    for objective in ("energy", "cycles", "edp"):
+        hw = make_hw("npu", **{"mapping.objective": objective, "mapping.loop_order": None})
+        for (m, n, k), scheme, writeback in [((256, 512, 64), "psq", "handoff"),
+                                             ((300, 1000, 70), "bhq", "handoff"),
+                                             ((128, 784, 512), None, "materialized"),
+                                             ((4096, 576, 64), "ptq", "handoff")]:
+            a_quant = None if scheme is None else QuantScheme(scheme)
+            consumer = ("psq", "dynamic", 8) if writeback == "handoff" else None
+            spec = Gemm(m, n, k, 8, 8, 8, writeback, "tensor", a_quant, a_quant is not None,
+                        False, None, None, None, consumer)
+            chosen = layout(hw, spec)
+            out = stored_output_bits(hw, "fused" if writeback == "fused" else "materialized", 8)
+            best_estimate = plans(hw, m, n, k, 8, 8, out)[0]
+            assert _objective(hw, spec, chosen) <= _objective(hw, spec, best_estimate)
+
+
+def test_a_producer_keeps_room_for_the_gradient_its_consumer_reads_wide(make_hw):
+    from fqtsim.cost import Gemm, _consumer_events, layout
+    from fqtsim.mapping import plan, wide_bits
+    from fqtsim.schedule import QuantScheme
+
+    hw = make_hw("npu", **{"mapping.objective": "energy"})
+    spec = Gemm(256, 512, 64, 8, 8, 8, "handoff", "tensor", QuantScheme("psq"), True, False, None,
+                None, None, ("psq", "dynamic", 8))
+    fastest = plan(hw, 256, 512, 64, 8, 8, wide_bits(hw))
+    chosen = layout(hw, spec)
+    # the fastest tiling finishes no sample before its end: PSQ's gradient goes to DDR; the
+    # chosen one writes whole rows band by band and leaves room for a band in TCM
+    assert ("wide_write", "ddr") in _consumer_events(hw, spec, fastest)
+    assert ("wide_write", "tcm") in _consumer_events(hw, spec, chosen) and chosen.tn == 512
+    ledger = fqtsim.cost.gemm(hw, 256, 512, 64, a_quant="psq", writeback="handoff",
+                              consumer=("psq", "dynamic", 8))
+    assert ledger.attrs["mapping"]["tile_n"] == 512
+    with pytest.raises(ValueError, match="consumer"):
+        fqtsim.cost.gemm(hw, 256, 512, 64, consumer=("psq", "dynamic", 8))   # not a hand-off
+    with pytest.raises(ValueError, match="consumer"):
+        fqtsim.cost.gemm(hw, 256, 512, 64, writeback="handoff", consumer=("xyz", "dynamic", 8))
+
+
+def test_a_fixed_mapping_is_honoured_whatever_the_objective(make_hw):
+    for objective in ("energy", "edp"):
+        hw = make_hw("npu", **{"mapping.objective": objective, "mapping.tile_m": 48,
+                               "mapping.tile_n": 40, "mapping.tile_k": 100})
+        mp = fqtsim.cost.gemm(hw, 300, 200, 500, a_quant="bhq", writeback="handoff").attrs["mapping"]
+        assert (mp["loop_order"], mp["tile_m"], mp["tile_n"], mp["tile_k"]) == ("nm", 48, 40, 100)

@@ -161,7 +161,7 @@ CLI_CASES = [
     (["run", "--hw", I("tiny-tcm.yaml"), "--dataset", "synthetic"],
      "tiny-tcm.yaml: npu cannot run this training"),
     (["run", "--hw", I("short-k-tile.yaml"), "--dataset", "synthetic"],
-     "mapping.tile_k = 8 < K = 64 with several folds per tile parks partial sums"),
+     "mapping.tile_k = 8 < K = 10 with several folds per tile parks partial sums"),
     (["run", "--hw", I("four-bit.yaml"), "--dataset", "synthetic"], "operand codes of at most 4 bits"),
     (["run", "--hw", I("tiny-tcm.yaml"), "--mode", "qat", "--dataset", "synthetic"],
      "cannot run this training"),

@@ -48,6 +48,8 @@ def write(tmp_path, data, text=None):
     ("array.rows", True, "integer"),
     ("mapping.double_buffer", "yes", "true or false"),
     ("mapping.loop_order", ["k", "m"], "[n, m], [m, n] or null"),
+    ("mapping.objective", "speed", "energy, cycles or edp"),
+    ("mapping.objective", None, "energy, cycles or edp"),
     ("vector.rng.cycles", 0, "> 0"),
     ("array", [16, 16], "mapping"),
 ])
