@@ -80,6 +80,21 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     return ledger
 
 
+
+def conv2d(hw: HWConfig, batch: int, c_in: int, h: int, w: int, c_out: int, kernel, stride=1,
+           padding=0, *, a_bits: int = 8, b_bits: int = 8, out_bits: int = 8,
+           writeback: str = "fused", name: str = "conv") -> pd.DataFrame:
+    """Ledger rows of a 2-D convolution's forward pass: `batch` inputs of `c_in` x `h` x `w`,
+    `c_out` filters of `kernel` (an int or (kh, kw)), `stride` and zero `padding` likewise. It
+    runs as its im2col GEMM with the im2col rows built on chip from the feature map (see
+    `fqtsim.conv`): each input element comes from DDR as often as the loop nest revisits the
+    tile that covers it, padding never. Other arguments as for `gemm`."""
+    win = Im2col(batch, c_in, h, w, kernel, stride, padding)
+    if (cout := as_int(c_out)) is None or cout < 1:
+        raise ValueError(f"c_out: got {c_out!r}; expected an integer >= 1")
+    return gemm(hw, win.rows, cout, win.cols, a_bits=a_bits, b_bits=b_bits, out_bits=out_bits,
+                writeback=writeback, a_im2col=win, name=name)
+
 @dataclass(frozen=True)
 class Gemm:
     """One GEMM as `gemm` takes it, checked: what its events and its mapping depend on."""

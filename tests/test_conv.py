@@ -114,3 +114,18 @@ def test_a_3x3_conv_loads_its_feature_map_not_its_im2col_matrix():
     assert win.elements <= load(conv) < load(dense) / 3
     macs = lambda ledger: ledger.loc[ledger.event.str.startswith("mac"), "count"].sum()  # noqa: E731
     assert macs(conv) == macs(dense)
+
+
+def test_conv2d_costs_the_forward_pass_of_a_convolution():
+    hw = load_hw(HW_DIR / "npu.yaml")
+    ledger = fqtsim.cost.conv2d(hw, 4, 64, 56, 56, 64, 3, stride=1, padding=1)
+    win = Im2col(4, 64, 56, 56, 3, 1, 1)
+    assert ledger.attrs["mapping"]["m"] == 4 * 56 * 56 and ledger.attrs["mapping"]["k"] == 576
+    same = fqtsim.cost.gemm(hw, win.rows, 64, win.cols, a_im2col=win, name="conv")
+    assert ledger.equals(same)
+    strided = fqtsim.cost.conv2d(hw, 1, 8, 9, 9, 4, (3, 1), stride=(2, 1), padding=(1, 0))
+    assert strided.attrs["mapping"]["m"] == 5 * 9
+    with pytest.raises(ValueError, match="c_out"):
+        fqtsim.cost.conv2d(hw, 1, 8, 9, 9, 0, 3)
+    with pytest.raises(ValueError, match="kernel"):
+        fqtsim.cost.conv2d(hw, 1, 8, 2, 2, 4, 3)
