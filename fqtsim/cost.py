@@ -17,13 +17,13 @@ import pandas as pd
 
 from fqtsim.conv import Im2col, col2im
 from fqtsim.hw import HWConfig, as_hw
-from fqtsim.ledger import GemmSpec, add, frame, merge, price
+from fqtsim.ledger import COLUMNS, GemmSpec, add, frame, merge, price
 from fqtsim.mapping import (Producer, a_tiles, as_int, b_tiles, by_columns, check_gemm,
                             container_bits, live_wide_elements, loss_producer, nbytes, parks_psums,
                             phase_stalls, plans, produced_by, stored_output_bits, Tiling,
                             wide_bits, wide_level)
 from fqtsim.schedule import (QuantScheme, as_scheme, correction_events, input_events, output_events,
-                             output_writeback, rename_wide_output, update_events,
+                             output_writeback, rename_wide_output, update_events, wide_gradient_level,
                              FORWARD_BITS, GRAD_WEIGHT_BITS, weight_gradient_method)
 
 
@@ -54,6 +54,17 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     `attrs["mapping"]` says how the GEMM was laid out (loop order, tiles, operands held whole,
     TCM taken and left, where the output went).
     """
+    rows, mapping, _ = _priced(hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant,
+                               a_offset, b_offset, a_im2col, b_im2col, col2im, consumer, name)
+    ledger = frame(rows)
+    ledger.attrs["mapping"] = mapping
+    return ledger
+
+
+def _priced(hw, m, n, k, a_bits=8, b_bits=8, out_bits=8, writeback="fused", scope="tensor",
+            a_quant=None, a_offset=None, b_offset=False, a_im2col=None, b_im2col=None,
+            col2im=None, consumer=None, name="gemm") -> tuple[list, dict, dict]:
+    """`gemm`'s ledger rows unframed, its mapping, and its raw events."""
     hw = as_hw(hw)
     a_quant = as_scheme(a_quant)
     for option, value in (("a_offset", a_offset), ("b_offset", b_offset)):
@@ -71,13 +82,12 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
                 a_im2col, b_im2col, col2im, check_consumer(consumer, writeback))
     tiling = layout(hw, spec)
     events, level = gemm_events(hw, spec, tiling)
-    ledger = frame(price(hw, name, GemmSpec(spec.a_bits, spec.b_bits), events))
-    ledger.attrs["mapping"] = {"m": spec.m, "k": spec.k, "n": spec.n, "loop_order": "".join(tiling.order),
-                               "tile_m": tiling.tm, "tile_n": tiling.tn, "tile_k": tiling.tk,
-                               "a_whole": tiling.a_whole, "b_whole": tiling.b_whole,
-                               "tcm_bytes": tiling.footprint, "tcm_free": tiling.free,
-                               "output_to": level if spec.writeback != "handoff" else "handoff"}
-    return ledger
+    mapping = {"m": spec.m, "k": spec.k, "n": spec.n, "loop_order": "".join(tiling.order),
+               "tile_m": tiling.tm, "tile_n": tiling.tn, "tile_k": tiling.tk,
+               "a_whole": tiling.a_whole, "b_whole": tiling.b_whole,
+               "tcm_bytes": tiling.footprint, "tcm_free": tiling.free,
+               "output_to": level if spec.writeback != "handoff" else "handoff"}
+    return price(hw, name, GemmSpec(spec.a_bits, spec.b_bits), events), mapping, events
 
 
 
@@ -128,7 +138,8 @@ def layout(hw: HWConfig, spec: Gemm) -> Tiling:
         fits = [t for t in options if wide_level(hw, t, live_wide_elements(scope, t, spec.m, spec.n)) == "tcm"]
         chosen += fits[:1]
     if spec.consumer is not None:     # and room for the gradient the next quantizer reads wide
-        fits = [t for t in options if ("wide_write", "tcm") in _consumer_events(hw, spec, t)]
+        fits = [t for t in options if _consumer_scheme(spec, t)[0] and
+                wide_gradient_level(hw, t, *_consumer_scheme(spec, t)[1:]) == "tcm"]
         chosen += fits[:1]
     if len(chosen) == 1:
         return chosen[0]
@@ -150,12 +161,18 @@ def _objective(hw: HWConfig, spec: Gemm, tiling: Tiling) -> float:
 def _consumer_events(hw: HWConfig, spec: Gemm, tiling: Tiling) -> dict:
     """What the quantizer reading this GEMM's handed-off output does with it, where this tiling
     leaves it: per sample, the output's elements (folded back onto the input map for a conv)."""
-    method, policy, bits = spec.consumer
+    _, scheme, samples, per_sample = _consumer_scheme(spec, tiling)
+    return input_events(hw, tiling, scheme, samples, per_sample, spec.consumer[2])
+
+
+def _consumer_scheme(spec: Gemm, tiling: Tiling) -> tuple:
+    """(whether it writes the gradient wide, its scheme, samples, elements per sample)."""
+    method, policy, _ = spec.consumer
     rows = spec.a_quant.rows_per_sample if spec.a_quant is not None else 1
     samples = spec.m // rows
     per_sample = (spec.m * spec.n if spec.col2im is None else spec.col2im.elements) // samples
     scheme = QuantScheme(method, policy, producer=produced_by(tiling, spec.n, rows))
-    return input_events(hw, tiling, scheme, samples, per_sample, bits)
+    return scheme.materializes, scheme, samples, per_sample
 
 
 def check_consumer(consumer, writeback: str):
@@ -350,42 +367,44 @@ def _training_step(hw, model, batch, quantizer, range_policy, grad_bits):
         layer = layers[i]
         scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows,
                              producer=producers[i])
-        dx = gemm(hw, batch * layer.rows, layer.k, layer.n, a_bits=grad_bits, b_bits=FORWARD_BITS,
-                  a_quant=scheme, writeback="handoff", col2im=windows[i],
-                  consumer=(quantizer, range_policy, grad_bits), name="grad_input")
+        dx = _priced(hw, batch * layer.rows, layer.k, layer.n, grad_bits, FORWARD_BITS,
+                     writeback="handoff", a_quant=scheme, col2im=windows[i],
+                     consumer=(quantizer, range_policy, grad_bits), name="grad_input")
         grad_inputs[i] = dx
-        producers[i - 1] = produced_by(_tiling(dx), layer.k, layer.rows)
-    frames, plans = [], []
+        producers[i - 1] = produced_by(_tiling(dx[1]), layer.k, layer.rows)
+    rows, plans = [], []
     for i, layer in enumerate(layers):
         m = batch * layer.rows
         win, producer = windows[i], producers[i]
-        gemms = [("output", gemm(hw, m, layer.n, layer.k, a_bits=FORWARD_BITS, b_bits=FORWARD_BITS,
-                                 a_offset=True, b_offset=not layer.weights, a_im2col=win,
-                                 name="output"))]
+        gemms = [("output", _priced(hw, m, layer.n, layer.k, FORWARD_BITS, FORWARD_BITS,
+                                    a_offset=True, b_offset=not layer.weights, a_im2col=win,
+                                    name="output"))]
         wide_at = None
         if i > 0:
-            dx = grad_inputs[i]
-            gemms.append(("grad_input", dx))
-            wide = dx.loc[dx.event == "wide_write", "level"]
-            wide_at = wide.iloc[0] if len(wide) else None
+            gemms.append(("grad_input", grad_inputs[i]))
+            wide_at = _level(grad_inputs[i][2], "wide_write")
         scheme = QuantScheme(weight_gradient_method(quantizer), range_policy, shared_at=wide_at,
                              producer=by_columns(producer))
-        dw = gemm(hw, layer.n, layer.k, m, a_bits=GRAD_WEIGHT_BITS, b_bits=FORWARD_BITS,
-                  a_quant=scheme, b_offset=True, b_im2col=win,
-                  writeback="materialized" if layer.weights else "handoff", name="grad_weight")
+        dw = _priced(hw, layer.n, layer.k, m, GRAD_WEIGHT_BITS, FORWARD_BITS,
+                     writeback="materialized" if layer.weights else "handoff", a_quant=scheme,
+                     b_offset=True, b_im2col=win, name="grad_weight")
         gemms.append(("grad_weight", dw))
         if layer.weights:
-            level = dw.loc[dw.event == "writeback", "level"].iloc[0]
-            events = update_events(hw, layer.weights, level)
-            gemms.append(("update", frame(price(hw, "update", GemmSpec(FORWARD_BITS, FORWARD_BITS), events))))
-        for name, ledger in gemms:
-            if "mapping" in ledger.attrs:
-                plans.append({"layer": layer.name, "gemm": name, **ledger.attrs["mapping"]})
-            ledger = ledger.copy()
-            ledger[["count", "bytes", "energy_pj", "cycles"]] *= layer.repeat
-            ledger.insert(0, "layer", layer.name)
-            frames.append(ledger)
-    return pd.concat(frames, ignore_index=True), pd.DataFrame(plans)
+            events = update_events(hw, layer.weights, _level(dw[2], "writeback"))
+            gemms.append(("update", (price(hw, "update", GemmSpec(FORWARD_BITS, FORWARD_BITS), events),
+                                     None, events)))
+        for name, (priced, mapping, _) in gemms:
+            if mapping is not None:
+                plans.append({"layer": layer.name, "gemm": name, **mapping})
+            times = layer.repeat
+            rows += [(layer.name, g, e, lvl, c * times, b * times, pj * times, cy * times)
+                     for g, e, lvl, c, b, pj, cy in priced]
+    return pd.DataFrame(rows, columns=["layer", *COLUMNS]), pd.DataFrame(plans)
+
+
+def _level(events: dict, event: str) -> str | None:
+    """The memory level `event` happened at (None if it did not)."""
+    return next((level for ev, level in events if ev == event and level in ("tcm", "ddr")), None)
 
 
 def mappings(hw: HWConfig, model, batch: int, quantizer: str = "psq",
@@ -397,9 +416,8 @@ def mappings(hw: HWConfig, model, batch: int, quantizer: str = "psq",
     return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[1]
 
 
-def _tiling(ledger: pd.DataFrame) -> Tiling:
-    """The tiling a ledger of `gemm` was laid out by (its attrs["mapping"])."""
-    mp = ledger.attrs["mapping"]
+def _tiling(mp: dict) -> Tiling:
+    """The tiling a GEMM was laid out by, from its mapping (`gemm`'s attrs["mapping"])."""
     return Tiling(mp["tile_m"], mp["tile_n"], mp["tile_k"], tuple(mp["loop_order"]),
                   mp["tcm_bytes"], mp["tcm_free"], mp["a_whole"], mp["b_whole"])
 
