@@ -8,6 +8,7 @@ counts them.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
@@ -128,25 +129,29 @@ class Gemm:
 @functools.lru_cache(maxsize=8192)
 def layout(hw: HWConfig, spec: Gemm) -> Tiling:
     """The tiling `spec` runs with: of the mapper's candidates (`fqtsim.mapping.plans`: the best
-    few estimates, and the best that leaves room for a materialized output), the one whose
+    few estimates of each loop order, and the best that leaves room for a materialized output), the one whose
     whole cost, quantizer passes included, is least by the config's `mapping.objective`."""
     writeback, scope = output_writeback(spec.a_quant, spec.writeback, spec.scope)
     options = plans(hw, spec.m, spec.n, spec.k, spec.a_bits, spec.b_bits,
                     stored_output_bits(hw, writeback, spec.out_bits), spec.a_im2col, spec.b_im2col)
-    chosen = list(options[:CANDIDATES])
+    chosen = [t for order in sorted({t.order for t in options})
+              for t in itertools.islice((t for t in options if t.order == order), CANDIDATES)]
     if writeback == "materialized":   # room for the wide output changes where it goes
-        fits = [t for t in options if wide_level(hw, t, live_wide_elements(scope, t, spec.m, spec.n)) == "tcm"]
-        chosen += fits[:1]
+        chosen += _first(t for t in options
+                         if wide_level(hw, t, live_wide_elements(scope, t, spec.m, spec.n)) == "tcm")
     if spec.consumer is not None:     # and room for the gradient the next quantizer reads wide
-        fits = [t for t in options if _consumer_scheme(spec, t)[0] and
-                wide_gradient_level(hw, t, *_consumer_scheme(spec, t)[1:]) == "tcm"]
-        chosen += fits[:1]
+        chosen += _first(t for t in options if (c := _consumer_scheme(spec, t))[0]
+                         and wide_gradient_level(hw, t, *c[1:]) == "tcm")
     if len(chosen) == 1:
         return chosen[0]
     return min(chosen, key=lambda t: _objective(hw, spec, t))
 
 
-CANDIDATES = 4   # best estimates the mapper prices in full
+CANDIDATES = 4   # best estimates of each loop order that the mapper prices in full
+
+
+def _first(tilings) -> list:
+    return list(itertools.islice(tilings, 1))
 
 
 def _objective(hw: HWConfig, spec: Gemm, tiling: Tiling) -> float:

@@ -261,10 +261,17 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
                              f"them to null")
         return tuple(sorted(fitting, key=score))
 
+    # tiles narrower than the array only help an accumulator that cannot park partial sums
+    # between K tiles (they give it longer K slices); a wrapping one splits K instead
+    acc = hw.accumulator
+    narrow = acc.overflow != "wrap" or acc.spill_every is not None
+
     def choices(given, dim, step):
         if given is not None:
             return {min(given, dim)}
-        sizes = {step << i for i in range(dim.bit_length() + 1)} | {1 << i for i in range(dim.bit_length())}
+        sizes = {step << i for i in range(dim.bit_length() + 1)}
+        if narrow:
+            sizes |= {1 << i for i in range(dim.bit_length())}
         if dim == m and a_win is not None:   # bands of whole output rows, and whole samples
             sizes |= {band << i for band in (a_win.out_w, a_win.positions)
                       for i in range(max(1, (dim // band).bit_length()))}
@@ -276,9 +283,9 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
                   for t in options(tm, tn, tk)]
     if mp.tile_k is None:  # K does not fit whole: tiles with the longest K slice that fits
         pairs = {(tm, tn) for tm in choices(mp.tile_m, m, arr.rows) for tn in choices(mp.tile_n, n, arr.cols)}
-        if not mp.tile_m:   # one fold per tile: every width up to the array's
+        if narrow and not mp.tile_m:   # one fold per tile: every width up to the array's
             pairs |= {(tm, tn) for tm in choices(None, min(m, arr.rows), 1) for tn in choices(mp.tile_n, n, arr.cols)}
-        if not mp.tile_n:
+        if narrow and not mp.tile_n:
             pairs |= {(tm, tn) for tm, _ in list(pairs) for tn in choices(None, min(n, arr.cols), 1)}
         spill = hw.accumulator.spill_every
         for tm, tn in sorted(pairs):
@@ -371,12 +378,16 @@ def _score(hw: HWConfig, t: Tiling, m, n, k, a_bits, b_bits, a_win=None, b_win=N
     ddr = sum(operand_loads(t, m, n, k, a_bits, b_bits, a_win, b_win))
     nm, nn, nk = t.tile_counts(m, n, k)
     arr = hw.array
-    folds = [sum(c * math.ceil(size / lanes) for size, c, _ in tile_classes(dim, tile))
-             for dim, tile, lanes in ((m, t.tm, arr.rows), (n, t.tn, arr.cols))]
-    compute = folds[0] * folds[1] * k
+    compute = _folds(m, t.tm, arr.rows) * _folds(n, t.tn, arr.cols) * k
     memory = ddr / hw.ddr.bytes_per_cycle
     cycles = max(compute, memory) if hw.mapping.double_buffer else compute + memory
     return cycles, ddr, nm * nn * nk, t.footprint, t.tm, t.tn
+
+
+def _folds(dim: int, tile: int, lanes: int) -> int:
+    """Array folds along one dimension: its full tiles' and the last, shorter one's."""
+    full, rest = divmod(dim, tile)
+    return full * -(-tile // lanes) + -(-rest // lanes)
 
 
 def live_wide_elements(scope: str, tiling: Tiling, m: int, n: int, rows_per_sample: int = 1) -> int:
