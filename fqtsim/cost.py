@@ -19,7 +19,7 @@ import pandas as pd
 from fqtsim.conv import Im2col, col2im
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import COLUMNS, GemmSpec, add, frame, merge, price
-from fqtsim.mapping import (Producer, a_tiles, as_int, b_tiles, by_columns, check_gemm,
+from fqtsim.mapping import (Producer, a_tiles, loaded, loop_units, as_int, b_tiles, by_columns, check_gemm,
                             container_bits, live_wide_elements, loss_producer, nbytes, parks_psums,
                             phase_stalls, plans, produced_by, stored_output_bits, Tiling,
                             wide_bits, wide_level)
@@ -83,10 +83,11 @@ def _priced(hw, m, n, k, a_bits=8, b_bits=8, out_bits=8, writeback="fused", scop
                 a_im2col, b_im2col, col2im, check_consumer(consumer, writeback))
     tiling = layout(hw, spec)
     events, level = gemm_events(hw, spec, tiling)
-    mapping = {"m": spec.m, "k": spec.k, "n": spec.n, "loop_order": "".join(tiling.order),
+    mapping = {"m": spec.m, "k": spec.k, "n": spec.n, "loop_order": tiling.name,
                "tile_m": tiling.tm, "tile_n": tiling.tn, "tile_k": tiling.tk,
                "a_whole": tiling.a_whole, "b_whole": tiling.b_whole,
                "tcm_bytes": tiling.footprint, "tcm_free": tiling.free,
+               "psums": tiling.psums or "-",
                "output_to": level if spec.writeback != "handoff" else "handoff"}
     return price(hw, name, GemmSpec(spec.a_bits, spec.b_bits), events), mapping, events
 
@@ -211,6 +212,9 @@ def gemm_events(hw: HWConfig, spec: Gemm, tiling: Tiling, after: bool = True) ->
     rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
     psum_bytes = nbytes(1, wide_bits(hw))
     nm, nn, nk = tiling.tile_counts(m, n, k)
+    if tiling.k_at < 2 and nk > 1:
+        events = _k_outer_events(hw, spec, tiling, writeback, out_store, level)
+        return _after(hw, spec, tiling, events, level, handoff, after), level
     dims = {"m": a_tiles(tiling, m, k, a_bits, a_im2col), "n": b_tiles(tiling, k, n, b_bits, b_im2col)}
     outer, inner = tiling.order
     n_inner = {"m": nm, "n": nn}[inner]
@@ -263,15 +267,82 @@ def gemm_events(hw: HWConfig, spec: Gemm, tiling: Tiling, after: bool = True) ->
                 add(events, "requantize", "array", times * sm * sn)
             add(events, "stall", "ddr", 0, 0.0, times * stall_ddr)
             add(events, "stall", "tcm", 0, 0.0, times * stall_tcm)
+    return _after(hw, spec, tiling, events, level, handoff, after), level
+
+
+def _after(hw, spec: Gemm, tiling: Tiling, events: dict, level: str, handoff: bool, after: bool):
+    """The loop nest's events with the quantizer's passes and (`after`) the corrections."""
+    a_quant = spec.a_quant
     rename_wide_output(events, a_quant)
     if a_quant is not None:
-        merge(events, input_events(hw, tiling, a_quant, m, k, a_bits))
-        merge(events, output_events(hw, a_quant, m, n, out_bits, level, handoff))
+        merge(events, input_events(hw, tiling, a_quant, spec.m, spec.k, spec.a_bits))
+        merge(events, output_events(hw, a_quant, spec.m, spec.n, spec.out_bits, level, handoff))
     if after:
-        merge(events, correction_events(m, n, k, a_offset, b_offset))
-        if col2im is not None:
-            merge(events, col2im_events(hw, col2im))
-    return events, level
+        merge(events, correction_events(spec.m, spec.n, spec.k, spec.a_offset, spec.b_offset))
+        if spec.col2im is not None:
+            merge(events, col2im_events(hw, spec.col2im))
+    return events
+
+
+def _k_outer_events(hw: HWConfig, spec: Gemm, tiling: Tiling, writeback: str, out_store: int,
+                    level: str) -> dict:
+    """The loop nest with K not innermost: each iteration visits one output tile for one K
+    tile; the tile's partial sums wait at `tiling.psums` between visits (written on the first,
+    read and written on the others, read out on the last, before the write-back)."""
+    m, n, k, a_bits, b_bits = spec.m, spec.n, spec.k, spec.a_bits, spec.b_bits
+    rows, cols, spill = hw.array.rows, hw.array.cols, hw.accumulator.spill_every
+    psum_bytes, at = nbytes(1, wide_bits(hw)), tiling.psums
+    trips = dict(zip("mnk", tiling.tile_counts(m, n, k)))
+    units = loop_units(tiling, m, n, k, spec.a_im2col, spec.b_im2col)
+    events = {}
+    for combo in itertools.product(*(units[loop] for loop in tiling.loops)):
+        it = dict(zip(tiling.loops, combo))
+        (sm, cm, fm, _, am), (sn, cn, fn, _, bn), (sk, ck, fk, lk, ak, bk) = it["m"], it["n"], it["k"]
+        times = cm * cn * ck
+        first = {"m": fm, "n": fn, "k": fk}
+        load_a = first["n"] if tiling.a_whole else loaded(tiling.loops, "mk", trips, first)
+        load_b = first["m"] if tiling.b_whole else loaded(tiling.loops, "kn", trips, first)
+        pick = 1 if tiling.a_whole else 0
+        a_in = nbytes(am[pick] * ak[pick], a_bits) if load_a else 0.0
+        pick = 1 if tiling.b_whole else 0
+        b_in = nbytes(bk[pick] * bn[pick], b_bits) if load_b else 0.0
+        folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)
+        read_a, read_b = sm * sk * folds_n, sn * sk * folds_m
+        compute = folds_m * folds_n * sk
+        tcm_read = nbytes(read_a, a_bits) + nbytes(read_b, b_bits)
+        tcm_write, ddr = a_in + b_in, a_in + b_in
+        points = math.ceil(sk / spill) if spill is not None else 1
+        written = sm * sn * points * psum_bytes
+        read = written - (sm * sn * psum_bytes if fk else 0.0)
+        add(events, "psum_spill", at, times * sm * sn * points, times * (written + read))
+        moved = {"tcm": [0.0, 0.0], "ddr": [0.0, 0.0]}   # (read, written) at the psums' level
+        moved[at][0] += read
+        moved[at][1] += written
+        if lk:   # the last visit: the sums are read out and the output written back
+            drain = sm * sn * psum_bytes
+            add(events, "psum_drain", at, times * sm * sn, times * drain)
+            moved[at][0] += drain
+            out = nbytes(sm * sn, out_store)
+            if writeback != "handoff":
+                add(events, "writeback", level, times * sm * sn, times * out)
+                tcm_write += out
+                if level == "ddr":
+                    ddr += out
+                    tcm_read += out
+            if writeback == "fused":
+                add(events, "requantize", "array", times * sm * sn)
+        tcm_read += moved["tcm"][0]
+        tcm_write += moved["tcm"][1]
+        ddr += sum(moved["ddr"])
+        stall_ddr, stall_tcm = phase_stalls(hw, compute, ddr, tcm_read, tcm_write)
+        add(events, "mac", "array", times * sm * sn * sk, 0.0, times * compute)
+        add(events, "load_a", "ddr", times * _elements(a_in, a_bits), times * a_in)
+        add(events, "load_b", "ddr", times * _elements(b_in, b_bits), times * b_in)
+        add(events, "read_a", "tcm", times * read_a, times * nbytes(read_a, a_bits))
+        add(events, "read_b", "tcm", times * read_b, times * nbytes(read_b, b_bits))
+        add(events, "stall", "ddr", 0, 0.0, times * stall_ddr)
+        add(events, "stall", "tcm", 0, 0.0, times * stall_tcm)
+    return events
 
 
 def _elements(moved: float, bits: int) -> int:
@@ -423,8 +494,10 @@ def mappings(hw: HWConfig, model, batch: int, quantizer: str = "psq",
 
 def _tiling(mp: dict) -> Tiling:
     """The tiling a GEMM was laid out by, from its mapping (`gemm`'s attrs["mapping"])."""
-    return Tiling(mp["tile_m"], mp["tile_n"], mp["tile_k"], tuple(mp["loop_order"]),
-                  mp["tcm_bytes"], mp["tcm_free"], mp["a_whole"], mp["b_whole"])
+    loops = mp["loop_order"]
+    return Tiling(mp["tile_m"], mp["tile_n"], mp["tile_k"], tuple(loops.replace("k", "")),
+                  mp["tcm_bytes"], mp["tcm_free"], mp["a_whole"], mp["b_whole"],
+                  loops.find("k") % 3 if "k" in loops else 2, None if mp["psums"] == "-" else mp["psums"])
 
 
 def check_training(hw: HWConfig, layers, batches, quantizer: str = "psq",

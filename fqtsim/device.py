@@ -7,6 +7,7 @@ in `device.ledger`. `fqtsim.cost` computes the same events in closed form; tests
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -181,6 +182,9 @@ class Device:
         level = "ddr"
         if writeback == "materialized":
             level = wide_level(hw, t, live_wide_elements(scope, t, m, n))
+        if t.k_at < 2 and t.tk < k:
+            return level, self._walk_k_outer(m, n, k, a_bits, b_bits, writeback, t, a_win,
+                                             b_win, out_store, level)
         starts = {"m": range(0, m, t.tm), "n": range(0, n, t.tn)}
         loaders = {"load_a": _Loader(a_win, t.a_whole), "load_b": _Loader(b_win, t.b_whole)}
         events = {}
@@ -245,6 +249,65 @@ class Device:
         return level, events
 
 
+    def _walk_k_outer(self, m, n, k, a_bits, b_bits, writeback, t, a_win, b_win, out_store, level):
+        """The walk with K not innermost (`t.loops`): one phase per visit of an output tile for
+        one K tile; the partial sums wait at `t.psums` between the visits."""
+        hw = self.hw
+        rows, cols = hw.array.rows, hw.array.cols
+        psum_bytes = nbytes(1, wide_bits(hw))
+        steps = {"m": (m, t.tm), "n": (n, t.tn), "k": (k, t.tk)}
+        loaders = {"load_a": _Loader(a_win, t.a_whole), "load_b": _Loader(b_win, t.b_whole)}
+        visited = set()
+        events = {}
+        for index in itertools.product(*(range(0, steps[loop][0], steps[loop][1]) for loop in t.loops)):
+            at = dict(zip(t.loops, index))
+            m0, n0, k0 = at["m"], at["n"], at["k"]
+            sm, sn, sk = min(t.tm, m - m0), min(t.tn, n - n0), min(t.tk, k - k0)
+            ddr, tcm_read, tcm_write = 0.0, 0.0, 0.0
+            for event, tile, bits in (("load_a", (m0, sm, k0, sk), a_bits),
+                                      ("load_b", (k0, sk, n0, sn), b_bits)):
+                count = loaders[event].load(*tile)
+                if count:
+                    moved = nbytes(count, bits)
+                    add(events, event, "ddr", count, moved)
+                    ddr += moved
+                    tcm_write += moved
+            folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)
+            for fm in range(folds_m):
+                fold_rows = min(rows, sm - fm * rows)
+                for fn in range(folds_n):
+                    fold_cols = min(cols, sn - fn * cols)
+                    add(events, "read_a", "tcm", fold_rows * sk, nbytes(fold_rows * sk, a_bits))
+                    add(events, "read_b", "tcm", sk * fold_cols, nbytes(sk * fold_cols, b_bits))
+                    tcm_read += nbytes(fold_rows * sk, a_bits) + nbytes(sk * fold_cols, b_bits)
+                    add(events, "mac", "array", fold_rows * fold_cols * sk)
+            compute = folds_m * folds_n * sk
+            read, written = _visit_psums(events, hw, sm, sn, k0, sk, t.psums,
+                                         (m0, n0) not in visited, psum_bytes)
+            visited.add((m0, n0))
+            if k0 + sk == k:   # the last visit: read the sums out, write the output back
+                drain = sm * sn * psum_bytes
+                add(events, "psum_drain", t.psums, sm * sn, drain)
+                read += drain
+                out = nbytes(sm * sn, out_store)
+                if writeback != "handoff":
+                    add(events, "writeback", level, sm * sn, out)
+                    tcm_write += out
+                    if level == "ddr":
+                        ddr += out
+                        tcm_read += out
+                if writeback == "fused":
+                    add(events, "requantize", "array", sm * sn)
+            if t.psums == "tcm":
+                tcm_read, tcm_write = tcm_read + read, tcm_write + written
+            else:
+                ddr += read + written
+            stall_ddr, stall_tcm = phase_stalls(hw, compute, ddr, tcm_read, tcm_write)
+            add(events, "mac", "array", 0, 0.0, compute)
+            add(events, "stall", "ddr", 0, 0.0, stall_ddr)
+            add(events, "stall", "tcm", 0, 0.0, stall_tcm)
+        return events
+
 class _Loader:
     """One operand's tiles in TCM: the last one loaded, or, held whole, all so far. `load`
     returns the elements a tile brings from DDR: none if it is in TCM; for an im2col operand,
@@ -308,6 +371,20 @@ def _fold(hw: HWConfig, win: Im2col) -> dict:
         add(events, "col2im", "tcm", entries, (2 * entries - elements) * width)
         add(events, "col2im", "vector", entries - elements)
     return events
+
+
+def _visit_psums(events, hw, sm, sn, k0, sk, at, first_visit, psum_bytes):
+    """One visit's partial sums at `at` (K not innermost): the spill points of its K tile, or
+    one park; the first visit writes, the others read and write. Returns (read, written)."""
+    spill = hw.accumulator.spill_every
+    points = 1
+    if spill is not None:   # K tiles start on spill points (restarts_ok)
+        points = (k0 + sk) // spill - k0 // spill + ((k0 + sk) % spill != 0)
+    written = sm * sn * points * psum_bytes
+    read = 0.0 if first_visit else sm * sn * psum_bytes
+    read += written - sm * sn * psum_bytes
+    add(events, "psum_spill", at, sm * sn * points, written + read)
+    return read, written
 
 
 def _check_codes(name: str, x: np.ndarray, bits: int):

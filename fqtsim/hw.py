@@ -16,6 +16,7 @@ default `--hw` works from any directory (`resolve_hw`, `shipped_dir`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -28,6 +29,7 @@ import yaml
 
 
 OBJECTIVES = ("energy", "cycles", "edp")
+LOOP_ORDERS = (("n", "m"), ("m", "n"), *itertools.permutations("mnk"))
 
 
 def _check(test, allowed):
@@ -165,8 +167,11 @@ class MacEnergy:
 @dataclass(frozen=True)
 class Mapping:
     """Loop nest: two tiled output loops (outer first), the K loop innermost; tiles null = derived."""
-    loop_order: tuple | None = _check(lambda v: v is None or tuple(v) in (("n", "m"), ("m", "n")),
-                                      "[n, m], [m, n] or null (the planner picks per GEMM)")
+    loop_order: tuple | None = _check(
+        lambda v: v is None or tuple(v) in LOOP_ORDERS,
+        "[n, m] or [m, n] (K innermost), an order of all three loops with k among them (e.g. "
+        "[n, k, m]: the output tiles' partial sums wait between K tiles), or null (the planner "
+        "picks per GEMM)")
     tile_m: int | None = _optional_count()
     tile_n: int | None = _optional_count()
     tile_k: int | None = _optional_count()

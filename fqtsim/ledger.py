@@ -10,8 +10,9 @@ Events (level):
     requantize (array)   fused requantization in the output pipeline, one op per output
     load_a, load_b (ddr) operand tiles DDR -> TCM
     read_a, read_b (tcm) operands TCM -> array, once per fold that uses them
-    psum_spill (tcm)     accumulator added into its partial sum in TCM (read-modify-write)
-    psum_drain (tcm)     final partial sums read out of TCM for write-back
+    psum_spill (tcm|ddr) accumulator added into its partial sum in TCM, or in DDR where K is not
+                         innermost and the waiting sums do not fit (read-modify-write)
+    psum_drain (tcm|ddr) final partial sums read out for write-back
     writeback (ddr|tcm)  output written at its stored width (b-bit codes, or accumulator width)
     stall (ddr|tcm)      cycles the array waits on that memory; sum(cycles) = elapsed cycles
 Quantizer passes (see `fqtsim.schedule`), at a memory level for their traffic and at `vector`
@@ -119,12 +120,15 @@ def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float
         return count * hw.energy.mac_pj(spec.a_bits, spec.b_bits, acc.bits)
     if event in ("load_a", "load_b"):
         return nbytes * (ddr.read_pj_per_byte + tcm.write_pj_per_byte)
-    if event in ("read_a", "read_b", "psum_drain"):
+    if event == "psum_drain":
+        return nbytes * (ddr if level == "ddr" else tcm).read_pj_per_byte
+    if event in ("read_a", "read_b"):
         return nbytes * tcm.read_pj_per_byte
     if event == "psum_spill":  # every spill writes its partial sum; all but each output's first read it
-        written = count * container_bits(acc.psum_bits) / 8
-        return (count * hw.energy.add_pj(acc.psum_bits) + written * tcm.write_pj_per_byte
-                + (nbytes - written) * tcm.read_pj_per_byte)
+        written = count * container_bits(wide_bits(hw)) / 8
+        memory = ddr if level == "ddr" else tcm
+        return (count * hw.energy.add_pj(acc.psum_bits) + written * memory.write_pj_per_byte
+                + (nbytes - written) * memory.read_pj_per_byte)
     if event in ("writeback", "wide_output"):   # to DDR: staged through the TCM output tile
         return nbytes * pass_transfer_pj(hw, level, "write")
     if event == "requantize":

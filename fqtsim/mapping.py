@@ -11,6 +11,15 @@ The loop nest, written down once (the device walks it, `fqtsim.cost` sums it in 
           several folds and more K tiles to come: park the folds' sums in TCM (psum_spill)
         write back the (tm x tn) output tile (after adding the parked sums: psum_drain)
 
+The K loop may also sit between the output loops or outside both (`loop_order: [n, k, m]`,
+`[k, m, n]`, ...: reduction outer). Each iteration then visits one output tile for one K tile,
+and the sums of every output tile visited before its next visit (a band of tiles, or all of
+them) wait between visits: in TCM where they fit what the tiles leave, else in DDR (written on
+the first visit, read and written on the others, read out on the last before the write-back).
+An operand tile is loaded whenever it differs from the last one loaded, so it is reloaded once
+per iteration of the loops down to the innermost one it depends on (`reloads`): B is reused
+across an inner m loop, A across an inner n loop.
+
 A (M x K) and B (K x N) live in DDR; TCM holds one A tile, one B tile and one output tile (twice
 each with double buffering: the second copy is the prefetch slot, not extra reuse). An operand that
 fits its buffer whole is held whole instead, once (no prefetch slot: nothing follows it), and stays
@@ -29,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -64,8 +73,10 @@ def wide_bits(hw: HWConfig) -> int:
 
 @dataclass(frozen=True)
 class Tiling:
-    """TCM tile sizes for one GEMM, its loop order (outer first), whether A and B are held
-    whole, the TCM they take and the TCM left for wide outputs."""
+    """TCM tile sizes for one GEMM, the order of its output loops (outer first) and where the K
+    loop sits among them (`k_at`: 2 innermost, 1 between them, 0 outermost), whether A and B are
+    held whole, the TCM they take and the TCM left for wide outputs; with K not innermost, where
+    the output tiles' partial sums wait between their visits (`psums`: tcm or ddr)."""
     tm: int
     tn: int
     tk: int
@@ -74,9 +85,23 @@ class Tiling:
     free: int
     a_whole: bool = False
     b_whole: bool = False
+    k_at: int = 2
+    psums: str | None = None
 
     def tile_counts(self, m: int, n: int, k: int) -> tuple[int, int, int]:
         return math.ceil(m / self.tm), math.ceil(n / self.tn), math.ceil(k / self.tk)
+
+    @property
+    def loops(self) -> tuple:
+        """All three loops, outer first."""
+        loops = list(self.order)
+        loops.insert(self.k_at, "k")
+        return tuple(loops)
+
+    @property
+    def name(self) -> str:
+        """The loop order as the mapping tables show it: "nm" with K innermost, else e.g. "nkm"."""
+        return "".join(self.order) if self.k_at == 2 else "".join(self.loops)
 
 
 def buffers(hw: HWConfig) -> int:
@@ -177,26 +202,109 @@ def _classes_of(size, count, each, new) -> list[tuple]:
                   for (s, e, nw), c in zip(groups, totals)]
 
 
+def loop_units(tiling: Tiling, m: int, n: int, k: int, a_win=None, b_win=None) -> dict:
+    """Each loop's tiles as classes (size, count, first, last, units of A and/or B): what one
+    tile of that loop's index contributes to an operand tile, as (on every load, new when the
+    operand is held whole): rows or columns of a plain matrix, pixels or channels of an im2col
+    one. An operand tile moves the product of its two loops' units."""
+    m_dim = _dim(m, tiling.tm, a_win, a_win and a_win.row_tiles)
+    n_dim = _dim(n, tiling.tn, b_win, b_win and b_win.col_tiles)
+    if a_win is not None:
+        k_a = _dim(k, tiling.tk, a_win, a_win.col_tiles)
+        k_dims = (k_a, (k_a[0], k_a[1], k_a[0], k_a[0]))
+    elif b_win is not None:
+        k_b = _dim(k, tiling.tk, b_win, b_win.row_tiles)
+        k_dims = ((k_b[0], k_b[1], k_b[0], k_b[0]), k_b)
+    else:
+        k_dims = (_dim(k, tiling.tk),) * 2
+    k_units = [np.stack([d[2], d[3]], axis=1) for d in k_dims]
+    return {"m": _loop_classes(m_dim[0], m_dim[1], np.stack(m_dim[2:], axis=1)),
+            "n": _loop_classes(n_dim[0], n_dim[1], np.stack(n_dim[2:], axis=1)),
+            "k": _loop_classes(k_dims[0][0], k_dims[0][1], *k_units)}
+
+
+def _dim(size: int, tile: int, win=None, tiles=None) -> tuple:
+    """(tile sizes, counts, units each, units new) of one loop, the first tile in the first
+    class, the last tile alone in the last: from the im2col's tiles, else plain."""
+    if win is not None:
+        t = tiles(tile)
+        return t.size, t.count, t.each, t.new
+    count = -(-size // tile)
+    sizes = np.array([tile, size - (count - 1) * tile] if count > 1 else [size])
+    counts = np.array([count - 1, 1] if count > 1 else [1])
+    return sizes, counts, sizes, sizes
+
+
+def _loop_classes(size, count, *units) -> list[tuple]:
+    """(size, count, first, last, *units as (each, new)) classes: the first tile, the last,
+    and the rest grouped by what they move."""
+    total = int(np.sum(count))
+    count = np.array(count)
+    def row(i, c, first, last):
+        return (int(size[i]), c, first, last, *((float(u[i, 0]), float(u[i, 1])) for u in units))
+    if total == 1:
+        return [row(0, 1, True, True)]
+    out = [row(0, 1, True, False)]
+    count[0] -= 1
+    count[-1] -= 1
+    groups = {}
+    for i in np.flatnonzero(count > 0):
+        key = (int(size[i]), *(tuple(u[i]) for u in units))
+        groups[key] = groups.get(key, (i, 0))[0], groups.get(key, (i, 0))[1] + int(count[i])
+    out += [row(i, c, False, False) for i, c in groups.values()]
+    return out + [row(len(size) - 1, 1, False, True)]
+
+
 def operand_loads(tiling: Tiling, m: int, n: int, k: int, a_bits: int, b_bits: int, a_win=None,
                   b_win=None) -> tuple[float, float]:
     """DDR bytes of A and of B loaded over the whole loop nest, by the reuse rule above."""
-    nm, nn, nk = tiling.tile_counts(m, n, k)
+    trips = dict(zip("mnk", tiling.tile_counts(m, n, k)))
     a_once, b_once = nbytes(m * k, a_bits), nbytes(k * n, b_bits)
     if a_win is not None:   # each m tile's windows, in every channel its K tiles touch
         a_once = nbytes(a_win.row_tiles(tiling.tm).total * a_win.col_tiles(tiling.tk).total, a_bits)
     if b_win is not None:
         b_once = nbytes(b_win.row_tiles(tiling.tk).total * b_win.col_tiles(tiling.tn).total, b_bits)
-    if tiling.order == ("n", "m"):  # A follows the inner loop, B the outer one
-        a = a_once if nm == 1 and nk == 1 else a_once * nn
-        b = b_once if nk == 1 else b_once * nm
-    else:
-        b = b_once if nn == 1 and nk == 1 else b_once * nm
-        a = a_once if nk == 1 else a_once * nn
+    a = a_once * reloads(tiling.loops, "mk", trips)
+    b = b_once * reloads(tiling.loops, "kn", trips)
     if tiling.a_whole:
         a = whole_bytes(a_win, m, k, a_bits)
     if tiling.b_whole:
         b = whole_bytes(b_win, k, n, b_bits)
     return a, b
+
+
+def reloads(loops: tuple, dims: str, trips: dict) -> int:
+    """How many times an operand indexed by `dims` is loaded whole over the loop nest `loops`
+    (outer first) with these trip counts, a tile being loaded whenever it differs from the last:
+    once per iteration of the loops down to the innermost one it depends on, divided by its
+    own tiles. Loops of one trip change nothing."""
+    deepest = max((i for i, loop in enumerate(loops) if loop in dims and trips[loop] > 1), default=-1)
+    return math.prod(trips[loop] for loop in loops[:deepest + 1] if loop not in dims)
+
+
+def loaded(loops: tuple, dims: str, trips: dict, first: dict) -> bool:
+    """Whether an iteration (`first[loop]`: it is the loop's first trip) loads the operand's tile:
+    iff every loop below the innermost one it depends on is at its first trip."""
+    deepest = max((i for i, loop in enumerate(loops) if loop in dims and trips[loop] > 1), default=-1)
+    return all(first[loop] for loop in loops[deepest + 1:]) if deepest >= 0 else all(first.values())
+
+
+def restarts_ok(hw: HWConfig, tk: int, k: int) -> bool:
+    """Whether the accumulators may restart at every K tile, their sums waiting in TCM or DDR
+    between visits (K not innermost): exact where the accumulator wraps without spilling, or
+    spills at the K tiles' ends anyway."""
+    acc = hw.accumulator
+    if tk >= k:
+        return True
+    return acc.overflow == "wrap" if acc.spill_every is None else tk % acc.spill_every == 0
+
+
+def psum_elements(tiling: Tiling, m: int, n: int) -> int:
+    """Partial sums alive at once with K not innermost: one band of output tiles (the inner
+    loop's whole dimension) with K between the output loops, every output with K outermost."""
+    if tiling.k_at == 0:
+        return m * n
+    return tiling.tm * n if tiling.order[0] == "m" else m * tiling.tn
 
 
 def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int,
@@ -215,7 +323,11 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
     or None. `fqtsim.cost.layout` picks among them by the config's `mapping.objective`."""
     mp, arr = hw.mapping, hw.array
 
-    orders = [tuple(mp.loop_order)] if mp.loop_order is not None else [("n", "m"), ("m", "n")]
+    if mp.loop_order is None:   # every order: K innermost, between the output loops, outermost
+        orders = [(o, k_at) for o in (("n", "m"), ("m", "n")) for k_at in (2, 1, 0)]
+    else:
+        loops = tuple(mp.loop_order)
+        orders = [(tuple(d for d in loops if d != "k"), loops.index("k") if "k" in loops else 2)]
     parts = hw.tcm.partitions
     if parts is None:   # in a pool, holding an operand whole competes with the tiles: try both
         a_wholes, b_wholes = ((False, True) if whole_bytes(win, r, c, bits) <= hw.tcm.size_bytes
@@ -234,7 +346,8 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
                                    b_whole, a_win, b_win)
                 fits, taken, free = placement(hw, use)
                 if fits:
-                    out += [Tiling(tm, tn, tk, order, taken, free, a_whole, b_whole) for order in orders]
+                    out += [t for order, k_at in orders if (t := _with_k(
+                        hw, Tiling(tm, tn, tk, order, taken, free, a_whole, b_whole), k_at, m, n, k))]
         return out
 
     def score(t):
@@ -251,6 +364,11 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
                              f"what a {hw.accumulator.overflow} accumulator computes"
                              f"{_split_rule(hw)}; or make tile_m <= array.rows ({arr.rows}) and "
                              f"tile_n <= array.cols ({arr.cols})")
+        if orders[0][1] < 2 and not restarts_ok(hw, tk, k):
+            raise ValueError(f"{hw.name}: mapping.loop_order {list(mp.loop_order)} leaves the "
+                             f"output tiles between K tiles of {tk} < K = {k}, and restarting a "
+                             f"{hw.accumulator.overflow} accumulator there would change what it "
+                             f"computes{_split_rule(hw)}; put k last or set tile_k to null")
         fitting = options(tm, tn, tk)
         if not fitting:
             use = buffer_bytes(hw, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_win=a_win,
@@ -318,6 +436,22 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
     return tuple(sorted(set(candidates), key=score))
 
 
+def _with_k(hw: HWConfig, t: Tiling, k_at: int, m: int, n: int, k: int) -> Tiling | None:
+    """`t` with its K loop at `k_at`: its partial sums in TCM if they fit what the tiles leave,
+    else DDR. K innermost, or one K tile (where the K loop changes nothing), is `t` itself; None
+    where restarting the accumulators at K tiles would change the results."""
+    if k_at == 2:
+        return t
+    if t.tk >= k:   # searched: the same as K innermost; given: honoured as that
+        return t if hw.mapping.loop_order is not None else None
+    if not restarts_ok(hw, t.tk, k):
+        return None
+    live = math.ceil(nbytes(psum_elements(replace(t, k_at=k_at), m, n), wide_bits(hw)))
+    if live <= t.free:
+        return replace(t, k_at=k_at, psums="tcm", free=t.free - live)
+    return replace(t, k_at=k_at, psums="ddr")
+
+
 def _k_slices(k: int, step: int, b_win) -> list[int]:
     """K slices shorter than K to try, ascending: multiples of `step`; along an im2col B's
     positions (a weight gradient's reduction), powers of two and bands of whole output rows."""
@@ -379,6 +513,8 @@ def _score(hw: HWConfig, t: Tiling, m, n, k, a_bits, b_bits, a_win=None, b_win=N
     nm, nn, nk = t.tile_counts(m, n, k)
     arr = hw.array
     compute = _folds(m, t.tm, arr.rows) * _folds(n, t.tn, arr.cols) * k
+    if t.psums == "ddr":   # every visit but the first reads the sums back, every one writes them
+        ddr += 2 * nk * nbytes(m * n, wide_bits(hw))
     memory = ddr / hw.ddr.bytes_per_cycle
     cycles = max(compute, memory) if hw.mapping.double_buffer else compute + memory
     return cycles, ddr, nm * nn * nk, t.footprint, t.tm, t.tn

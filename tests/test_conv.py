@@ -81,7 +81,8 @@ def test_geometry_is_validated():
 
 CONV_VARIANTS = {name: VARIANTS[name] for name in
                  ("m outer", "given tiles", "k tiled", "tiny tcm", "searched order", "partitions",
-                  "small partitions", "partitions, k tiled", "parked partial sums")}
+                  "small partitions", "partitions, k tiled", "parked partial sums", "k between",
+                  "k outer", "k outer, tiny tcm", "k between, searched tiles")}
 ROLES = ("forward", "grad_weight", "grad_input")
 
 

@@ -87,6 +87,15 @@ VARIANTS = {
     "parked partial sums": {"mapping.tile_m": 64, "mapping.tile_n": 48, "mapping.tile_k": 50},
     "parked, tiny tcm": {"tcm.size_kib": 4},
     "cycles objective": {"mapping.objective": "cycles", "mapping.loop_order": None},
+    "k between": {"mapping.loop_order": ["n", "k", "m"], "mapping.tile_m": 32, "mapping.tile_n": 16,
+                  "mapping.tile_k": 64},
+    "k outer": {"mapping.loop_order": ["k", "m", "n"], "mapping.tile_k": 100},
+    "k outer, tiny tcm": {"mapping.loop_order": ["k", "n", "m"], "tcm.size_kib": 4},
+    "k between, searched tiles": {"mapping.loop_order": ["m", "k", "n"], "tcm.size_kib": 8},
+    "k outer, partitions": {"mapping.loop_order": ["k", "n", "m"], "mapping.tile_k": 40,
+                            "tcm.partitions": {"a_kib": 8, "b_kib": 8, "out_kib": 4}},
+    "spill, k outer": {"accumulator.spill_every": 16, "mapping.loop_order": ["n", "k", "m"],
+                       "mapping.tile_m": 16, "mapping.tile_n": 32, "mapping.tile_k": 48},
     "edp objective": {"mapping.objective": "edp", "tcm.size_kib": 32},
 }
 
@@ -352,3 +361,27 @@ def test_a_fixed_mapping_is_honoured_whatever_the_objective(make_hw):
                                "mapping.tile_n": 40, "mapping.tile_k": 100})
         mp = fqtsim.cost.gemm(hw, 300, 200, 500, a_quant="bhq", writeback="handoff").attrs["mapping"]
         assert (mp["loop_order"], mp["tile_m"], mp["tile_n"], mp["tile_k"]) == ("nm", 48, 40, 100)
+
+
+def test_reduction_outer_orders_reuse_the_operand_of_the_outer_loops(make_hw):
+    hw = make_hw("npu", **{"mapping.loop_order": ["n", "k", "m"], "mapping.tile_m": 64, "tcm.size_kib": 96,
+                           "mapping.tile_n": 32, "mapping.tile_k": 100})
+    m, n, k = 256, 128, 500
+    rows = rows_of(fqtsim.cost.gemm(hw, m, n, k))
+    assert rows[("load_b", "ddr")].count == k * n            # each B tile once: m is innermost
+    assert rows[("load_a", "ddr")].count == m * k * (n // 32)  # A again for every column band
+    # the band of sums (256 x 32 int32 = 32 KiB) waits in TCM: written per K tile, read back by
+    # all but the first, read out once
+    visits = m * n * (k // 100)
+    assert rows[("psum_spill", "tcm")].count == visits
+    assert rows[("psum_spill", "tcm")].bytes == 4 * (2 * visits - m * n)
+    assert rows[("psum_drain", "tcm")].bytes == 4 * m * n
+    mp = fqtsim.cost.gemm(hw, m, n, k).attrs["mapping"]
+    assert (mp["loop_order"], mp["psums"]) == ("nkm", "tcm")
+    small = make_hw("npu", **{"mapping.loop_order": ["k", "n", "m"], "tcm.size_kib": 4})
+    assert fqtsim.cost.gemm(small, m, n, k).attrs["mapping"]["psums"] == "ddr"
+    saturating = make_hw("npu", **{"mapping.loop_order": ["n", "k", "m"], "mapping.tile_m": 16,
+                                   "mapping.tile_n": 16, "mapping.tile_k": 100,
+                                   "accumulator.overflow": "saturate"})
+    with pytest.raises(ValueError, match="mapping.loop_order"):
+        fqtsim.cost.gemm(saturating, m, n, k)
