@@ -214,7 +214,7 @@ class Tiles:
     each: np.ndarray
     new: np.ndarray
 
-    @property
+    @functools.cached_property
     def total(self) -> int:
         """Elements all tiles cover, one tile at a time."""
         return int((self.count * self.each).sum())

@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -299,14 +299,6 @@ def restarts_ok(hw: HWConfig, tk: int, k: int) -> bool:
     return acc.overflow == "wrap" if acc.spill_every is None else tk % acc.spill_every == 0
 
 
-def psum_elements(tiling: Tiling, m: int, n: int) -> int:
-    """Partial sums alive at once with K not innermost: one band of output tiles (the inner
-    loop's whole dimension) with K between the output loops, every output with K outermost."""
-    if tiling.k_at == 0:
-        return m * n
-    return tiling.tm * n if tiling.order[0] == "m" else m * tiling.tn
-
-
 def plan(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bits: int,
          a_win=None, b_win=None) -> Tiling:
     """The tiling with the fewest estimated cycles, then DDR bytes, of `plans`."""
@@ -437,8 +429,9 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
 
 
 def _with_k(hw: HWConfig, t: Tiling, k_at: int, m: int, n: int, k: int) -> Tiling | None:
-    """`t` with its K loop at `k_at`: its partial sums in TCM if they fit what the tiles leave,
-    else DDR. K innermost, or one K tile (where the K loop changes nothing), is `t` itself; None
+    """`t` with its K loop at `k_at`: the partial sums alive at once (a band of output tiles, the
+    inner loop's whole dimension, with K between the output loops; every output with K
+    outermost) in TCM if they fit what the tiles leave, else DDR. K innermost, or one K tile (where the K loop changes nothing), is `t` itself; None
     where restarting the accumulators at K tiles would change the results."""
     if k_at == 2:
         return t
@@ -446,10 +439,10 @@ def _with_k(hw: HWConfig, t: Tiling, k_at: int, m: int, n: int, k: int) -> Tilin
         return t if hw.mapping.loop_order is not None else None
     if not restarts_ok(hw, t.tk, k):
         return None
-    live = math.ceil(nbytes(psum_elements(replace(t, k_at=k_at), m, n), wide_bits(hw)))
-    if live <= t.free:
-        return replace(t, k_at=k_at, psums="tcm", free=t.free - live)
-    return replace(t, k_at=k_at, psums="ddr")
+    band = m * n if k_at == 0 else (t.tm * n if t.order[0] == "m" else m * t.tn)
+    live = math.ceil(nbytes(band, wide_bits(hw)))
+    at, free = ("tcm", t.free - live) if live <= t.free else ("ddr", t.free)
+    return Tiling(t.tm, t.tn, t.tk, t.order, t.footprint, free, t.a_whole, t.b_whole, k_at, at)
 
 
 def _k_slices(k: int, step: int, b_win) -> list[int]:
