@@ -32,6 +32,16 @@ at the K tiles' ends anyway (`k_split_ok`); a saturating accumulator keeps one f
 Buffers: TCM is one pool (`tcm.partitions: null`), shared by the tiles and held operands, the
 rest free for wide outputs; or fixed partitions for A, B and the output tiles (with their
 partial sums), the output partition's rest and any unpartitioned TCM free for wide outputs.
+
+Producer and consumer (the rule, once): a wide gradient lives where the GEMM that writes it (its
+producer: the layer above's grad_input, handing its output off at accumulator width, or the
+loss for the top layer) leaves room, judged with the producer's tiles (`produced_by`): TCM if
+the part of it that is alive at once fits the TCM the producer's tiles leave free, else DDR.
+Min/max can be tracked in any output pipeline (a register pair per sample); what needs whole
+rows is the requantization, so PSQ's live part is the whole samples the producer completes at
+a time (bands of its row tiles when m is outer or one column tile spans all columns), and
+PTQ's and BHQ's is the whole tensor. The mapper lays out a producer knowing its consumer
+(`fqtsim.cost.layout`): the best tiling that keeps that live part in TCM is among those priced.
 """
 from __future__ import annotations
 
