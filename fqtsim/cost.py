@@ -19,10 +19,10 @@ import pandas as pd
 from fqtsim.conv import Im2col, col2im
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import COLUMNS, GemmSpec, add, frame, merge, price
-from fqtsim.mapping import (Producer, a_tiles, loaded, loop_units, as_int, b_tiles, by_columns, check_gemm,
-                            container_bits, live_wide_elements, loss_producer, nbytes, parks_psums,
-                            phase_stalls, plans, produced_by, stored_output_bits, Tiling,
-                            wide_bits, wide_level)
+from fqtsim.mapping import (Tiling, a_tiles, as_int, b_tiles, by_columns, check_gemm,
+                            container_bits, live_wide_elements, loaded, loop_units, loss_producer,
+                            nbytes, parks_psums, phase_stalls, plans, produced_by,
+                            stored_output_bits, wide_bits, wide_level)
 from fqtsim.schedule import (QuantScheme, as_scheme, correction_events, input_events, output_events,
                              output_writeback, rename_wide_output, update_events, wide_gradient_level,
                              FORWARD_BITS, GRAD_WEIGHT_BITS, weight_gradient_method)
@@ -280,7 +280,7 @@ def _after(hw, spec: Gemm, tiling: Tiling, events: dict, level: str, handoff: bo
     if after:
         merge(events, correction_events(spec.m, spec.n, spec.k, spec.a_offset, spec.b_offset))
         if spec.col2im is not None:
-            merge(events, col2im_events(hw, spec.col2im))
+            merge(events, col2im_events(hw, *col2im(spec.col2im)))
     return events
 
 
@@ -360,11 +360,11 @@ def _check_im2col(win, option: str, rows: int, cols: int):
                          f"operand {rows}x{cols}")
 
 
-def col2im_events(hw: HWConfig, win: Im2col) -> dict:
-    """Folding an im2col gradient (written wide into TCM tile by tile) onto its feature map:
-    every entry that lands inside the map is written, each landing on an element already
-    written is a read-modify-write and one vector add. Nothing for kernels that do not overlap."""
-    entries, elements = col2im(win)
+def col2im_events(hw: HWConfig, entries: int, elements: int) -> dict:
+    """Folding an im2col gradient (written wide into TCM tile by tile) onto its feature map: each
+    of its `entries` that lands inside the map is written, each landing on one of the `elements`
+    already written is a read-modify-write and one vector add. Nothing for kernels that do not
+    overlap."""
     events = {}
     if entries > elements:
         width = nbytes(1, wide_bits(hw))

@@ -17,7 +17,7 @@ import pandas as pd
 from fqtsim.conv import Im2col
 from fqtsim.hw import HWConfig, as_hw
 from fqtsim.ledger import GemmSpec, add, frame, merge, price
-from fqtsim.cost import Gemm, check_consumer, layout
+from fqtsim.cost import Gemm, check_consumer, col2im_events, layout
 from fqtsim.mapping import (Producer, check_gemm, live_wide_elements, nbytes, parks_psums,
                             phase_stalls, produced_by, stored_output_bits, wide_bits, wide_level)
 from fqtsim.passes import corrections, input_passes, output_passes
@@ -198,23 +198,10 @@ class Device:
                 parks = parks_psums(hw, sm, sn, t.tk, k)
                 for k0 in range(0, k, t.tk):
                     sk = min(t.tk, k - k0)
-                    for event, tile, bits in (("load_a", (m0, sm, k0, sk), a_bits),
-                                              ("load_b", (k0, sk, n0, sn), b_bits)):
-                        count = loaders[event].load(*tile)
-                        if count:
-                            moved = nbytes(count, bits)
-                            add(events, event, "ddr", count, moved)
-                            ddr += moved
-                            tcm_write += moved
-                    for fm in range(folds_m):  # each fold streams its rows of A and columns of B
-                        fold_rows = min(rows, sm - fm * rows)
-                        for fn in range(folds_n):
-                            fold_cols = min(cols, sn - fn * cols)
-                            add(events, "read_a", "tcm", fold_rows * sk, nbytes(fold_rows * sk, a_bits))
-                            add(events, "read_b", "tcm", sk * fold_cols, nbytes(sk * fold_cols, b_bits))
-                            tcm_read += nbytes(fold_rows * sk, a_bits) + nbytes(sk * fold_cols, b_bits)
-                            add(events, "mac", "array", fold_rows * fold_cols * sk)
-                            compute += sk
+                    moved = _load(events, loaders, m0, sm, n0, sn, k0, sk, a_bits, b_bits)
+                    ddr, tcm_write = ddr + moved, tcm_write + moved
+                    tcm_read += _stream(events, hw, sm, sn, sk, a_bits, b_bits)
+                    compute += folds_m * folds_n * sk
                     if spill is not None:  # spill points: every `spill` MACs, and after the last
                         points = (k0 + sk) // spill - k0 // spill
                         points += k0 + sk == k and k % spill != 0
@@ -263,25 +250,9 @@ class Device:
             at = dict(zip(t.loops, index))
             m0, n0, k0 = at["m"], at["n"], at["k"]
             sm, sn, sk = min(t.tm, m - m0), min(t.tn, n - n0), min(t.tk, k - k0)
-            ddr, tcm_read, tcm_write = 0.0, 0.0, 0.0
-            for event, tile, bits in (("load_a", (m0, sm, k0, sk), a_bits),
-                                      ("load_b", (k0, sk, n0, sn), b_bits)):
-                count = loaders[event].load(*tile)
-                if count:
-                    moved = nbytes(count, bits)
-                    add(events, event, "ddr", count, moved)
-                    ddr += moved
-                    tcm_write += moved
-            folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)
-            for fm in range(folds_m):
-                fold_rows = min(rows, sm - fm * rows)
-                for fn in range(folds_n):
-                    fold_cols = min(cols, sn - fn * cols)
-                    add(events, "read_a", "tcm", fold_rows * sk, nbytes(fold_rows * sk, a_bits))
-                    add(events, "read_b", "tcm", sk * fold_cols, nbytes(sk * fold_cols, b_bits))
-                    tcm_read += nbytes(fold_rows * sk, a_bits) + nbytes(sk * fold_cols, b_bits)
-                    add(events, "mac", "array", fold_rows * fold_cols * sk)
-            compute = folds_m * folds_n * sk
+            ddr = tcm_write = _load(events, loaders, m0, sm, n0, sn, k0, sk, a_bits, b_bits)
+            tcm_read = _stream(events, hw, sm, sn, sk, a_bits, b_bits)
+            compute = math.ceil(sm / rows) * math.ceil(sn / cols) * sk
             read, written = _visit_psums(events, hw, sm, sn, k0, sk, t.psums,
                                          (m0, n0) not in visited, psum_bytes)
             visited.add((m0, n0))
@@ -364,13 +335,36 @@ def _fold(hw: HWConfig, win: Im2col) -> dict:
     """col2im of a wide im2col gradient into its feature map in TCM (see `fqtsim.cost.col2im_events`),
     counted entry by entry."""
     taps = _window_pixels(win, 0, win.rows)
-    entries, elements = taps.size * win.channels, np.unique(taps).size * win.channels
-    events = {}
-    if entries > elements:
-        width = nbytes(1, wide_bits(hw))
-        add(events, "col2im", "tcm", entries, (2 * entries - elements) * width)
-        add(events, "col2im", "vector", entries - elements)
-    return events
+    return col2im_events(hw, taps.size * win.channels, np.unique(taps).size * win.channels)
+
+
+def _load(events, loaders, m0, sm, n0, sn, k0, sk, a_bits, b_bits) -> float:
+    """Load the A and B tiles of one K slice unless they are in TCM; returns the bytes moved."""
+    total = 0.0
+    for event, tile, bits in (("load_a", (m0, sm, k0, sk), a_bits),
+                              ("load_b", (k0, sk, n0, sn), b_bits)):
+        count = loaders[event].load(*tile)
+        if count:
+            moved = nbytes(count, bits)
+            add(events, event, "ddr", count, moved)
+            total += moved
+    return total
+
+
+def _stream(events, hw, sm, sn, sk, a_bits, b_bits) -> float:
+    """Each fold of an sm x sn tile streams its rows of A and columns of B over a K slice of sk
+    from TCM through the array; returns the TCM bytes read."""
+    rows, cols = hw.array.rows, hw.array.cols
+    read = 0.0
+    for fm in range(math.ceil(sm / rows)):
+        fold_rows = min(rows, sm - fm * rows)
+        for fn in range(math.ceil(sn / cols)):
+            fold_cols = min(cols, sn - fn * cols)
+            add(events, "read_a", "tcm", fold_rows * sk, nbytes(fold_rows * sk, a_bits))
+            add(events, "read_b", "tcm", sk * fold_cols, nbytes(sk * fold_cols, b_bits))
+            read += nbytes(fold_rows * sk, a_bits) + nbytes(sk * fold_cols, b_bits)
+            add(events, "mac", "array", fold_rows * fold_cols * sk)
+    return read
 
 
 def _visit_psums(events, hw, sm, sn, k0, sk, at, first_visit, psum_bytes):
