@@ -1,24 +1,29 @@
 """Benchmark of the integer GEMM kernels against numpy float32 matmul (sgemm) in the same process.
 
-`gemm_bench()` returns one row per (shape, mode) with best-of times and ratio = sgemm_s /
-emulated_s (higher is better; 1.0 means as fast as sgemm). The sgemm baseline is timed on the
-same shape in the same process, in blocks alternating with the emulated runs. Nothing is
-printed; the command line (`fqtsim bench`) formats the table with `format_bench`.
+`gemm_bench()` returns one row per (shape, mode) with best-of times, ratio = sgemm_s /
+emulated_s (higher is better; 1.0 means as fast as sgemm) and the path `int_gemm` took. The
+sgemm baseline is timed on the same shape in the same process, in blocks alternating with the
+emulated runs; with `per_core` both are timed again on one thread each (ratio_1t). Nothing is
+printed; the command line (`fqtsim bench`) formats the table with `format_bench`, which
+starts with the CPU, its SIMD features and the exact-product kernels chosen for it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from kernels import int_gemm
+from kernels import cpu, int_gemm, last_path, paths
 
 log = logging.getLogger(__name__)
 
-SHAPES = ((256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
+SHAPES = ((32, 64, 256), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
           (128, 784, 512), (784, 128, 512), (4096, 576, 64))
 
 # mode name -> int_gemm keyword arguments
@@ -31,7 +36,10 @@ MODES = {
 }
 
 
-_SETTLE_S = 0.005     # pause before each timed block: longer than either pool's busy-wait
+# Pause before each timed block, so that no thread pool is still busy-waiting from the other
+# block: torch's OpenMP pool (its default spin is 300000 `pause` instructions, milliseconds on
+# recent x86 CPUs) as well as Numba's and OpenBLAS's.
+_SETTLE_S = 0.02
 
 
 def _best(fn, repeat: int) -> float:
@@ -43,27 +51,27 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
-def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 7,
-               seed: int = 0, progress: bool = True) -> pd.DataFrame:
+def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 7, seed: int = 0,
+               per_core: bool = True, progress: bool = True) -> pd.DataFrame:
     """Time `int_gemm` per (shape, mode) against a float32 matmul of the same shape.
 
     shapes: (M, K, N) tuples (default `SHAPES`); modes: names from `MODES` (default all).
     Operands are full-range int8 codes from a fixed seed. Every kernel is compiled (or loaded
     from Numba's cache) before timing. Each round times, for every (shape, mode) in turn, a
     block of `repeat` back-to-back sgemm runs and then a block of `repeat` int_gemm runs, each
-    block after a short pause (so that neither thread pool is still busy-waiting from the other
-    block); a time is the best over all rounds. Rounds sweep the whole table in a shuffled
-    order, so that a burst of load on a shared machine, or a spell in which the OS keeps two
-    busy threads on one core (seen for ~0.1 s at a time on 2-core VMs), spoils one round of a
-    row, not all of them.
-    Columns: shape ("MxKxN"), mode, emulated_s, sgemm_s, ratio (= sgemm_s / emulated_s),
-    gops (emulated giga-MACs per second), overflows. `progress`: a bar on a terminal (stderr),
+    block after a pause (so that no thread pool is still busy-waiting from the other block); a
+    time is the best over all rounds. Rounds sweep the whole table in a shuffled order, so that
+    a burst of load on a shared machine, or a spell in which the OS keeps two busy threads on
+    one core (seen for ~0.1 s at a time on 2-core VMs), spoils one round of a row, not all.
+    per_core: time everything again with every library limited to one thread.
+    Columns: shape ("MxKxN"), mode, path (as `kernels.last_path`), emulated_s, sgemm_s, ratio
+    (= sgemm_s / emulated_s), gops (emulated giga-MACs per second), overflows, and with
+    per_core emulated_1t_s, sgemm_1t_s, ratio_1t. `progress`: a bar on a terminal (stderr),
     else a log line per round; the bar is updated between timed blocks, never inside one.
     """
     shapes = SHAPES if shapes is None else shapes
     modes = list(MODES) if modes is None else list(modes)
     cases = []
-    started = time.perf_counter()
     bar = tqdm(total=len(shapes) * len(modes) * (1 + rounds), desc="bench gemm", unit="case",
                disable=None if progress else True)   # None: on a terminal only
     for m, k, n in shapes:
@@ -74,42 +82,87 @@ def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 7,
         for mode in modes:
             _, counts = int_gemm(a, b, **MODES[mode])   # compile or load, warm the caches
             np.matmul(af, bf)
-            cases.append(dict(shape=f"{m}x{k}x{n}", mode=mode, macs=m * k * n,
+            cases.append(dict(shape=f"{m}x{k}x{n}", mode=mode, path=last_path(), macs=m * k * n,
                               overflows=counts["overflows"],
                               sgemm=lambda af=af, bf=bf: np.matmul(af, bf),
-                              emulated=lambda a=a, b=b, kw=MODES[mode]: int_gemm(a, b, **kw),
-                              sgemm_s=float("inf"), emulated_s=float("inf")))
+                              emulated=lambda a=a, b=b, kw=MODES[mode]: int_gemm(a, b, **kw)))
             bar.update()
+    _time_cases(cases, repeat, rounds, seed, per_core, bar, progress)
+    bar.close()
+    rows = []
+    for c in cases:
+        row = dict(shape=c["shape"], mode=c["mode"], path=c["path"], emulated_s=c["emulated_s"],
+                   sgemm_s=c["sgemm_s"], ratio=c["sgemm_s"] / c["emulated_s"],
+                   gops=c["macs"] / c["emulated_s"] / 1e9, overflows=c["overflows"])
+        if per_core:
+            row.update(emulated_1t_s=c["emulated_1t_s"], sgemm_1t_s=c["sgemm_1t_s"],
+                       ratio_1t=c["sgemm_1t_s"] / c["emulated_1t_s"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _time_cases(cases, repeat, rounds, seed, per_core, bar, progress) -> None:
+    """Best-of times of every case's sgemm and emulated runs into case['sgemm_s'] and
+    case['emulated_s'] (and, with per_core, on one thread into case['sgemm_1t_s'] and
+    case['emulated_1t_s']); the rounds as `gemm_bench` describes, a log line after each."""
+    settings = [("", contextlib.nullcontext)] + ([("_1t", _one_thread)] if per_core else [])
+    for c in cases:
+        for suffix, _ in settings:
+            c["sgemm" + suffix + "_s"] = c["emulated" + suffix + "_s"] = float("inf")
+    started = time.perf_counter()
     order = np.random.default_rng(seed)
     for done in range(1, rounds + 1):
         for i in order.permutation(len(cases)):
-            for key in ("sgemm", "emulated"):
-                time.sleep(_SETTLE_S)
-                cases[i][key + "_s"] = min(cases[i][key + "_s"], _best(cases[i][key], repeat))
+            for suffix, threads in settings:
+                with threads():
+                    for key in ("sgemm", "emulated"):
+                        time.sleep(_SETTLE_S)
+                        name = key + suffix + "_s"
+                        cases[i][name] = min(cases[i][name], _best(cases[i][key], repeat))
             bar.update()
         if progress and bar.disable:
             log.info(f"bench gemm: round {done}/{rounds}, {time.perf_counter() - started:.0f} s")
-    bar.close()
-    return pd.DataFrame([dict(shape=c["shape"], mode=c["mode"], emulated_s=c["emulated_s"],
-                              sgemm_s=c["sgemm_s"], ratio=c["sgemm_s"] / c["emulated_s"],
-                              gops=c["macs"] / c["emulated_s"] / 1e9, overflows=c["overflows"])
-                         for c in cases])
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Numba, the BLAS libraries and (if loaded) torch limited to one thread each."""
+    import numba
+    from threadpoolctl import threadpool_limits
+    torch = sys.modules.get("torch")
+    saved = numba.get_num_threads(), torch.get_num_threads() if torch else None
+    numba.set_num_threads(1)
+    if torch:
+        torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        numba.set_num_threads(saved[0])
+        if torch:
+            torch.set_num_threads(saved[1])
 
 
 def format_bench(df: pd.DataFrame) -> str:
-    """Aligned text table of `gemm_bench` output: times in ms, ratio to two decimals."""
-    header = ["shape", "mode", "emulated_ms", "sgemm_ms", "ratio", "GMAC/s", "overflows"]
-    body = [[r.shape, r.mode, f"{r.emulated_s * 1e3:.3f}", f"{r.sgemm_s * 1e3:.3f}",
-             f"{r.ratio:.2f}", f"{r.gops:.1f}", str(r.overflows)] for r in df.itertuples()]
+    """The CPU, its features and kernel choice, then an aligned table of `gemm_bench` output:
+    times in ms, ratios to two decimals."""
+    per_core = "ratio_1t" in df.columns
+    header = ["shape", "mode", "path", "emulated_ms", "sgemm_ms", "ratio"] + \
+        (["ratio_1t"] if per_core else []) + ["GMAC/s", "overflows"]
+    body = [[r.shape, r.mode, r.path, f"{r.emulated_s * 1e3:.3f}", f"{r.sgemm_s * 1e3:.3f}",
+             f"{r.ratio:.2f}"] + ([f"{r.ratio_1t:.2f}"] if per_core else []) +
+            [f"{r.gops:.1f}", str(r.overflows)] for r in df.itertuples()]
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
-    left = {0, 1}
+    left = {0, 1, 2}
     lines = []
     for row in [header] + body:
         cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in
                  enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    machine = [f"CPU: {cpu.model()}, {os.cpu_count()} cpus; features: {cpu.describe()}",
+               paths.describe()]
+    return "\n".join(machine + lines)
 
 
 def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digits", 32),

@@ -1,27 +1,42 @@
 """`int_gemm`: exact integer GEMM with an emulated fixed-width accumulator and event counts.
 
-Paths, chosen per call from the operands' value range (all give identical results):
-- exact: if no partial sum can leave the accumulator's (and partial sum's) range, the answer is
-  the exact product and nothing overflows. While K * max|a * b| fits int32 it is computed by the
-  scans below as plain multiply-adds (int16 lanes where the sums fit them); beyond, by float32
-  sgemm, which is exact while every partial sum stays within 2^24: K is split into chunks that
-  guarantee this for the data's max |a * b|, and the chunk results are added in int64.
-- scan: otherwise every MAC is emulated in ascending k by the kernels in `kernels._scan`: int16
-  lanes for accumulators of <= 16 bits (when the products fit int16), int32 lanes up to 31 bits,
-  int64 lanes beyond. An accumulator that provably cannot overflow (only its partial sum can)
-  is emulated at the narrowest width that holds its values.
+Paths, chosen per call (all give identical results; `last_path()` names the one taken):
+- exact/<kernel>: if the operands' value range proves that no partial sum can leave the
+  accumulator's (and partial sum's) range, the answer is the exact product and nothing
+  overflows. The exact product is computed by the kernel that `kernels.paths` chose for this
+  machine and size: `intmm` (oneDNN int8 through torch, where a probe proved it exact on this
+  CPU), `sgemm` (float32 matmul in K chunks that keep every partial sum within 2^24, chunk
+  results added in int64) or `scan` (the scans below as plain multiply-adds, while K * max|a*b|
+  fits int32).
+- bound/<kernel>: otherwise, if the actual values prove it: every partial sum of output (i, j)
+  lies between -sum_k max(0, -a_ik b_kj) and sum_k max(0, a_ik b_kj), computed from the exact
+  products a @ b and |a| @ |b|. A cheap bound from row and column sums of |a|, |b| decides first
+  whether that is worth trying.
+- scan16/32/64: otherwise every MAC is emulated in ascending k by the kernels in `kernels._scan`:
+  int16 lanes for accumulators of <= 16 bits (when the products fit int16), int32 lanes up to
+  31 bits, int64 lanes beyond. An accumulator that provably cannot overflow (only its partial
+  sum can) is emulated at the narrowest width that holds its values.
+GEMMs of fewer than `paths.SMALL_MACS` MACs run on the calling thread alone (" serial" in the
+path name of the scans): they cannot pay for waking a thread pool.
+
+Numba caching: every kernel here and in `kernels._scan` is compiled with cache=True. Numba checks
+a cached kernel against its own source file's timestamp only, and freezes module constants (such
+as `_MR`) into the compiled code; a constant that another file also defines must therefore be
+edited in both (checked at import, below).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import math
 import os
 import threading
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-from kernels import _scan
+from kernels import _scan, _torch_int8, paths
+from kernels._scratch import buffer as _buffer
 
 # Rows per tile of every scan kernel. A literal, not `_scan.MR`: Numba's cache of `_pack_a` is
 # invalidated by edits to this file only, so a change must be made here too (checked below).
@@ -32,6 +47,7 @@ if _MR != _scan.MR:
 _OVERFLOW_MODES = ("wrap", "saturate")
 _F32_EXACT = 1 << 24          # float32 holds every integer of magnitude <= 2^24 exactly
 _PLAIN_BLOCK_MIN, _PLAIN_BLOCK_MAX = 8, 256   # MACs per block of the scans' unchecked path
+_BOUND_TRY = 4                # try the exact |a| @ |b| bound if the cheap one is within 4x
 
 
 def int_gemm(a, b, *, acc_bits: int = 32, overflow: str = "wrap", spill_every: int | None = None,
@@ -67,9 +83,21 @@ def int_gemm(a, b, *, acc_bits: int = 32, overflow: str = "wrap", spill_every: i
         return _fits(steps, pmin, pmax, acc_bits) and (
             not spill_every or _fits(k, pmin, pmax, psum_bits))
 
-    pmin, pmax = _product_range(int(a.min()), int(a.max()), int(b.min()), int(b.max()))
+    # The dtypes alone often prove exactness (int8 x int8 at 32 bits); the codes are scanned
+    # for their range only where that is not enough, or where the scans would compute the
+    # product (they take narrower lanes for narrower values).
+    ranges = _dtype_range(a), _dtype_range(b)
+    pmin, pmax = _product_range(*ranges[0], *ranges[1])
+    if not exact_suffices(pmin, pmax) or paths.exact_order(m * n * k)[0] == "scan":
+        ranges = _code_range(a), _code_range(b)
+        pmin, pmax = _product_range(*ranges[0], *ranges[1])
     if exact_suffices(pmin, pmax):
         return _exact_product(a, b, pmin, pmax), counts
+    # The accumulator's range is the narrower one (psum_bits >= acc_bits); every accumulator
+    # and partial-sum value is a sum of products over a range of k, so the bound covers both.
+    c = _exact_if_values_allow(a, b, ranges, pmin, pmax, acc_bits)
+    if c is not None:
+        return c, counts
 
     # Partial-sum checks are needed only if nchunks spills of the largest possible
     # accumulator value can leave the partial sum's range.
@@ -86,15 +114,25 @@ def int_gemm(a, b, *, acc_bits: int = 32, overflow: str = "wrap", spill_every: i
     return c, counts
 
 
+_last = threading.local()
+
+
+def last_path() -> str:
+    """The path of this thread's last `int_gemm` call, e.g. 'exact/intmm' or 'scan16 serial'
+    (see the module docstring); '' before the first call."""
+    return getattr(_last, "path", "")
+
+
 def _scan_gemm(a, b, c, bits, sat, spill, psum_bits, pcheck, pmin, pmax, exact=False) -> int:
-    """Per-MAC emulation into c; returns the overflow count. Picks the narrowest lanes.
-    exact: the caller has proven that nothing overflows: all K MACs run as one plain block."""
+    """Per-MAC emulation into c; returns the overflow count. Picks the narrowest lanes, and one
+    thread for small GEMMs. exact: the caller has proven that nothing overflows: all K MACs run
+    as one plain block."""
     if bits <= 16 and -32768 <= pmin and pmax <= 32767:
-        kern, nr, lane = _scan.scan16, _scan.NR16, np.int16
+        name, nr, lane = "scan16", _scan.NR16, np.int16
     elif bits <= 31:
-        kern, nr, lane = _scan.scan32, _scan.NR32, np.int32
+        name, nr, lane = "scan32", _scan.NR32, np.int32
     elif bits <= 62:
-        kern, nr, lane = _scan.scan64, _scan.NR64, np.int64
+        name, nr, lane = "scan64", _scan.NR64, np.int64
     else:  # an overflow would need K * 2^16 > 2^62: no such array fits in memory
         raise ValueError(f"acc_bits={bits}: cannot emulate K={a.shape[1]} with products in "
                          f"[{pmin}, {pmax}]")
@@ -109,16 +147,35 @@ def _scan_gemm(a, b, c, bits, sat, spill, psum_bits, pcheck, pmin, pmax, exact=F
         blk, ls, hs = a.shape[1], -hi - 1, hi
 
     (m, k), n = a.shape, b.shape[1]
+    serial = m * n * k < paths.SMALL_MACS
+    _last.path = ("exact/" if exact else "") + name + (" serial" if serial else "")
     nti, ntj = -(-m // _MR), -(-n // nr)
     ap = _buffer("ap", (nti, k, _MR), np.int16)
     bp = _buffer("bp", (ntj, k, nr), np.int16)
-    _pack_a(a.view(np.int8), a.dtype == np.uint8, ap)
-    _pack_b(b.view(np.int8), b.dtype == np.uint8, bp)
     tiles = nti * ntj
     s = _buffer("s", (tiles, _MR * nr), lane)
     cnt = _buffer("cnt", (tiles if lane is not np.int64 else 1, _MR * nr), lane)
     ps = _buffer("ps", (tiles if spill else 1, _MR * nr), np.int64)
-    return int(kern(ap, bp, c, s, cnt, ps, bits, sat, spill, psum_bits, pcheck, blk, ls, hs))
+    with _numba_threads(1 if serial else None):
+        _pack_a(a.view(np.int8), a.dtype == np.uint8, ap)
+        _pack_b(b.view(np.int8), b.dtype == np.uint8, bp)
+        return int(getattr(_scan, name)(ap, bp, c, s, cnt, ps, bits, sat, spill, psum_bits,
+                                        pcheck, blk, ls, hs))
+
+
+@contextlib.contextmanager
+def _numba_threads(n: int | None):
+    """Numba's thread count for this thread set to n (None: unchanged) for the block. A
+    parallel region of one thread wakes no pool threads."""
+    if n is None:
+        yield
+        return
+    saved = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(saved)
 
 
 def _product_range(amin: int, amax: int, bmin: int, bmax: int) -> tuple[int, int]:
@@ -133,20 +190,140 @@ def _fits(steps: int, pmin: int, pmax: int, bits: int) -> bool:
     return steps * max(pmax, 0) <= half - 1 and steps * min(pmin, 0) >= -half
 
 
-def _exact_product(a: np.ndarray, b: np.ndarray, pmin: int, pmax: int) -> np.ndarray:
-    """Exact int64 a @ b for products in [pmin, pmax]. While every partial sum fits int16 or
-    int32 lanes: the scans' plain path as one block (no checks; faster than sgemm here, as it
-    needs no float conversions). Beyond that: float32 sgemm in K chunks."""
-    c = np.empty((a.shape[0], b.shape[1]), np.int64)
-    for bits in (16, 31):
-        if _fits(a.shape[1], pmin, pmax, bits):
-            _scan_gemm(a, b, c, bits, False, 0, 64, False, pmin, pmax, exact=True)
-            return c
-    return _sgemm_product(a, b, max(pmax, -pmin))
+def _exact_product(a: np.ndarray, b: np.ndarray, pmin: int, pmax: int,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """Exact int64 a @ b for products in [pmin, pmax], by the first kernel in this machine's
+    order (`kernels.paths`) that applies: the scans only while every partial sum fits int32.
+    Into `out` (M, N) int64 if given, else a new array."""
+    (m, k), n = a.shape, b.shape[1]
+    kernel = next((name for name in paths.exact_order(m * n * k)
+                   if name != "scan" or _fits(k, pmin, pmax, 31)), "sgemm")
+    return _exact_by(kernel, a, b, pmin, pmax, out)
 
 
-def _sgemm_product(a: np.ndarray, b: np.ndarray, pabs: int) -> np.ndarray:
-    """Exact int64 a @ b via float32 sgemm over K chunks whose partial sums stay <= 2^24."""
+def exact_product_by(kernel: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact int64 a @ b of int8/uint8 codes by the named kernel ("intmm", "sgemm", "scan"),
+    for timing and testing each one. Raises ValueError where it does not apply."""
+    a = np.ascontiguousarray(_check_operand("a", a))
+    b = np.ascontiguousarray(_check_operand("b", b))
+    _quiet_openblas()
+    pmin, pmax = _product_range(*_code_range(a), *_code_range(b))
+    if kernel == "scan" and not _fits(a.shape[1], pmin, pmax, 31):
+        raise ValueError(f"scan: K={a.shape[1]} products in [{pmin}, {pmax}] overflow int32")
+    if kernel == "intmm" and not _torch_int8.exact_on_this_cpu():
+        raise ValueError("intmm: torch._int_mm is not available or not exact on this CPU")
+    if kernel not in paths.KERNELS:
+        raise ValueError(f"kernel: got {kernel!r}; allowed: {', '.join(paths.KERNELS)}")
+    return _exact_by(kernel, a, b, pmin, pmax)
+
+
+def _exact_by(kernel: str, a: np.ndarray, b: np.ndarray, pmin: int, pmax: int,
+              out: np.ndarray | None = None) -> np.ndarray:
+    if kernel == "intmm":
+        _last.path = "exact/intmm"
+        serial = a.shape[0] * a.shape[1] * b.shape[1] < paths.SMALL_MACS
+        return _torch_int8.product(a, b, serial, out)
+    if kernel == "sgemm":
+        _last.path = "exact/sgemm"
+        return _sgemm_product(a, b, max(pmax, -pmin), out)
+    c = np.empty((a.shape[0], b.shape[1]), np.int64) if out is None else out
+    bits = 16 if _fits(a.shape[1], pmin, pmax, 16) else 31
+    _scan_gemm(a, b, c, bits, False, 0, 64, False, pmin, pmax, exact=True)
+    return c
+
+
+def _exact_if_values_allow(a, b, ranges, pmin, pmax, acc_bits) -> np.ndarray | None:
+    """The exact a @ b if the actual values prove that no partial sum of any output leaves the
+    `acc_bits` range (then nothing can overflow); else None. ranges: (min, max) of a and of b.
+
+    Every partial sum of output (i, j) lies in [-neg_ij, pos_ij], pos = sum_k max(0, a_ik b_kj)
+    = (|a| @ |b| + a @ b) / 2, neg = (|a| @ |b| - a @ b) / 2. That costs two exact products, so
+    it is tried only if a cheap bound on |a| @ |b| (from row sums of |a| and column sums of |b|)
+    is within `_BOUND_TRY` times the range; if the cheap bound itself fits, one product suffices.
+    """
+    hi = (1 << (acc_bits - 1)) - 1
+    amax, bmax = (max(-lo, top) for lo, top in ranges)
+    row_max, col_max = _magnitude_sums(a.view(np.int8), a.dtype == np.uint8,
+                                       b.view(np.int8), b.dtype == np.uint8)
+    cheap = min(row_max * bmax, amax * col_max)      # >= every entry of |a| @ |b|
+    if cheap > _BOUND_TRY * hi:
+        return None
+    c = _exact_product(a, b, pmin, pmax)
+    path = _last.path.replace("exact/", "bound/")
+    if cheap > hi:
+        t = _exact_product(_magnitudes(a, "a_abs"), _magnitudes(b, "b_abs"), 0, amax * bmax,
+                           out=_buffer("t", c.shape, np.int64))
+        if not _sums_within(t, c, hi):
+            return None
+    _last.path = path
+    return c
+
+
+def _magnitudes(x: np.ndarray, key: str) -> np.ndarray:
+    """|x| as uint8 (|-128| = 128 fits) in scratch buffer `key`; uint8 codes are their own
+    magnitudes."""
+    if x.dtype == np.uint8:
+        return x
+    out = _buffer(key, x.shape, np.int8)
+    np.abs(x, out=out)
+    return out.view(np.uint8)
+
+
+@njit(cache=True)
+def _sums_within(t, c, hi):
+    """Whether (t + c) / 2 <= hi and (t - c) / 2 <= hi + 1 everywhere: t = |a| @ |b|, c = a @ b;
+    the halves are the sums of the positive and of the negative products."""
+    t, c = t.ravel(), c.ravel()
+    bad = 0
+    for i in range(t.size):
+        bad += (t[i] + c[i] > 2 * hi) | (t[i] - c[i] > 2 * (hi + 1))
+    return bad == 0
+
+
+def _dtype_range(x: np.ndarray) -> tuple[int, int]:
+    return (0, 255) if x.dtype == np.uint8 else (-128, 127)
+
+
+def _code_range(x: np.ndarray) -> tuple[int, int]:
+    """(min, max) of int8 or uint8 codes."""
+    lo, hi = _min_max(x.view(np.int8), x.dtype == np.uint8)
+    return int(lo), int(hi)
+
+
+@njit(cache=True)
+def _min_max(x, unsigned):
+    """(min, max) of x: int8 codes, read as uint8 when `unsigned`."""
+    lo, hi = np.int16(255), np.int16(-128)
+    for v in x.ravel():
+        w = np.int16(np.int16(v) & 0xFF) if unsigned else np.int16(v)
+        lo, hi = min(lo, w), max(hi, w)
+    return lo, hi
+
+
+@njit(cache=True)
+def _magnitude_sums(a, a_unsigned, b, b_unsigned):
+    """(largest row sum of |a|, largest column sum of |b|); operands as in `_min_max`."""
+    m, k = a.shape
+    n = b.shape[1]
+    row_max = np.int64(0)
+    for i in range(m):
+        s = np.int64(0)
+        for kk in range(k):
+            v = np.int16(a[i, kk])
+            s += np.int16(v & 0xFF) if a_unsigned else abs(v)
+        row_max = max(row_max, s)
+    cols = np.zeros(n, np.int64)
+    for kk in range(k):
+        for j in range(n):
+            v = np.int16(b[kk, j])
+            cols[j] += np.int16(v & 0xFF) if b_unsigned else abs(v)
+    return row_max, cols.max()
+
+
+def _sgemm_product(a: np.ndarray, b: np.ndarray, pabs: int,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """Exact int64 a @ b via float32 sgemm over K chunks whose partial sums stay <= 2^24;
+    into `out` if given."""
     (m, k), n = a.shape, b.shape[1]
     kc = k if pabs == 0 else max(1, min(k, _F32_EXACT // pabs))
     af = _buffer("af", (m, k), np.float32)
@@ -160,7 +337,7 @@ def _sgemm_product(a: np.ndarray, b: np.ndarray, pabs: int) -> np.ndarray:
             # Allocated after the first sgemm, which mallocs and frees a work area of its own:
             # allocated before, c would sit below it and glibc would trim both on free, so that
             # every call faults in fresh pages again.
-            c = np.empty((m, n), np.int64)
+            c = np.empty((m, n), np.int64) if out is None else out
         _to_i64(cf, k0 > 0, c)
     return c
 
@@ -250,29 +427,6 @@ def _to_i64(x, add, out):
         for i in range(m):
             for j in range(n):
                 out[i, j] = np.int64(x[i, j])
-
-
-class _Scratch(threading.local):
-    """Per-thread reusable buffers for temporaries. Fresh pages cost ~1 us each to fault in on
-    these VMs (a 512^2 float32 temporary: ~0.3 ms, a third of the sgemm itself)."""
-
-    def __init__(self):
-        self.bufs: dict[str, np.ndarray] = {}
-
-
-_SCRATCH = _Scratch()
-_SCRATCH_KEEP = 1 << 28       # larger buffers are not kept between calls
-
-
-def _buffer(key: str, shape: tuple, dtype) -> np.ndarray:
-    """An uninitialized array of `shape` and `dtype`, backed by this thread's buffer `key`."""
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    buf = _SCRATCH.bufs.get(key)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(max(nbytes, 64), np.uint8)
-        if nbytes <= _SCRATCH_KEEP:
-            _SCRATCH.bufs[key] = buf
-    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 def _validate(a, b, acc_bits, overflow, spill_every, psum_bits):

@@ -1,8 +1,12 @@
 """Shared test helpers: shipped configs and variants of them written as real YAML files."""
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+# kernels choose their path from a fixed order in tests: no timing, no per-machine cache written
+os.environ.setdefault("FQTSIM_KERNEL_PATHS", "static")
 
 import fqtsim
 

@@ -1,9 +1,11 @@
 """kernels.int_gemm against the slow references in tests/reference.py.
 
-Every case is compared on values and on all counts. Spies on the dispatch (exact product, via
-the scans' plain path or chunked sgemm; scan16, scan32, scan64) make sure the designed cases
-reach the path they are meant for.
+Every case is compared on values and on all counts. `kernels.last_path()` makes sure the
+designed cases reach the path they are meant for. Kernel choice is static here (no timing, no
+cache; see the `static_paths` fixture), with the scans first for exact products unless a test
+forces another kernel; tests/test_kernel_paths.py runs every exact kernel.
 """
+import os
 import re
 
 import numpy as np
@@ -11,11 +13,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from numba import njit
 
-from kernels import _scan, gemm, int_gemm
+from kernels import _scan, gemm, int_gemm, last_path, paths
 from reference import (bounds, exact_product, ref_gemm, ref_gemm_np, wrap_array,
                        wrap_overflows)
 
-PATHS = ("exact", "sgemm", "scan16", "scan32", "scan64")
+@pytest.fixture(autouse=True)
+def static_paths(tmp_path, monkeypatch):
+    """Exact products by the scans first, chosen without timing; any cache goes to tmp_path."""
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
+    paths.use("scan")
+    yield
+    paths.use(None)
 
 
 def codes(rng, shape, bits, signed, mode="rand"):
@@ -29,22 +37,9 @@ def codes(rng, shape, bits, signed, mode="rand"):
     return x.astype(np.int8 if signed else np.uint8)
 
 
-@pytest.fixture
-def taken(monkeypatch):
-    """The paths (names from PATHS) that int_gemm calls took, in call order."""
-    taken = []
-
-    def spy(name, fn):
-        def wrapper(*args):
-            taken.append(name)
-            return fn(*args)
-        return wrapper
-
-    monkeypatch.setattr(gemm, "_exact_product", spy("exact", gemm._exact_product))
-    monkeypatch.setattr(gemm, "_sgemm_product", spy("sgemm", gemm._sgemm_product))
-    for name in PATHS[2:]:
-        monkeypatch.setattr(_scan, name, spy(name, getattr(_scan, name)))
-    return taken
+def kernel_taken() -> str:
+    """The last call's path without the serial/parallel distinction, e.g. 'exact/scan32'."""
+    return last_path().removesuffix(" serial")
 
 
 def check(a, b, ref=ref_gemm, **kw):
@@ -93,23 +88,44 @@ CASES = [
      dict(acc_bits=16, overflow="saturate", spill_every=7, psum_bits=24), "scan16"),
     ("spill18/13-wrap-psum20", 5, 60, 33, (8, False, E), (8, False, E),
      dict(acc_bits=18, spill_every=13, psum_bits=20), "scan32"),
-    ("exact-acc32", 9, 50, 70, (8, True, R), (8, False, R), dict(acc_bits=32), "exact+scan32"),
-    ("exact-narrow", 9, 50, 70, (4, True, E), (2, False, E), dict(acc_bits=12), "exact+scan16"),
+    ("exact-acc32", 9, 50, 70, (8, True, R), (8, False, R), dict(acc_bits=32), "exact/scan32"),
+    ("exact-narrow", 9, 50, 70, (4, True, E), (2, False, E), dict(acc_bits=12), "exact/scan16"),
     ("exact-spill", 9, 50, 70, (8, True, E), (8, True, E),
-     dict(acc_bits=19, overflow="saturate", spill_every=8, psum_bits=24), "exact+scan32"),
+     dict(acc_bits=19, overflow="saturate", spill_every=8, psum_bits=24), "exact/scan32"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_designed_cases(case, taken):
+def test_designed_cases(case):
     name, m, k, n, aspec, bspec, kw, expected = case
     rng = np.random.default_rng(sum(map(ord, name)))
     a = codes(rng, (m, k), *aspec)
     b = codes(rng, (k, n), *bspec)
     counts = check(a, b, ref=ref_gemm_np if m * n * k > 20000 else ref_gemm, **kw)
-    assert taken == expected.split("+")
-    if not expected.startswith("exact"):
+    assert kernel_taken() == expected
+    if expected.startswith("scan"):
         assert counts["overflows"] > 0, "case meant to overflow"
+
+
+def test_values_that_cannot_overflow_take_the_bound_path():
+    """The range of the codes allows overflow, the values do not: exact product, no overflows."""
+    rng = np.random.default_rng(11)
+    sparse = np.zeros((6, 300), np.int8)
+    sparse[np.arange(6), 7 * np.arange(6)] = -128        # |a| @ |b| <= 128 * 128 everywhere
+    full = codes(rng, (300, 40), 8, True, E)
+    signed, unsigned = codes(rng, (8, 600), 8, True, R), codes(rng, (600, 70), 8, False, R)
+    for a, b, kw in ((sparse, full, dict(acc_bits=16, overflow="saturate")),
+                     # |a| @ |b| exceeds 2^22, sum_k max(0, a b) and sum_k max(0, -a b) do not
+                     (signed, unsigned, dict(acc_bits=23)),
+                     (unsigned.T.copy(), signed.T.copy(),
+                      dict(acc_bits=23, overflow="saturate", spill_every=100, psum_bits=24))):
+        c, counts = int_gemm(a, b, **kw)
+        assert kernel_taken() == "bound/scan32"
+        np.testing.assert_array_equal(c, exact_product(a, b))
+        assert counts["overflows"] == 0
+    a = codes(rng, (8, 600), 8, True, P)                 # positive products: the bound fails
+    check(a, a.T.copy(), ref=ref_gemm_np, acc_bits=23, overflow="saturate")
+    assert kernel_taken() == "scan32"
 
 
 def test_reference_np_equals_reference():
@@ -125,7 +141,7 @@ def test_reference_np_equals_reference():
         assert rc == rc2 and rc["overflows"] > 0
 
 
-def test_wide_accumulator_scan64(taken):
+def test_wide_accumulator_scan64():
     """32..62-bit accumulators overflow only for long K: uint8 255 x 255, K = 40000."""
     k = 40000
     a = np.full((2, k), 255, np.uint8)
@@ -138,36 +154,36 @@ def test_wide_accumulator_scan64(taken):
                          # is emulated at the 30 bits that its 5000-MAC sums need
                          (dict(acc_bits=32, overflow="saturate", spill_every=5000, psum_bits=32),
                           "scan32")):
-        taken.clear()
         counts = check(a, b, ref=ref_gemm_np, **kw)
-        assert taken == [expected] and counts["overflows"] > 0
+        assert kernel_taken() == expected and counts["overflows"] > 0
     assert int_gemm(a, b, acc_bits=64)[1]["overflows"] == 0
 
 
 # --- long K: the exact path (integer lanes, or sgemm in float32-exact chunks), and wraps -------
 
 @pytest.mark.parametrize("k, abits, signed", [(140001, 8, True), (40001, 8, False)])
-def test_long_k_exact_sgemm_chunks(k, abits, signed, taken):
+def test_long_k_exact_sgemm_chunks(k, abits, signed):
     """K * max|a*b| beyond int32: chunked float32 sgemm (chunks of 1024 and 258 MACs)."""
     rng = np.random.default_rng(5)
     a = codes(rng, (2, k), abits, signed, E)     # includes -128 (or 255)
     b = codes(rng, (k, 3), 8, signed, E)
+    paths.use("sgemm")
     c, counts = int_gemm(a, b, acc_bits=48)
     np.testing.assert_array_equal(c, exact_product(a, b))
     assert counts == {"macs": 2 * 3 * k, "overflows": 0, "spills": 0}
-    assert taken == ["exact", "sgemm"]
+    assert kernel_taken() == "exact/sgemm"
 
 
 @pytest.mark.parametrize("k, abits, bbits, path", [(3001, 8, 8, "scan32"), (511, 4, 4, "scan16"),
                                                    (1100, 2, 4, "scan16")])
-def test_long_k_exact_integer_lanes(k, abits, bbits, path, taken):
+def test_long_k_exact_integer_lanes(k, abits, bbits, path):
     rng = np.random.default_rng(4)
     a = codes(rng, (37, k), abits, True, E)
     b = codes(rng, (k, 70), bbits, True, E)
     c, counts = int_gemm(a, b, acc_bits=32, overflow="saturate")
     np.testing.assert_array_equal(c, exact_product(a, b))
     assert counts["overflows"] == 0
-    assert taken == ["exact", path]
+    assert kernel_taken() == "exact/" + path
 
 
 def test_long_k_wrap_counts():
@@ -347,8 +363,10 @@ def test_saturating_int16_kernel_is_vectorized():
     asm = kernel.inspect_asm(kernel.signatures[0])
     packed = set(re.findall(r"\b(vpaddsw|vpaddw|vpmullw)\s+[^\n]*%[xyz]mm", asm))
     assert packed == {"vpaddsw", "vpaddw", "vpmullw"}, packed
-    wide = re.findall(r"\bvpaddsw\s+[^\n]*%([yz])mm", asm)
+    wide = set(re.findall(r"\bvpaddsw\s+[^\n]*%([yz])mm", asm))
     assert wide, "saturating adds only on 128-bit registers"
+    if "-prefer-256-bit" in os.environ.get("NUMBA_CPU_FEATURES", ""):   # set by kernels.cpu
+        assert "z" in wide, "AVX-512 CPU, but no saturating adds on 512-bit registers"
 
 
 def test_bounds_helper():
