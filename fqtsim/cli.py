@@ -20,9 +20,9 @@ import sys
 
 import pandas as pd
 
-from fqtsim.schedule import METHODS, RANGE_POLICIES
-from fqtsim.train import Interrupted, RunConfig
-from fqtsim.variance import DEFAULTS as VARIANCE_DEFAULTS
+from fqtsim.simulation.schedule import METHODS, RANGE_POLICIES
+from fqtsim.training.train import Interrupted, RunConfig
+from fqtsim.analysis.variance import DEFAULTS as VARIANCE_DEFAULTS
 
 DEFAULT_HW = "hw_configs/npu.yaml"
 
@@ -96,7 +96,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _hw_help(default: str) -> str:
-    from fqtsim.hw import shipped
+    from fqtsim.hardware.hw import shipped
     return (f"hardware config: a YAML file, or a shipped config by name ({', '.join(shipped())}); "
             f"default {default} (the shipped one when ./{default} does not exist)")
 
@@ -340,11 +340,11 @@ def _log_to_stderr():
 
 
 def cmd_cost(args) -> int:
-    import fqtsim.cost
+    import fqtsim.simulation.cost
     from fqtsim import load_hw
     from fqtsim.files import claim_file, write_atomic
-    from fqtsim.hw import resolve_hw
-    from fqtsim.ledger import summarize
+    from fqtsim.hardware.hw import resolve_hw
+    from fqtsim.simulation.ledger import summarize
 
     hw = load_hw(args.hw)
     if args.csv is not None:
@@ -354,7 +354,7 @@ def cmd_cost(args) -> int:
             raise ValueError(f"{option}: {' '.join(values)} names a value twice; give each once")
     if args.quantizer:
         return quantizer_table(hw, args)
-    ledger = pd.concat([fqtsim.cost.gemm(hw, m, n, k, a_bits=args.a_bits, b_bits=args.b_bits,
+    ledger = pd.concat([fqtsim.simulation.cost.gemm(hw, m, n, k, a_bits=args.a_bits, b_bits=args.b_bits,
                                          out_bits=args.out_bits, writeback=args.writeback,
                                          scope=args.scope, name=f"{m}x{k}x{n}")
                         for m, k, n in args.gemm], ignore_index=True)
@@ -370,15 +370,16 @@ def cmd_cost(args) -> int:
 
 
 def quantizer_table(hw, args) -> int:
-    import fqtsim.cost
+    import fqtsim.simulation.cost
     from fqtsim.files import write_atomic
-    from fqtsim.schedule import QuantScheme
+    from fqtsim.simulation.schedule import QuantScheme
 
     schemes = [QuantScheme(q, r) for q in args.quantizer for r in args.range_policy]
     tables = []
     print(f"{hw.name}: {hw.description}")
     for m, k, n in args.gemm:
-        table = fqtsim.cost.overhead(hw, m, n, k, schemes, grad_bits=args.grad_bits, b_bits=args.b_bits)
+        table = fqtsim.simulation.cost.overhead(hw, m, n, k, schemes, grad_bits=args.grad_bits,
+                                                b_bits=args.b_bits)
         table.insert(0, "gemm", f"{m}x{k}x{n}")
         tables.append(table)
         print(f"\ndX = Q(dY) W, dY {m}x{k} at {args.grad_bits} bits, W {k}x{n}: "
@@ -395,7 +396,7 @@ def quantizer_table(hw, args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from fqtsim.bench import format_bench, gemm_bench, train_step_bench
+    from fqtsim.analysis.bench import format_bench, gemm_bench, train_step_bench
 
     print("emulated integer GEMM vs numpy float32 matmul, same shape, same process "
           "(ratio = sgemm time / emulated time; higher is better)")
@@ -407,7 +408,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from fqtsim.train import Diverged, train
+    from fqtsim.training.train import Diverged, train
 
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "argv", "restart")})
     try:
@@ -440,7 +441,7 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_report(args) -> int:
-    from fqtsim.report import build_report
+    from fqtsim.analysis.report import build_report
 
     out = build_report(args.out, args.runs, args.model, args.batch, args.hw, args.grad_bits,
                        command="fqtsim " + shlex.join(args.argv))
@@ -449,7 +450,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from fqtsim.sweep import grid, sweep
+    from fqtsim.analysis.sweep import grid, sweep
 
     options = {k: v for k, v in vars(args).items()
                if k not in ("command", "argv", "out", "workers", "scheduler")}
@@ -463,7 +464,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_variance(args) -> int:
-    from fqtsim.variance import run
+    from fqtsim.analysis.variance import run
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "argv")}
     for option, values in (("--bits", args.bits), ("--quantizer", args.quantizers)):

@@ -3,8 +3,8 @@
 numpy arrays of integer codes in, int64 results and event counts out; Numba kernels, plus
 oneDNN's int8 GEMM through torch where a run-time probe proves it exact on this CPU (torch is
 imported only then, so the package works without it). No I/O beyond a small per-machine cache
-of measured kernel choices (`kernels.paths`), no config parsing; `fqtsim.device` maps a hardware
-config onto `int_gemm`.
+of measured kernel choices (`kernels.paths`), no config parsing; `fqtsim.simulation.device` maps
+a hardware config onto `int_gemm`.
 
 Thread pools: idle threads of OpenBLAS (numpy's sgemm) and of libgomp (Numba's parallel kernels,
 torch's) busy-wait for milliseconds after each call and slow the other pool down 1.5-20x on small

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import fqtsim.cost
 from conftest import HW_DIR, SHIPPED
 from fqtsim import load_hw
-from fqtsim.conv import Im2col, col2im, row_tiles
+from fqtsim.hardware.conv import Im2col, col2im, row_tiles
 from test_cost import VARIANTS, assert_same, run_both
 
 

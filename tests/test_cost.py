@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import fqtsim.cost
 from conftest import HW_DIR, SHIPPED
 from fqtsim import load_hw
-from fqtsim.device import Device
-from fqtsim.mapping import plan
+from fqtsim.simulation.device import Device
+from fqtsim.hardware.mapping import plan
 
 KEY = ["event", "level"]
 
@@ -250,6 +250,12 @@ def test_k_tiles_of_several_folds_park_partial_sums_where_results_stay_exact(mak
     assert rows_of(fqtsim.cost.gemm(spill, 64, 64, 64))["psum_spill", "tcm"].count == 64 * 64 * 4
 
 
+def test_fqtsim_cost_is_the_simulation_cost_module():
+    """`fqtsim.cost`, the documented API, is fqtsim.simulation.cost itself, not a copy."""
+    import fqtsim.simulation.cost
+    assert fqtsim.cost is fqtsim.simulation.cost
+
+
 def test_bad_gemm_arguments():
     hw = load_hw(HW_DIR / "npu.yaml")
     dev = Device(hw)
@@ -281,8 +287,8 @@ def test_device_results_and_ledger_accumulate():
 
 
 def test_the_wide_gradient_home_is_decided_by_its_producer():
-    from fqtsim.mapping import Producer, loss_producer
-    from fqtsim.schedule import QuantScheme
+    from fqtsim.hardware.mapping import Producer, loss_producer
+    from fqtsim.simulation.schedule import QuantScheme
     hw = load_hw(HW_DIR / "npu.yaml")
 
     def home(n, scheme):
@@ -301,7 +307,7 @@ def test_the_wide_gradient_home_is_decided_by_its_producer():
 
 @pytest.mark.parametrize("m, k, n", [(8192, 256, 512), (512, 256, 8192), (300, 1000, 70), (64, 64, 64)])
 def test_a_null_loop_order_is_searched_per_gemm(make_hw, m, k, n):
-    from fqtsim.mapping import _score
+    from fqtsim.hardware.mapping import _score
     searched = make_hw("npu", **{"mapping.loop_order": None, "tcm.size_kib": 64})
     t = plan(searched, m, n, k, 8, 8, 8)
     for order in (["n", "m"], ["m", "n"]):
@@ -313,8 +319,8 @@ def test_a_null_loop_order_is_searched_per_gemm(make_hw, m, k, n):
 
 def test_the_mapper_minimizes_the_configs_objective_with_the_schemes_passes(make_hw):
     from fqtsim.cost import Gemm, _objective, layout
-    from fqtsim.mapping import plans, stored_output_bits
-    from fqtsim.schedule import QuantScheme
+    from fqtsim.hardware.mapping import plans, stored_output_bits
+    from fqtsim.simulation.schedule import QuantScheme
 
     for objective in ("energy", "cycles", "edp"):
         hw = make_hw("npu", **{"mapping.objective": objective, "mapping.loop_order": None})
@@ -334,8 +340,8 @@ def test_the_mapper_minimizes_the_configs_objective_with_the_schemes_passes(make
 
 def test_a_producer_keeps_room_for_the_gradient_its_consumer_reads_wide(make_hw):
     from fqtsim.cost import Gemm, _consumer_events, layout
-    from fqtsim.mapping import plan, wide_bits
-    from fqtsim.schedule import QuantScheme
+    from fqtsim.hardware.mapping import plan, wide_bits
+    from fqtsim.simulation.schedule import QuantScheme
 
     hw = make_hw("npu", **{"mapping.objective": "energy"})
     spec = Gemm(256, 512, 64, 8, 8, 8, "handoff", "tensor", QuantScheme("psq"), True, False, None,

@@ -19,11 +19,11 @@ import fqtsim
 import fqtsim.cost as cost
 from conftest import HW_DIR, hw_dict, set_key
 from fqtsim.cli import main
-from fqtsim.device import Device
+from fqtsim.simulation.device import Device
 from fqtsim.quantizers import (DelayedRange, fake_quantize, quantize_gradient, quantize_weight,
                                variance_bound)
-from fqtsim.schedule import QuantScheme
-from fqtsim.train import RunConfig
+from fqtsim.simulation.schedule import QuantScheme
+from fqtsim.training.train import RunConfig
 from kernels import int_gemm
 
 NPU = str(HW_DIR / "npu.yaml")
@@ -350,7 +350,7 @@ API_CASES = [
     ("RunConfig(seed=True)", lambda d: RunConfig(seed=True), ValueError, "--seed: got True"),
     ("RunConfig(lr=inf)", lambda d: RunConfig(lr=float("inf")), ValueError, "--lr: got inf; expected a finite number > 0"),
     ("RunConfig(lr=nan)", lambda d: RunConfig(lr=float("nan")), ValueError, "--lr: got nan"),
-    ("variance.run(--run + model)", lambda d: __import__("fqtsim.variance").variance.run("v", from_run="R", model="cnn"), ValueError, "--model: not allowed with --run"),
+    ("variance.run(--run + model)", lambda d: __import__("fqtsim.analysis.variance").analysis.variance.run("v", from_run="R", model="cnn"), ValueError, "--model: not allowed with --run"),
 ]
 
 
@@ -397,8 +397,8 @@ def test_every_subcommand_help_shows_defaults(capsys):
 
 
 def test_bench_logs_a_line_per_round_off_a_terminal(caplog):
-    from fqtsim.bench import gemm_bench
-    with caplog.at_level("INFO", logger="fqtsim.bench"):
+    from fqtsim.analysis.bench import gemm_bench
+    with caplog.at_level("INFO", logger="fqtsim.analysis.bench"):
         table = gemm_bench(shapes=[(8, 8, 8)], modes=["acc32"], repeat=1, rounds=2)
     assert len(table) == 1
     assert [r.getMessage().split(",")[0] for r in caplog.records] == \

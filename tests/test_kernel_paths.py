@@ -268,7 +268,7 @@ def test_describe_names_the_cpu_features_and_kernels():
 
 
 def test_bench_table_names_the_cpu_and_each_path():
-    from fqtsim.bench import format_bench, gemm_bench
+    from fqtsim.analysis.bench import format_bench, gemm_bench
     paths.use("scan")
     df = gemm_bench(shapes=((8, 40, 9),), modes=["acc32", "saturate16"], repeat=1, rounds=1,
                     progress=False)

@@ -13,7 +13,7 @@ import pytest
 from conftest import HW_DIR
 from fqtsim.cli import main
 from fqtsim.files import write_atomic
-from fqtsim.train import RunConfig, train
+from fqtsim.training.train import RunConfig, train
 
 NPU = str(HW_DIR / "npu.yaml")
 TINY = ["--hw", NPU, "--dataset", "synthetic", "--batch-size", "200"]
@@ -120,7 +120,7 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch, capsys):
 # checkpoint), or at epoch 2's checkpoint, after its ledger part was written
 KILLED_RUN = """
 import os, signal, sys
-import fqtsim.train as t
+import fqtsim.training.train as t
 take, save = t._take, t._save_checkpoint
 def take_then_die(device, step):
     if {where!r} == "mid-epoch" and step == {steps_per_epoch} + 1:
@@ -239,7 +239,7 @@ def test_an_output_inside_an_input_directory_is_refused(finished_run, capsys):
 
 
 def test_a_restart_stopped_in_its_first_epoch_keeps_the_earlier_run(finished_run, monkeypatch):
-    import fqtsim.train as t
+    import fqtsim.training.train as t
     before = listing(finished_run)
 
     def interrupt(device, step):

@@ -82,7 +82,7 @@ CONVS = HERE / "peers" / "zigzag_conv_os_fixed.csv"
 def conv_traffic(row, tile_m) -> dict:
     """fqtsim's forward-conv DRAM elements on the reference array, the im2col matrix built on chip
     from the (already padded) input, with A tiles of `tile_m` output positions."""
-    from fqtsim.conv import Im2col
+    from fqtsim.hardware.conv import Im2col
 
     d = yaml.safe_load((HW_DIR / "reference-os16.yaml").read_text())
     d["mapping"]["tile_m"] = tile_m

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from conftest import HW_DIR
-from fqtsim import render
+from fqtsim.analysis import render
 from fqtsim.cli import main
-from fqtsim.report import build_report, pass_of
-from fqtsim.train import RunConfig, train
-from fqtsim.workloads import workload
+from fqtsim.analysis.report import build_report, pass_of
+from fqtsim.training.train import RunConfig, train
+from fqtsim.simulation.workloads import workload
 
 NPU = str(HW_DIR / "npu.yaml")
 

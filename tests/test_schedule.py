@@ -6,10 +6,10 @@ from hypothesis import given, settings, strategies as st
 import fqtsim.cost
 from conftest import HW_DIR, SHIPPED
 from fqtsim import load_hw
-from fqtsim.device import Device
+from fqtsim.simulation.device import Device
 from fqtsim.quantizers import DelayedRange, quantize_activation, quantize_gradient, quantize_weight
-from fqtsim.schedule import QuantScheme, bitonic_compares
-from fqtsim.passes import bitonic_sort
+from fqtsim.simulation.schedule import QuantScheme, bitonic_compares
+from fqtsim.simulation.passes import bitonic_sort
 
 KEY = ["event", "level"]
 EMULATION_ONLY = ["overflow", "clip"]

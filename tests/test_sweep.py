@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from conftest import HW_DIR
-from fqtsim import sweep as sweep_module
+from fqtsim.analysis import sweep as sweep_module
 from fqtsim.cli import main
-from fqtsim.sweep import accuracy_table, grid, point_id, sweep
+from fqtsim.analysis.sweep import accuracy_table, grid, point_id, sweep
 
 NPU = str(HW_DIR / "npu.yaml")
 TINY = dict(dataset="synthetic", epochs=1, batch_size=200)

@@ -12,9 +12,9 @@ from torch.nn import functional as F
 
 from conftest import HW_DIR
 from fqtsim import load_hw
-from fqtsim.device import Device
-from fqtsim.fqt import FQTConfig, Simulator, convert
-from fqtsim.train import RunConfig, train
+from fqtsim.simulation.device import Device
+from fqtsim.training.fqt import FQTConfig, Simulator, convert
+from fqtsim.training.train import RunConfig, train
 
 NPU = str(HW_DIR / "npu.yaml")
 
@@ -169,7 +169,7 @@ def test_a_training_step_on_the_device_equals_the_closed_form_step(tmp_path, mod
     """The whole step (forward, both backward GEMMs, quantizer passes, update) of a real run equals
     fqtsim.cost.training_step for the model's layer shapes, event by event."""
     import fqtsim.cost
-    from fqtsim import workloads
+    from fqtsim.simulation import workloads
 
     # synthetic: 800 training samples, 8 batches of exactly 100
     train(RunConfig(hw=NPU, model=model, dataset="synthetic", quantizer=quantizer, epochs=1,

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import HW_DIR
 from fqtsim.cli import main
-from fqtsim.variance import run
+from fqtsim.analysis.variance import run
 
 NPU = str(HW_DIR / "npu.yaml")
 
@@ -25,7 +25,7 @@ def test_measured_variance_stays_under_the_bound(tmp_path, model):
 
 
 def test_variance_cli_from_a_run(tmp_path, capsys):
-    from fqtsim.train import RunConfig, train
+    from fqtsim.training.train import RunConfig, train
     train(RunConfig(hw=NPU, mode="qat", dataset="synthetic", epochs=1, batch_size=100,
                     out=str(tmp_path / "r")), progress=False)
     assert main(["variance", "--hw", NPU, "--run", str(tmp_path / "r"), "--batch-size", "50",

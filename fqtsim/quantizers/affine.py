@@ -8,7 +8,7 @@ non-negative data (lo >= 0, e.g. ReLU outputs) it stays unsigned, q = u, with of
 that zeros, the most common value, are code 0 and add nothing to a sum. The offset stays a real
 number (no integer zero point), so stochastic rounding is exactly unbiased whenever the range
 covers the data; integer hardware applies it after the GEMM as a rank-1 correction with the other
-operand's column or row sums (see `fqtsim.schedule`).
+operand's column or row sums (see `fqtsim.simulation.schedule`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Range policies: where a quantizer's range comes from.
 
 dynamic: the tensor's own min and max, known only once the whole scope has been computed, so the
-hardware must write it out at accumulator width first (see `fqtsim.schedule`).
+hardware must write it out at accumulator width first (see `fqtsim.simulation.schedule`).
 
 delayed: a range known before the GEMM, from the ranges of the last `history` steps, widened by
 `margin`, so requantization can be fused into the accumulator's write-back. Values outside it are

@@ -1,7 +1,7 @@
 """Layer shapes of models too big to train here, for the closed-form cost model.
 
 Every layer is one GEMM per sample group: a conv layer is its im2col GEMM (the im2col matrix
-built on chip from the feature map, see `fqtsim.conv`), a linear layer a GEMM with one row per
+built on chip from the feature map, see `fqtsim.hardware.conv`), a linear layer a GEMM with one row per
 sample (or per token), attention's score and context products batched GEMMs.
 
     Layer(name, rows, k, n, repeat, weights, im2col)
@@ -9,13 +9,13 @@ sample (or per token), attention's score and context products batched GEMMs.
       k, n     forward GEMM: (batch*rows x k) @ (k x n)
       repeat   independent GEMMs of that shape per sample (attention heads); 1 elsewhere
       weights  trainable parameters (0 for attention's activation x activation products)
-      im2col   a conv layer's geometry for one sample (`fqtsim.conv.Im2col`); None elsewhere
+      im2col   a conv layer's geometry for one sample (`fqtsim.hardware.conv.Im2col`); None elsewhere
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fqtsim.conv import Im2col
+from fqtsim.hardware.conv import Im2col
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def transformer_block(seq: int = 512, width: int = 768, heads: int = 12) -> list
 
 
 def mlp(inputs: int = 64, classes: int = 10) -> list[Layer]:
-    """The MLP that `fqtsim run` trains (see `fqtsim.models`)."""
+    """The MLP that `fqtsim run` trains (see `fqtsim.training.models`)."""
     return [linear("1", inputs, 128), linear("3", 128, 64), linear("5", 64, classes)]
 
 

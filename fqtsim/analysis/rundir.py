@@ -100,7 +100,7 @@ def _warnings(summary: dict, config: dict) -> list[str]:
     """The run's own warnings; summaries from before they existed get the same checks here."""
     if "warnings" in summary:
         return list(summary["warnings"])
-    from fqtsim.train import run_warnings   # torch: only for such older runs
+    from fqtsim.training.train import run_warnings   # torch: only for such older runs
     acc = config.get("hw_config", {}).get("accumulator", {})
     hw = SimpleNamespace(name=Path(summary["hw"]).stem, accumulator=SimpleNamespace(
         bits=acc.get("bits", "?"), overflow=acc.get("overflow", "")))
@@ -109,7 +109,7 @@ def _warnings(summary: dict, config: dict) -> list[str]:
 
 @lru_cache
 def _classes(dataset: str) -> int:
-    from fqtsim.data import load
+    from fqtsim.training.data import load
     return load(dataset).classes
 
 

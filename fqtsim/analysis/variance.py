@@ -28,9 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from fqtsim.fqt import FQTConfig, FQTConv2d, FQTLinear, Simulator
+from fqtsim.training.fqt import FQTConfig, FQTConv2d, FQTLinear, Simulator
 from fqtsim.quantizers import variance_bound
-from fqtsim.schedule import GRAD_WEIGHT_BITS, weight_gradient_method
+from fqtsim.simulation.schedule import GRAD_WEIGHT_BITS, weight_gradient_method
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,14 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset:
     import json
     from pathlib import Path
 
-    from fqtsim.data import DATASETS, load
-    from fqtsim.device import Device
+    from fqtsim.training.data import DATASETS, load
+    from fqtsim.simulation.device import Device
     from fqtsim.files import claim_dir, write_atomic
-    from fqtsim.fqt import convert
-    from fqtsim.hw import load_hw, resolve_hw
-    from fqtsim.models import MODELS, build
+    from fqtsim.training.fqt import convert
+    from fqtsim.hardware.hw import load_hw, resolve_hw
+    from fqtsim.training.models import MODELS, build
     from fqtsim.quantizers import check_bits
-    from fqtsim.train import OtherRun, RunConfig, train
+    from fqtsim.training.train import OtherRun, RunConfig, train
 
     given = {"model": model, "dataset": dataset, "epochs": epochs, "seed": seed}
     if from_run is not None:

@@ -1,9 +1,10 @@
 """The simulated device: runs GEMMs through the integer kernels and records what they cost.
 
 `Device.gemm` computes the exact accumulator results with `kernels.int_gemm` (which also counts
-MACs, overflows and spills) and walks the loop nest of `fqtsim.mapping` tile by tile, tracking
-which operand tiles are resident in TCM, to record every load, read, spill, write-back and stall
-in `device.ledger`. `fqtsim.cost` computes the same events in closed form; tests hold them equal.
+MACs, overflows and spills) and walks the loop nest of `fqtsim.hardware.mapping` tile by tile,
+tracking which operand tiles are resident in TCM, to record every load, read, spill, write-back
+and stall in `device.ledger`. `fqtsim.simulation.cost` computes the same events in closed form;
+tests hold them equal.
 """
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ import os
 import numpy as np
 import pandas as pd
 
-from fqtsim.conv import Im2col
-from fqtsim.hw import HWConfig, as_hw
-from fqtsim.ledger import GemmSpec, add, frame, merge, price
-from fqtsim.cost import Gemm, check_consumer, col2im_events, layout
-from fqtsim.mapping import (Producer, check_gemm, live_wide_elements, nbytes, parks_psums,
-                            phase_stalls, produced_by, stored_output_bits, wide_bits, wide_level)
-from fqtsim.passes import corrections, input_passes, output_passes
+from fqtsim.hardware.conv import Im2col
+from fqtsim.hardware.hw import HWConfig, as_hw
+from fqtsim.simulation.ledger import GemmSpec, add, frame, merge, price
+from fqtsim.simulation.cost import Gemm, check_consumer, col2im_events, layout
+from fqtsim.hardware.mapping import (Producer, check_gemm, live_wide_elements, nbytes,
+                                     parks_psums, phase_stalls, produced_by, stored_output_bits,
+                                     wide_bits, wide_level)
+from fqtsim.simulation.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
-from fqtsim.schedule import (FORWARD_BITS, QuantScheme, as_scheme, output_writeback,
-                             rename_wide_output, update_events, wide_gradient_level)
+from fqtsim.simulation.schedule import (FORWARD_BITS, QuantScheme, as_scheme, output_writeback,
+                                        rename_wide_output, update_events, wide_gradient_level)
 from kernels import int_gemm
 
 
@@ -71,7 +73,7 @@ class Device:
         """Exact accumulator results (int64, M x N) of codes `a` (M x K) @ `b` (K x N).
 
         `a`, `b`: int8 (signed) or uint8 (unsigned) arrays of `a_bits`/`b_bits`-bit codes. The
-        write-back and im2col arguments are those of `fqtsim.cost.gemm`.
+        write-back and im2col arguments are those of `fqtsim.simulation.cost.gemm`.
         """
         return self._run(a, b, a_bits, b_bits, out_bits, writeback, scope, name,
                          windows=(a_im2col, b_im2col, col2im))
@@ -87,7 +89,7 @@ class Device:
         None for static codes. Scales must not vary along the reduction dimension: A per tensor
         or per row, B per tensor or per column. `writeback`: as for `gemm` ("handoff" when the
         output feeds another quantizer). `a_im2col`, `b_im2col`, `col2im`, `consumer`: as for
-        `fqtsim.cost.gemm` (a convolution's operands and grad_input output; the quantizer
+        `fqtsim.simulation.cost.gemm` (a convolution's operands and grad_input output; the quantizer
         reading a handed-off output).
         """
         for label, q in (("a", a), ("b", b)):
@@ -168,7 +170,7 @@ class Device:
 
     def update(self, params: int, name: str):
         """Record an SGD-with-momentum step of `params` FP32 master weights whose gradient the
-        last GEMM wrote (see `fqtsim.schedule.update_events`)."""
+        last GEMM wrote (see `fqtsim.simulation.schedule.update_events`)."""
         events = update_events(self.hw, params, self.last_output_level)
         self._rows += price(self.hw, name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
@@ -332,8 +334,8 @@ def _window_elements(win: Im2col, r0: int, r1: int, c0: int, c1: int) -> np.ndar
 
 
 def _fold(hw: HWConfig, win: Im2col) -> dict:
-    """col2im of a wide im2col gradient into its feature map in TCM (see `fqtsim.cost.col2im_events`),
-    counted entry by entry."""
+    """col2im of a wide im2col gradient into its feature map in TCM (see
+    `fqtsim.simulation.cost.col2im_events`), counted entry by entry."""
     taps = _window_pixels(win, 0, win.rows)
     return col2im_events(hw, taps.size * win.channels, np.unique(taps).size * win.channels)
 

@@ -200,8 +200,8 @@ class HWConfig:
 def shipped_dir() -> Path | None:
     """The folder of the configs that ship with fqtsim: `fqtsim/hw_configs` in an installed wheel,
     the checkout's top-level `hw_configs/` in an editable install (None if neither is there)."""
-    here = Path(__file__).resolve().parent
-    for folder in (here / "hw_configs", here.parent / "hw_configs"):
+    package = Path(__file__).resolve().parent.parent   # fqtsim/ (this file is fqtsim/hardware/hw.py)
+    for folder in (package / "hw_configs", package.parent / "hw_configs"):
         if (folder / "npu.yaml").is_file():
             return folder
     return None

@@ -1,6 +1,6 @@
 """The device's quantizer passes, counted over the tensors it actually processes.
 
-The counterpart of `fqtsim.schedule`'s closed form: the same passes, counted as the device
+The counterpart of `fqtsim.simulation.schedule`'s closed form: the same passes, counted as the device
 performs them (BHQ's sort runs a real bitonic network over the row ranges and counts its
 compare-exchanges; the transform visits the actual data-dependent blocks; clips are counted by
 the quantizer), so that tests can hold the two equal.
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fqtsim.hw import HWConfig
-from fqtsim.ledger import add
-from fqtsim.mapping import Tiling, nbytes, wide_bits
+from fqtsim.hardware.hw import HWConfig
+from fqtsim.simulation.ledger import add
+from fqtsim.hardware.mapping import Tiling, nbytes, wide_bits
 from fqtsim.quantizers import Quantized
-from fqtsim.schedule import QuantScheme, wide_gradient_level
+from fqtsim.simulation.schedule import QuantScheme, wide_gradient_level
 
 
 def bitonic_sort(keys: np.ndarray) -> tuple[np.ndarray, int]:

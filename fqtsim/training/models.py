@@ -3,8 +3,8 @@
     mlp   Linear-ReLU-Linear-ReLU-Linear on flattened inputs
     cnn   two 3x3 convolutions (the second strided) with BatchNorm and ReLU, then a Linear
 
-Both take (C, H, W) images; the MLP flattens them. `convert` in `fqtsim.fqt` swaps their Linear and
-Conv2d layers for FQT ones.
+Both take (C, H, W) images; the MLP flattens them. `convert` in `fqtsim.training.fqt` swaps their
+Linear and Conv2d layers for FQT ones.
 """
 from __future__ import annotations
 

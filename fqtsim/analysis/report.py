@@ -20,11 +20,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import fqtsim.cost  # noqa: E402
+import fqtsim.simulation.cost  # noqa: E402
 from fqtsim.files import claim_dir, replace_dir  # noqa: E402
-from fqtsim.hw import HWConfig, load_hw, resolve_hw  # noqa: E402
-from fqtsim.render import Section, write  # noqa: E402
-from fqtsim.rundir import LABEL_FIELDS, Run, label_runs, load_run  # noqa: E402
+from fqtsim.hardware.hw import HWConfig, load_hw, resolve_hw  # noqa: E402
+from fqtsim.analysis.render import Section, write  # noqa: E402
+from fqtsim.analysis.rundir import LABEL_FIELDS, Run, label_runs, load_run  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
     log.info(f"report: cost model of {model}, {len(SCHEMES)} schemes on {len(hws)} configs")
     jobs = [(hw, q, r) for hw in hws for q, r in SCHEMES]
     for hw, q, r in tqdm(jobs, desc=f"{model} schemes", disable=None, leave=False):
-        ledger = fqtsim.cost.training_step(hw, model, batch, q, r, grad_bits)
+        ledger = fqtsim.simulation.cost.training_step(hw, model, batch, q, r, grad_bits)
         passes, overhead = by_pass(ledger), quantizer_energy(ledger)
         rows.append({"hw": hw.name, "quantizer": q, "range": r,
                      "energy_mJ": ledger.energy_pj.sum() / 1e9, "cycles_G": ledger.cycles.sum() / 1e9,
@@ -209,7 +209,7 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
     sec.tables.append((f"{model}_layers_psq_dynamic", layers[["hw", *layers.columns[:-1]]],
                        f"Per layer of {model}, one training step with dynamic PSQ: energy, bytes "
                        f"moved (all levels) and cycles, on each config."))
-    plans = pd.concat([fqtsim.cost.mappings(hw, model, batch, "psq", "dynamic", grad_bits)
+    plans = pd.concat([fqtsim.simulation.cost.mappings(hw, model, batch, "psq", "dynamic", grad_bits)
                        .assign(hw=hw.name) for hw in hws], ignore_index=True)
     sec.tables.append((f"{model}_mapping", plans[["hw", *plans.columns[:-1]]],
                        f"How each GEMM of {model} (dynamic PSQ) is laid onto each config: its shape "
@@ -264,7 +264,7 @@ def tcm_sweep(hw: HWConfig, model: str, batch: int, grad_bits: int = 8,
     rows = []
     for size, q, r in tqdm(jobs, desc="TCM sweep", disable=None, leave=False):
         variant = dataclasses.replace(hw, tcm=dataclasses.replace(hw.tcm, size_kib=float(size)))
-        ledger = fqtsim.cost.training_step(variant, model, batch, q, r, grad_bits)
+        ledger = fqtsim.simulation.cost.training_step(variant, model, batch, q, r, grad_bits)
         rows.append({"tcm_kib": size, "quantizer": q, "range": r,
                      "ddr_GB": ledger.loc[ledger.level == "ddr", "bytes"].sum() / 1e9,
                      "energy_mJ": ledger.energy_pj.sum() / 1e9})

@@ -14,7 +14,7 @@ in float (straight-through); `fqt` runs all three on the device. Weights stay FP
 the optimizer updates; BatchNorm, ReLU and pooling stay float.
 
 A conv layer's im2col matrix is charged as the device builds it, from the feature map in DDR
-(`fqtsim.conv`), and grad_input's im2col-shaped output as folded back onto the input (col2im).
+(`fqtsim.hardware.conv`), and grad_input's im2col-shaped output as folded back onto the input (col2im).
 
 Cost accounting: dy arrives at accumulator width from the layer above, so `grad_input` charges
 its quantizer's passes (wide write, ranges, ...) and `grad_weight` shares that wide tensor; the
@@ -32,12 +32,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fqtsim.conv import Im2col
-from fqtsim.device import Device
-from fqtsim.mapping import Producer, by_columns, loss_producer
+from fqtsim.hardware.conv import Im2col
+from fqtsim.simulation.device import Device
+from fqtsim.hardware.mapping import Producer, by_columns, loss_producer
 from fqtsim.quantizers import (DelayedRange, check_bits, quantize_activation, quantize_gradient,
                                quantize_weight)
-from fqtsim.schedule import FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme, weight_gradient_method
+from fqtsim.simulation.schedule import (FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme,
+                                        weight_gradient_method)
 
 MODES = ("fp32", "qat", "fqt")
 

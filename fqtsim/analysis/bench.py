@@ -176,11 +176,11 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
     import torch
     from torch.nn import functional as F
 
-    from fqtsim.data import load
-    from fqtsim.device import Device
-    from fqtsim.fqt import FQTConfig, Simulator, convert
-    from fqtsim.hw import load_hw
-    from fqtsim.models import build
+    from fqtsim.training.data import load
+    from fqtsim.simulation.device import Device
+    from fqtsim.training.fqt import FQTConfig, Simulator, convert
+    from fqtsim.hardware.hw import load_hw
+    from fqtsim.training.models import build
 
     hw = load_hw(hw_path)
     rows = []

@@ -30,15 +30,15 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from fqtsim.data import DATASETS, load
-from fqtsim.device import Device
+from fqtsim.training.data import DATASETS, load
+from fqtsim.simulation.device import Device
 from fqtsim.files import (check_path, claim_dir, clear_dir, exclusive, remove_temporaries,
                           write_atomic)
-from fqtsim.fqt import MODES, FQTConfig, Simulator, convert
-from fqtsim.hw import load_hw, resolve_hw
-from fqtsim.models import MODELS, build
+from fqtsim.training.fqt import MODES, FQTConfig, Simulator, convert
+from fqtsim.hardware.hw import load_hw, resolve_hw
+from fqtsim.training.models import MODELS, build
 from fqtsim.quantizers import NonFiniteError
-from fqtsim.schedule import FORWARD_BITS, GRAD_WEIGHT_BITS, METHODS, RANGE_POLICIES
+from fqtsim.simulation.schedule import FORWARD_BITS, GRAD_WEIGHT_BITS, METHODS, RANGE_POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
     write_atomic(run_dir / "model.pt", buffer.getvalue())
     ledger = _assemble_ledger(run_dir)
     if cfg.mode == "fqt":   # how the device laid out each GEMM of a (full-batch) training step
-        from fqtsim.cost import mappings
+        from fqtsim.simulation.cost import mappings
         write_atomic(run_dir / "mapping.csv", mappings(hw, _layers(cfg, data), cfg.batch_size, cfg.quantizer,
                                                        cfg.range_policy, cfg.grad_bits).to_csv(index=False))
     summary = summarize_run(cfg, hw, ledger, metrics, accuracy, test_loss,
@@ -249,7 +249,7 @@ def check_fits(cfg: RunConfig, hw, data):
     """Plan every GEMM the run puts on the device (training steps of each batch size and the
     evaluation pass) before training: a config whose tiles cannot fit, or whose MACs cannot take
     the operand widths, is refused now, naming --hw and what to change."""
-    from fqtsim.cost import check_training
+    from fqtsim.simulation.cost import check_training
 
     if cfg.mode == "fp32":   # nothing runs on the device
         return
@@ -264,8 +264,8 @@ def check_fits(cfg: RunConfig, hw, data):
 
 
 def _layers(cfg: RunConfig, data):
-    """The run's model as `fqtsim.workloads` layers (what the cost model plans)."""
-    from fqtsim import workloads
+    """The run's model as `fqtsim.simulation.workloads` layers (what the cost model plans)."""
+    from fqtsim.simulation import workloads
     if cfg.model == "cnn":
         return workloads.cnn(data.image_shape, data.classes)
     return workloads.mlp(int(np.prod(data.image_shape)), data.classes)

@@ -1,6 +1,6 @@
 """How a GEMM is laid onto the device: storage widths, TCM tiles and the loop nest's reuse rules.
 
-The loop nest, written down once (the device walks it, `fqtsim.cost` sums it in closed form):
+The loop nest, written down once (the device walks it, `fqtsim.simulation.cost` sums it in closed form):
 
     for o in outer tiles:              # loop_order[0]: n (column folds outer) or m
       for i in inner tiles:            # loop_order[1]
@@ -41,7 +41,8 @@ Min/max can be tracked in any output pipeline (a register pair per sample); what
 rows is the requantization, so PSQ's live part is the whole samples the producer completes at
 a time (bands of its row tiles when m is outer or one column tile spans all columns), and
 PTQ's and BHQ's is the whole tensor. The mapper lays out a producer knowing its consumer
-(`fqtsim.cost.layout`): the best tiling that keeps that live part in TCM is among those priced.
+(`fqtsim.simulation.cost.layout`): the best tiling that keeps that live part in TCM is among
+those priced.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fqtsim.hw import HWConfig
+from fqtsim.hardware.hw import HWConfig
 
 
 def container_bits(bits: int) -> int:
@@ -123,7 +124,7 @@ def buffer_bytes(hw: HWConfig, m, n, k, tm, tn, tk, a_bits, b_bits, out_bits, a_
                  b_whole=False, a_win=None, b_win=None) -> tuple[int, int, int]:
     """TCM bytes of A (its tiles, or all of it held whole, once), of B, and of the output tiles
     (with their partial sums when the accumulator spills or parks them between K tiles). An
-    operand built on chip from a feature map (`a_win`, `b_win`: its `fqtsim.conv.Im2col`)
+    operand built on chip from a feature map (`a_win`, `b_win`: its `fqtsim.hardware.conv.Im2col`)
     takes its largest tile's input elements, or the whole map's."""
     copies = buffers(hw)
     buf_bits = out_bits
@@ -321,8 +322,8 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
     """The tilings a GEMM may run with, best estimate first (fewest cycles, then DDR bytes): tiles
     (and the loop order) from the config where given, else every fitting size searched; an
     operand is held whole where that fits (with partitions, always; in a pool, where it pays).
-    `a_win`, `b_win`: the `fqtsim.conv.Im2col` of an operand built on chip from a feature map,
-    or None. `fqtsim.cost.layout` picks among them by the config's `mapping.objective`."""
+    `a_win`, `b_win`: the `fqtsim.hardware.conv.Im2col` of an operand built on chip from a feature map,
+    or None. `fqtsim.simulation.cost.layout` picks among them by the config's `mapping.objective`."""
     mp, arr = hw.mapping, hw.array
 
     if mp.loop_order is None:   # every order: K innermost, between the output loops, outermost

@@ -32,8 +32,8 @@ from pathlib import Path
 import pandas as pd
 
 from fqtsim.files import claim_dir, markdown_table, write_atomic
-from fqtsim.hw import resolve_hw
-from fqtsim.train import RunConfig
+from fqtsim.hardware.hw import resolve_hw
+from fqtsim.training.train import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def _one_thread():
 
 def run_point(cfg: dict) -> str | None:
     """Train one point (in a worker); returns None, or the error that stopped it."""
-    from fqtsim.train import train
+    from fqtsim.training.train import train
     try:
         with _one_thread():
             train(RunConfig(**cfg), progress=False)

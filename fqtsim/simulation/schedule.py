@@ -37,9 +37,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fqtsim.hw import HWConfig
-from fqtsim.ledger import add
-from fqtsim.mapping import Producer, Tiling, as_int, nbytes, produced_by, wide_bits
+from fqtsim.hardware.hw import HWConfig
+from fqtsim.simulation.ledger import add
+from fqtsim.hardware.mapping import Producer, Tiling, as_int, nbytes, produced_by, wide_bits
 from fqtsim.quantizers import GRADIENT_METHODS
 
 METHODS = GRADIENT_METHODS
@@ -71,7 +71,8 @@ class QuantScheme:
         if as_int(rows) is None or rows < 1:
             raise ValueError(f"rows_per_sample: got {rows!r}; expected an integer >= 1")
         if self.producer is not None and not isinstance(self.producer, Producer):
-            raise ValueError(f"producer: got {self.producer!r}; expected a fqtsim.mapping.Producer or None")
+            raise ValueError(f"producer: got {self.producer!r}; expected a "
+                             f"fqtsim.hardware.mapping.Producer or None")
 
     @property
     def materializes(self) -> bool:
@@ -90,7 +91,8 @@ def as_scheme(scheme, argument: str = "a_quant") -> QuantScheme | None:
                              f"{', '.join(METHODS)}")
         return QuantScheme(scheme)
     raise TypeError(f"{argument}: got {scheme!r} ({type(scheme).__name__}); expected a "
-                    f"fqtsim.schedule.QuantScheme, a method name ({', '.join(METHODS)}) or None")
+                    f"fqtsim.simulation.schedule.QuantScheme, a method name "
+                    f"({', '.join(METHODS)}) or None")
 
 
 def bitonic_compares(n: int) -> int:

@@ -15,7 +15,7 @@ those columns touch, each with its whole window (a K tile that splits a channel'
 loads that channel's window once for each tile it touches). The same matrix is the weight
 gradient's B operand, rows = positions along its reduction.
 
-Closed form here, vectorized over tiles; `fqtsim.device` counts the same elements by listing
+Closed form here, vectorized over tiles; `fqtsim.simulation.device` counts the same elements by listing
 them, and the tests hold the two equal.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fqtsim.mapping import as_int
+from fqtsim.hardware.mapping import as_int
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Closed-form costs: the events of a GEMM on a device, computed without running it.
 
-The same loop nest as the emulating `Device` (see `fqtsim.mapping`), summed over classes of
+The same loop nest as the emulating `Device` (see `fqtsim.hardware.mapping`), summed over classes of
 identical phases instead of walked, so it is fast enough for ImageNet-scale models and serves as
 the independent check on the device's ledger. Overflow events depend on data: only the device
 counts them.
@@ -16,16 +16,17 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import pandas as pd
 
-from fqtsim.conv import Im2col, col2im
-from fqtsim.hw import HWConfig, as_hw
-from fqtsim.ledger import COLUMNS, GemmSpec, add, frame, merge, price
-from fqtsim.mapping import (Tiling, a_tiles, as_int, b_tiles, by_columns, check_gemm,
-                            container_bits, live_wide_elements, loaded, loop_units, loss_producer,
-                            nbytes, parks_psums, phase_stalls, plans, produced_by,
-                            stored_output_bits, wide_bits, wide_level)
-from fqtsim.schedule import (QuantScheme, as_scheme, correction_events, input_events, output_events,
-                             output_writeback, rename_wide_output, update_events, wide_gradient_level,
-                             FORWARD_BITS, GRAD_WEIGHT_BITS, weight_gradient_method)
+from fqtsim.hardware.conv import Im2col, col2im
+from fqtsim.hardware.hw import HWConfig, as_hw
+from fqtsim.simulation.ledger import COLUMNS, GemmSpec, add, frame, merge, price
+from fqtsim.hardware.mapping import (Tiling, a_tiles, as_int, b_tiles, by_columns, check_gemm,
+                                     container_bits, live_wide_elements, loaded, loop_units,
+                                     loss_producer, nbytes, parks_psums, phase_stalls, plans,
+                                     produced_by, stored_output_bits, wide_bits, wide_level)
+from fqtsim.simulation.schedule import (QuantScheme, as_scheme, correction_events, input_events,
+                                        output_events, output_writeback, rename_wide_output,
+                                        update_events, wide_gradient_level, FORWARD_BITS,
+                                        GRAD_WEIGHT_BITS, weight_gradient_method)
 
 
 def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int = 8,
@@ -41,11 +42,11 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     accumulator spills), to TCM when the live part of its range `scope` fits beside the tiles,
     else to DDR; `"handoff"` leaves it at accumulator width for the next quantizer (whose
     wide_write stores it). `a_quant`: A is a gradient quantized by that scheme on the device,
-    with the passes of `fqtsim.schedule` before and after the GEMM (BHQ materializes the whole
+    with the passes of `fqtsim.simulation.schedule` before and after the GEMM (BHQ materializes the whole
     output). `a_offset`/`b_offset`: the operand's codes are affine (offset + scale * q), which
     costs a rank-1 correction after the GEMM; A's default is whether it is a quantized gradient.
     `a_im2col` (A, M x K) or `b_im2col` (B, K x N): the operand is a convolution's im2col matrix
-    (`fqtsim.conv.Im2col`), built on chip from its feature map, which is what DDR holds and
+    (`fqtsim.hardware.conv.Im2col`), built on chip from its feature map, which is what DDR holds and
     moves. `col2im`: the output is such a matrix of a gradient, folded back onto its feature
     map in TCM (the grad_input GEMM of a convolution). `consumer`: (method, range policy, bits)
     of the gradient quantizer that reads a handed-off output wide; the mapper weighs where the
@@ -99,7 +100,7 @@ def conv2d(hw: HWConfig, batch: int, c_in: int, h: int, w: int, c_out: int, kern
     """Ledger rows of a 2-D convolution's forward pass: `batch` inputs of `c_in` x `h` x `w`,
     `c_out` filters of `kernel` (an int or (kh, kw)), `stride` and zero `padding` likewise. It
     runs as its im2col GEMM with the im2col rows built on chip from the feature map (see
-    `fqtsim.conv`): each input element comes from DDR as often as the loop nest revisits the
+    `fqtsim.hardware.conv`): each input element comes from DDR as often as the loop nest revisits the
     tile that covers it, padding never. Other arguments as for `gemm`."""
     win = Im2col(batch, c_in, h, w, kernel, stride, padding)
     if (cout := as_int(c_out)) is None or cout < 1:
@@ -129,7 +130,7 @@ class Gemm:
 
 @functools.lru_cache(maxsize=8192)
 def layout(hw: HWConfig, spec: Gemm) -> Tiling:
-    """The tiling `spec` runs with: of the mapper's candidates (`fqtsim.mapping.plans`: the best
+    """The tiling `spec` runs with: of the mapper's candidates (`fqtsim.hardware.mapping.plans`: the best
     few estimates of each loop order, and the best that leaves room for a materialized output), the one whose
     whole cost, quantizer passes included, is least by the config's `mapping.objective`."""
     writeback, scope = output_writeback(spec.a_quant, spec.writeback, spec.scope)
@@ -354,7 +355,7 @@ def _check_im2col(win, option: str, rows: int, cols: int):
     if win is None:
         return
     if not isinstance(win, Im2col):
-        raise TypeError(f"{option}: got {win!r}; expected a fqtsim.conv.Im2col or None")
+        raise TypeError(f"{option}: got {win!r}; expected a fqtsim.hardware.conv.Im2col or None")
     if (win.rows, win.cols) != (rows, cols):
         raise ValueError(f"{option}: its im2col matrix is {win.rows}x{win.cols}, the GEMM's "
                          f"operand {rows}x{cols}")
@@ -410,26 +411,26 @@ def overhead(hw: HWConfig, m: int, n: int, k: int, schemes, *, grad_bits: int = 
 def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
                   range_policy: str = "dynamic", grad_bits: int = 8) -> pd.DataFrame:
     """Every event of one FQT training step, layer by layer (the `layer` column), as
-    `fqtsim.fqt` runs it: the forward GEMM on 8-bit codes; grad_input with the gradient
+    `fqtsim.training.fqt` runs it: the forward GEMM on 8-bit codes; grad_input with the gradient
     quantized by `quantizer` at `grad_bits` (all but the first layer), handed off at full width
     to the next quantizer down (a conv layer's folded onto its input by col2im); grad_weight with the 8-bit per-tensor (PTQ) or per-feature
     quantizer sharing the wide gradient; and the SGD update of FP32 masters.
 
-    `model`: a name from `fqtsim.workloads` or a list of its `Layer`s.
+    `model`: a name from `fqtsim.simulation.workloads` or a list of its `Layer`s.
     """
     return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[0]
 
 
 def _training_step(hw, model, batch, quantizer, range_policy, grad_bits):
     """training_step's ledger and the mapping of each of its GEMMs (`mappings`)."""
-    from fqtsim.workloads import Layer, workload
+    from fqtsim.simulation.workloads import Layer, workload
 
     hw = as_hw(hw)
     layers = workload(model) if isinstance(model, str) else model
     if not isinstance(layers, Iterable) or not (layers := list(layers)) or \
             not all(isinstance(layer, Layer) for layer in layers):
         raise TypeError(f"model: got {model!r}; expected a workload name or a non-empty list of "
-                        f"fqtsim.workloads.Layer")
+                        f"fqtsim.simulation.workloads.Layer")
     if (size := as_int(batch)) is None or size < 1:
         raise ValueError(f"batch: got {batch!r}; expected an integer >= 1")
     batch = size

@@ -1,8 +1,8 @@
 """The ledger: one row per (gemm, event, level) with count, bytes, energy and cycles.
 
-The emulating `Device` and the closed-form `fqtsim.cost` both produce raw events (what happened,
-where, how many, how many bytes, how many cycles); this module alone prices them in energy, so
-the energy table of the hardware model lives in one place.
+The emulating `Device` and the closed-form `fqtsim.simulation.cost` both produce raw events
+(what happened, where, how many, how many bytes, how many cycles); this module alone prices them
+in energy, so the energy table of the hardware model lives in one place.
 
 Events (level):
     mac_AxB (array)      MACs of A-bit by B-bit operands; cycles = compute cycles of the array
@@ -15,7 +15,7 @@ Events (level):
     psum_drain (tcm|ddr) final partial sums read out for write-back
     writeback (ddr|tcm)  output written at its stored width (b-bit codes, or accumulator width)
     stall (ddr|tcm)      cycles the array waits on that memory; sum(cycles) = elapsed cycles
-Quantizer passes (see `fqtsim.schedule`), at a memory level for their traffic and at `vector`
+Quantizer passes (see `fqtsim.simulation.schedule`), at a memory level for their traffic and at `vector`
 for their ops (count = elements; ops per element in PASS_OPS):
     wide_write           gradient written at accumulator width before its range is known
     range_pass           min/max reduction over the wide gradient
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from fqtsim.hw import HWConfig
-from fqtsim.mapping import container_bits, wide_bits
+from fqtsim.hardware.hw import HWConfig
+from fqtsim.hardware.mapping import container_bits, wide_bits
 
 COLUMNS = ["gemm", "event", "level", "count", "bytes", "energy_pj", "cycles"]
 
