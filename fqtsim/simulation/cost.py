@@ -256,18 +256,12 @@ def gemm_events(hw: HWConfig, spec: Gemm, tiling: Tiling, after: bool = True) ->
             if level == "ddr" and writeback != "handoff":
                 ddr += out
                 tcm_read += out
-            stall_ddr, stall_tcm = phase_stalls(hw, compute, ddr, tcm_read, tcm_write)
-            add(events, "mac", "array", times * sm * sn * k, 0.0, times * compute)
-            add(events, "load_a", "ddr", times * _elements(a_in, a_bits), times * a_in)
-            add(events, "load_b", "ddr", times * _elements(b_in, b_bits), times * b_in)
-            add(events, "read_a", "tcm", times * read_a, times * nbytes(read_a, a_bits))
-            add(events, "read_b", "tcm", times * read_b, times * nbytes(read_b, b_bits))
+            _phase(events, hw, times, sm * sn * k, compute, (a_in, b_in), (read_a, read_b),
+                   (a_bits, b_bits), ddr, tcm_read, tcm_write)
             if writeback != "handoff":
                 add(events, "writeback", level, times * sm * sn, times * out)
             if writeback == "fused":
                 add(events, "requantize", "array", times * sm * sn)
-            add(events, "stall", "ddr", 0, 0.0, times * stall_ddr)
-            add(events, "stall", "tcm", 0, 0.0, times * stall_tcm)
     return _after(hw, spec, tiling, events, level, handoff, after), level
 
 
@@ -335,15 +329,22 @@ def _k_outer_events(hw: HWConfig, spec: Gemm, tiling: Tiling, writeback: str, ou
         tcm_read += moved["tcm"][0]
         tcm_write += moved["tcm"][1]
         ddr += sum(moved["ddr"])
-        stall_ddr, stall_tcm = phase_stalls(hw, compute, ddr, tcm_read, tcm_write)
-        add(events, "mac", "array", times * sm * sn * sk, 0.0, times * compute)
-        add(events, "load_a", "ddr", times * _elements(a_in, a_bits), times * a_in)
-        add(events, "load_b", "ddr", times * _elements(b_in, b_bits), times * b_in)
-        add(events, "read_a", "tcm", times * read_a, times * nbytes(read_a, a_bits))
-        add(events, "read_b", "tcm", times * read_b, times * nbytes(read_b, b_bits))
-        add(events, "stall", "ddr", 0, 0.0, times * stall_ddr)
-        add(events, "stall", "tcm", 0, 0.0, times * stall_tcm)
+        _phase(events, hw, times, sm * sn * sk, compute, (a_in, b_in), (read_a, read_b),
+               (a_bits, b_bits), ddr, tcm_read, tcm_write)
     return events
+
+
+def _phase(events, hw, times, macs, compute, loads, reads, bits, ddr, tcm_read, tcm_write):
+    """`times` identical phases: their MACs and compute cycles, operand loads (bytes) and reads
+    (elements), and the cycles they wait on DDR and TCM beyond their compute."""
+    stall_ddr, stall_tcm = phase_stalls(hw, compute, ddr, tcm_read, tcm_write)
+    add(events, "mac", "array", times * macs, 0.0, times * compute)
+    for event, moved, b in zip(("load_a", "load_b"), loads, bits):
+        add(events, event, "ddr", times * _elements(moved, b), times * moved)
+    for event, read, b in zip(("read_a", "read_b"), reads, bits):
+        add(events, event, "tcm", times * read, times * nbytes(read, b))
+    add(events, "stall", "ddr", 0, 0.0, times * stall_ddr)
+    add(events, "stall", "tcm", 0, 0.0, times * stall_tcm)
 
 
 def _elements(moved: float, bits: int) -> int:
