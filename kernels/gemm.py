@@ -88,7 +88,7 @@ def int_gemm(a, b, *, acc_bits: int = 32, overflow: str = "wrap", spill_every: i
     # product (they take narrower lanes for narrower values).
     ranges = _dtype_range(a), _dtype_range(b)
     pmin, pmax = _product_range(*ranges[0], *ranges[1])
-    if not exact_suffices(pmin, pmax) or paths.exact_order(m * n * k)[0] == "scan":
+    if not exact_suffices(pmin, pmax) or next(iter(paths.exact_order(m * n * k)), "sgemm") == "scan":
         ranges = _code_range(a), _code_range(b)
         pmin, pmax = _product_range(*ranges[0], *ranges[1])
     if exact_suffices(pmin, pmax):

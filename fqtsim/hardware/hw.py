@@ -166,7 +166,8 @@ class MacEnergy:
 
 @dataclass(frozen=True)
 class Mapping:
-    """Loop nest: two tiled output loops (outer first), the K loop innermost; tiles null = derived."""
+    """Loop nest: two tiled output loops (outer first) and the K loop (innermost unless the order
+    names it); tiles null = derived; the mapper's objective."""
     loop_order: tuple | None = _check(
         lambda v: v is None or tuple(v) in LOOP_ORDERS,
         "[n, m] or [m, n] (K innermost), an order of all three loops with k among them (e.g. "

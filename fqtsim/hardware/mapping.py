@@ -49,7 +49,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 
@@ -353,8 +353,8 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
                         hw, Tiling(tm, tn, tk, order, taken, free, a_whole, b_whole), k_at, m, n, k))]
         return out
 
-    def score(t):
-        return _score(hw, t, m, n, k, a_bits, b_bits, a_win, b_win)
+    def ranked(t):   # the estimate, then the tiling itself: ties never fall to hash order
+        return _score(hw, t, m, n, k, a_bits, b_bits, a_win, b_win), astuple(t)
 
     def split_ok(tm, tn, tk):
         return k_split_ok(hw, tm, tn, tk, k)   # results stay exact with these tiles
@@ -380,7 +380,7 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
                              f"{sum(use)} B of TCM (A {use[0]}, B {use[1]}, output {use[2]}), "
                              f"{_room(hw)}; make mapping.tile_m/tile_n/tile_k smaller or set "
                              f"them to null")
-        return tuple(sorted(fitting, key=score))
+        return tuple(sorted(fitting, key=ranked))
 
     # tiles narrower than the array only help an accumulator that cannot park partial sums
     # between K tiles (they give it longer K slices); a wrapping one splits K instead
@@ -434,16 +434,22 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
                                                        ("tile_n", mp.tile_n, arr.cols)) if v and v > a]
         why = (f"; {' and '.join(big)} exceed the array, which forces all of K into one tile: "
                f"set them to null") if big else "; raise tcm.size_kib or use a smaller GEMM"
+        if mp.loop_order is not None and orders[0][1] < 2 and not restarts_ok(hw, 1, k):
+            why += (f", or put k last in mapping.loop_order {list(mp.loop_order)}: with K outside "
+                    f"an output loop a {hw.accumulator.overflow} accumulator cannot split K"
+                    f"{_split_rule(hw)}")
         raise ValueError(f"{hw.name}: no tiling of GEMM {m}x{k}x{n} ({a_bits}x{b_bits}-bit "
                          f"operands) fits {_room(hw)} even with one fold per tile{why}")
-    return tuple(sorted(set(candidates), key=score))
+    return tuple(sorted(set(candidates), key=ranked))
 
 
 def _with_k(hw: HWConfig, t: Tiling, k_at: int, m: int, n: int, k: int) -> Tiling | None:
     """`t` with its K loop at `k_at`: the partial sums alive at once (a band of output tiles, the
     inner loop's whole dimension, with K between the output loops; every output with K
-    outermost) in TCM if they fit what the tiles leave, else DDR. K innermost, or one K tile (where the K loop changes nothing), is `t` itself; None
-    where restarting the accumulators at K tiles would change the results."""
+    outermost) in TCM if they fit what the tiles leave, else DDR. K innermost is `t` itself; so
+    is one K tile (where the K loop changes nothing) under a given order, while a search skips
+    it as a duplicate (None); None too where restarting the accumulators at K tiles would
+    change the results."""
     if k_at == 2:
         return t
     if t.tk >= k:   # searched: the same as K innermost; given: honoured as that

@@ -130,13 +130,14 @@ class Gemm:
 
 @functools.lru_cache(maxsize=8192)
 def layout(hw: HWConfig, spec: Gemm) -> Tiling:
-    """The tiling `spec` runs with: of the mapper's candidates (`fqtsim.hardware.mapping.plans`: the best
-    few estimates of each loop order, and the best that leaves room for a materialized output), the one whose
-    whole cost, quantizer passes included, is least by the config's `mapping.objective`."""
+    """The tiling `spec` runs with: of the mapper's candidates (`fqtsim.hardware.mapping.plans`:
+    the best few estimates of each order of the output loops, and the best that leaves room for
+    a materialized output or for the gradient a consumer reads wide), the one whose whole cost,
+    quantizer passes included, is least by the config's `mapping.objective`."""
     writeback, scope = output_writeback(spec.a_quant, spec.writeback, spec.scope)
     options = plans(hw, spec.m, spec.n, spec.k, spec.a_bits, spec.b_bits,
                     stored_output_bits(hw, writeback, spec.out_bits), spec.a_im2col, spec.b_im2col)
-    chosen = [t for order in sorted({t.order for t in options})
+    chosen = [t for order in sorted({t.order for t in options})   # K's place competes within
               for t in itertools.islice((t for t in options if t.order == order), CANDIDATES)]
     if writeback == "materialized":   # room for the wide output changes where it goes
         chosen += _first(t for t in options
@@ -149,7 +150,7 @@ def layout(hw: HWConfig, spec: Gemm) -> Tiling:
     return min(chosen, key=lambda t: _objective(hw, spec, t))
 
 
-CANDIDATES = 4   # best estimates of each loop order that the mapper prices in full
+CANDIDATES = 4   # best estimates of each output-loop order that the mapper prices in full
 
 
 def _first(tilings) -> list:

@@ -130,9 +130,11 @@ class Device:
         _check_codes("b", b, b_bits)
         for option, win, shape in zip(("a_im2col", "b_im2col", "col2im"), windows,
                                       ((m, k), (k, n), (m, n))):
-            if win is not None and (not isinstance(win, Im2col) or (win.rows, win.cols) != shape):
-                raise ValueError(f"{option}: got {win!r}; expected the Im2col of a {shape[0]}x"
-                                 f"{shape[1]} matrix or None")
+            if win is not None and not isinstance(win, Im2col):
+                raise TypeError(f"{option}: got {win!r}; expected a fqtsim.hardware.conv.Im2col or None")
+            if win is not None and (win.rows, win.cols) != shape:
+                raise ValueError(f"{option}: its im2col matrix is {win.rows}x{win.cols}, the GEMM's "
+                                 f"operand {shape[0]}x{shape[1]}")
         tiling = layout(self.hw, Gemm(m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant,
                                       qa is not None and qa.affine, qb is not None and qb.affine,
                                       *windows, check_consumer(consumer, writeback)))
@@ -146,7 +148,8 @@ class Device:
             self._walks[key] = self._walk(*key)
         level, walked = self._walks[key]
         events = {event: list(totals) for event, totals in walked.items()}
-        spills = events.get(("psum_spill", "tcm"), [0])[0]   # parked partial sums too, without spills
+        # parked or waiting partial sums too, without spills; at either level
+        spills = sum(events.get(("psum_spill", level), [0])[0] for level in ("tcm", "ddr"))
         if events[("mac", "array")][0] != counts["macs"] or (acc.spill_every and spills != counts["spills"]):
             raise AssertionError("loop-nest walk and kernel disagree on MACs or spills")
         add(events, "overflow", "array", counts["overflows"])
