@@ -396,7 +396,7 @@ def quantizer_table(hw, args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from fqtsim.analysis.bench import format_bench, gemm_bench, train_step_bench
+    from fqtsim.analysis.bench import cost_model_bench, format_bench, gemm_bench, train_step_bench
 
     print("emulated integer GEMM vs numpy float32 matmul, same shape, same process "
           "(ratio = sgemm time / emulated time; higher is better)")
@@ -404,6 +404,9 @@ def cmd_bench(args) -> int:
     print("\ntraining step: FQT on the device (npu.yaml, 32-bit accumulators, PSQ 8-bit) vs the "
           "same model's fp32 torch step (ratio = fqt / fp32; lower is better)")
     print(train_step_bench().to_string(index=False, float_format="{:.2f}".format))
+    print("\ncost model: fqtsim.cost.training_step, the mapper planning every GEMM the first time "
+          "(all quantizers together), then per step once planned (seconds)")
+    print(cost_model_bench().to_string(index=False, float_format="{:.3f}".format))
     return 0
 
 

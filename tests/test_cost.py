@@ -410,3 +410,10 @@ def test_the_mapper_breaks_ties_by_the_tiling_not_by_hash_order():
                            env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout
             for seed in ("0", "1", "2")}
     assert len(seen) == 1
+
+
+def test_the_cost_model_benchmark_times_a_first_and_a_planned_step():
+    from fqtsim.analysis.bench import cost_model_bench
+    table = cost_model_bench(str(HW_DIR / "npu.yaml"), model="cnn", batch=4)
+    assert list(table.hw) == ["npu (as given)", "npu (order searched)"]
+    assert (table.first_s > 0).all() and (table.planned_s_per_step > 0).all()

@@ -226,3 +226,35 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
                          ratio=best["fqt"] / best["fp32"]))
     bar.close()
     return pd.DataFrame(rows)
+
+
+def cost_model_bench(hw_path: str = "hw_configs/npu.yaml", model: str = "resnet50",
+                     batch: int = 64, quantizers=("ptq", "psq", "bhq")) -> pd.DataFrame:
+    """Seconds `fqtsim.cost.training_step` takes for `model` with every quantizer: the first
+    time (the mapper planning every GEMM, its caches emptied) and once planned, per step; on
+    the config as given and with its loop order searched (`mapping.loop_order: null`)."""
+    import dataclasses
+
+    from fqtsim.hardware import conv, mapping
+    from fqtsim.hardware.hw import load_hw
+    from fqtsim.simulation import cost
+
+    caches = (mapping.plans, mapping._largest_window, cost.layout, conv.row_tiles, conv.col_tiles,
+              conv._whole_sample, conv._disjoint_prefix)
+    given = load_hw(hw_path)
+    searched = dataclasses.replace(given, mapping=dataclasses.replace(given.mapping, loop_order=None))
+    rows = []
+    for label, hw in (("as given", given), ("order searched", searched)):
+        for cache in caches:
+            cache.cache_clear()
+        t0 = time.perf_counter()
+        for q in quantizers:
+            cost.training_step(hw, model, batch, q)
+        cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for q in quantizers:
+            cost.training_step(hw, model, batch, q)
+        rows.append(dict(model=model, batch=batch, hw=f"{hw.name} ({label})",
+                         quantizers=len(quantizers), first_s=cold,
+                         planned_s_per_step=(time.perf_counter() - t0) / len(quantizers)))
+    return pd.DataFrame(rows)
