@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 PASSES = {
     "compute": ["mac_"], "operand loads": ["load_a", "load_b", "read_a", "read_b"],
-    "partial sums": ["psum_spill", "psum_drain"], "output write-back": ["writeback", "requantize"],
+    "partial sums": ["psum_spill", "psum_drain"], "output write-back": ["writeback", "requantize", "col2im"],
     "wide write-back": ["wide_write"], "range pass": ["range_pass"],
     "sort + transform": ["sort", "transform", "wide_output", "inverse_transform", "inverse_codes"],
     "requantization": ["requant_pass", "code_write", "sr_rng"],
