@@ -239,7 +239,8 @@ def cost_model_bench(hw_path: str = "hw_configs/npu.yaml", model: str = "resnet5
     from fqtsim.hardware.hw import load_hw
     from fqtsim.simulation import cost
 
-    caches = (mapping.plans, mapping._largest_window, cost.layout, conv.row_tiles, conv.col_tiles,
+    caches = (mapping.plans, mapping._largest_window, mapping.loop_units, mapping.operand_tiles,
+              cost.layout, conv.row_tiles, conv.col_tiles,
               conv._whole_sample, conv._disjoint_prefix)
     given = load_hw(hw_path)
     searched = dataclasses.replace(given, mapping=dataclasses.replace(given.mapping, loop_order=None))

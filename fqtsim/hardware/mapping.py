@@ -164,55 +164,21 @@ def placement(hw: HWConfig, use: tuple[int, int, int]) -> tuple[bool, int, int]:
     return fits, taken, capacity - sum(sizes) + sizes[2] - use[2]
 
 
-def a_tiles(tiling: Tiling, m: int, k: int, bits: int, win=None) -> list[tuple]:
-    """A's tiles along m as classes (size, count, first, bytes, new bytes): the DDR bytes one
-    m tile moves when loaded with all its K tiles, and those it adds on first use when A is
-    held whole (its windows' pixels not loaded before; for a plain matrix, the same)."""
-    if win is None:
-        return [(s, c, f, nbytes(s * k, bits), nbytes(s * k, bits))
-                for s, c, f in tile_classes(m, tiling.tm)]
-    rows, channels = win.row_tiles(tiling.tm), win.col_tiles(tiling.tk).total
-    return _classes_of(rows.size, rows.count, nbytes(rows.each * channels, bits),
-                       nbytes(rows.new * win.channels, bits))
+@functools.lru_cache(maxsize=8192)
+def operand_tiles(tiling: Tiling, m: int, n: int, k: int, a_bits: int, b_bits: int, a_win=None,
+                  b_win=None) -> dict:
+    """With K innermost: A's tiles along m and B's along n as classes (size, count, first, bytes,
+    new bytes): the DDR bytes one tile moves when loaded with all its K tiles, and those it adds
+    on first use when its operand is held whole (`loop_units` summed over K)."""
+    units = loop_units(tiling, m, n, k, a_win, b_win)
+    k_sums = [tuple(sum(c * u[i][j] for _, c, _, _, *u in units["k"]) for j in (0, 1))
+              for i in (0, 1)]
+    return {dim: [(s, c, f, nbytes(each * k_sums[i][0], bits), nbytes(new * k_sums[i][1], bits))
+                  for s, c, f, _, (each, new) in units[dim]]
+            for i, (dim, bits) in enumerate((("m", a_bits), ("n", b_bits)))}
 
 
-def b_tiles(tiling: Tiling, k: int, n: int, bits: int, win=None) -> list[tuple]:
-    """B's tiles along n as classes, as `a_tiles` (an im2col B: rows = positions, along K)."""
-    if win is None:
-        return [(s, c, f, nbytes(k * s, bits), nbytes(k * s, bits))
-                for s, c, f in tile_classes(n, tiling.tn)]
-    cols, pixels = win.col_tiles(tiling.tn), win.row_tiles(tiling.tk).total
-    return _classes_of(cols.size, cols.count, nbytes(pixels * cols.each, bits),
-                       nbytes(int(win.pixels(0, win.rows)) * cols.new, bits))
-
-
-def tile_classes(dim: int, tile: int) -> list[tuple]:
-    """Tiles along one loop as (size, how many, is the first tile) classes."""
-    count = math.ceil(dim / tile)
-    last = dim - (count - 1) * tile
-    out = [(min(tile, dim), 1, True)]
-    full_rest = count - 1 - (last != tile)
-    if full_rest > 0:
-        out.append((tile, full_rest, False))
-    if count > 1 and last != tile:
-        out.append((last, 1, False))
-    return out
-
-
-def _classes_of(size, count, each, new) -> list[tuple]:
-    """(size, count, first, each, new) classes of tiles given as classes whose first holds the
-    first tile: that tile on its own, the rest grouped by what they move."""
-    count = np.array(count)
-    count[0] -= 1
-    keep = count > 0
-    table = np.stack([size[keep], each[keep], new[keep]], axis=1)
-    groups, inverse = np.unique(table, axis=0, return_inverse=True)
-    totals = np.bincount(inverse.ravel(), weights=count[keep], minlength=len(groups))
-    out = [(int(size[0]), 1, True, float(each[0]), float(new[0]))]
-    return out + [(int(s), int(c), False, float(e), float(nw))
-                  for (s, e, nw), c in zip(groups, totals)]
-
-
+@functools.lru_cache(maxsize=8192)
 def loop_units(tiling: Tiling, m: int, n: int, k: int, a_win=None, b_win=None) -> dict:
     """Each loop's tiles as classes (size, count, first, last, units of A and/or B): what one
     tile of that loop's index contributes to an operand tile, as (on every load, new when the
@@ -249,21 +215,19 @@ def _dim(size: int, tile: int, win=None, tiles=None) -> tuple:
 def _loop_classes(size, count, *units) -> list[tuple]:
     """(size, count, first, last, *units as (each, new)) classes: the first tile, the last,
     and the rest grouped by what they move."""
-    total = int(np.sum(count))
-    count = np.array(count)
     def row(i, c, first, last):
         return (int(size[i]), c, first, last, *((float(u[i, 0]), float(u[i, 1])) for u in units))
-    if total == 1:
+    if int(np.sum(count)) == 1:
         return [row(0, 1, True, True)]
-    out = [row(0, 1, True, False)]
+    count = np.array(count)
     count[0] -= 1
     count[-1] -= 1
-    groups = {}
-    for i in np.flatnonzero(count > 0):
-        key = (int(size[i]), *(tuple(u[i]) for u in units))
-        groups[key] = groups.get(key, (i, 0))[0], groups.get(key, (i, 0))[1] + int(count[i])
-    out += [row(i, c, False, False) for i, c in groups.values()]
-    return out + [row(len(size) - 1, 1, False, True)]
+    keep = np.flatnonzero(count > 0)
+    table = np.column_stack([size[keep], *(u[keep] for u in units)])
+    groups, first, inverse = np.unique(table, axis=0, return_index=True, return_inverse=True)
+    totals = np.bincount(inverse.ravel(), weights=count[keep], minlength=len(groups))
+    middle = [row(keep[i], int(c), False, False) for i, c in zip(first, totals)]
+    return [row(0, 1, True, False), *middle, row(len(size) - 1, 1, False, True)]
 
 
 def operand_loads(tiling: Tiling, m: int, n: int, k: int, a_bits: int, b_bits: int, a_win=None,

@@ -19,10 +19,10 @@ import pandas as pd
 from fqtsim.hardware.conv import Im2col, col2im
 from fqtsim.hardware.hw import HWConfig, as_hw
 from fqtsim.simulation.ledger import COLUMNS, GemmSpec, add, frame, merge, price
-from fqtsim.hardware.mapping import (Tiling, a_tiles, as_int, b_tiles, by_columns, check_gemm,
-                                     container_bits, live_wide_elements, loaded, loop_units,
-                                     loss_producer, nbytes, parks_psums, phase_stalls, plans,
-                                     produced_by, stored_output_bits, wide_bits, wide_level)
+from fqtsim.hardware.mapping import (Tiling, as_int, by_columns, check_gemm, container_bits,
+                                     live_wide_elements, loaded, loop_units, loss_producer, nbytes,
+                                     operand_tiles, parks_psums, phase_stalls, plans, produced_by,
+                                     stored_output_bits, wide_bits, wide_level)
 from fqtsim.simulation.schedule import (QuantScheme, as_scheme, correction_events, input_events,
                                         output_events, output_writeback, rename_wide_output,
                                         update_events, wide_gradient_level, FORWARD_BITS,
@@ -217,7 +217,7 @@ def gemm_events(hw: HWConfig, spec: Gemm, tiling: Tiling, after: bool = True) ->
     if tiling.k_at < 2 and nk > 1:
         events = _k_outer_events(hw, spec, tiling, writeback, out_store, level)
         return _after(hw, spec, tiling, events, level, handoff, after), level
-    dims = {"m": a_tiles(tiling, m, k, a_bits, a_im2col), "n": b_tiles(tiling, k, n, b_bits, b_im2col)}
+    dims = operand_tiles(tiling, m, n, k, a_bits, b_bits, a_im2col, b_im2col)
     outer, inner = tiling.order
     n_inner = {"m": nm, "n": nn}[inner]
     events = {}
