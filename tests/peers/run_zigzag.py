@@ -104,6 +104,13 @@ def _port(name: str, kind: str, bw: int, alloc: list[str]) -> dict:
     return {"name": name, "type": kind, "bandwidth_min": bw, "bandwidth_max": bw, "allocation": alloc}
 
 
+def _sram(size_bits: int, operand: str, ports: list[dict], double_buffer: bool) -> dict:
+    """One of the three on-chip SRAMs, serving the whole array."""
+    return {"size": size_bits, "r_cost": 10.0, "w_cost": 12.0, "area": 0, "latency": 1,
+            "operands": [operand], "ports": ports, "served_dimensions": ["D1", "D2"],
+            "force_double_buffering": double_buffer}
+
+
 def accelerator_description(double_buffer: bool) -> dict:
     """Reference array as a ZigZag accelerator (dict, dumped to YAML)."""
     sram_bw = ARRAY * 8  # one 16-wide int8 vector per cycle into the array edge
@@ -146,51 +153,19 @@ def accelerator_description(double_buffer: bool) -> dict:
             ],
             "served_dimensions": [],
         },
-        "sram_ifmap": {
-            "size": SRAM_A_BITS,
-            "r_cost": 10.0,
-            "w_cost": 12.0,
-            "area": 0,
-            "latency": 1,
-            "operands": ["I1"],
-            "ports": [
-                _port("r_port_1", "read", sram_bw, ["I1, tl"]),
-                _port("w_port_1", "write", sram_bw, ["I1, fh"]),
-            ],
-            "served_dimensions": ["D1", "D2"],
-            "force_double_buffering": double_buffer,
-        },
-        "sram_filter": {
-            "size": SRAM_B_BITS,
-            "r_cost": 10.0,
-            "w_cost": 12.0,
-            "area": 0,
-            "latency": 1,
-            "operands": ["I2"],
-            "ports": [
-                _port("r_port_1", "read", sram_bw, ["I2, tl"]),
-                _port("w_port_1", "write", sram_bw, ["I2, fh"]),
-            ],
-            "served_dimensions": ["D1", "D2"],
-            "force_double_buffering": double_buffer,
-        },
-        "sram_ofmap": {
-            "size": SRAM_C_BITS,
-            "r_cost": 10.0,
-            "w_cost": 12.0,
-            "area": 0,
-            "latency": 1,
-            "operands": ["O"],
-            "ports": [
-                _port("r_port_1", "read", ofmap_bw, ["O, th"]),
-                _port("w_port_1", "write", ofmap_bw, ["O, fl"]),
-                # psum read-back / refill paths (unused when K is whole inside the PE)
-                _port("r_port_2", "read", ofmap_bw, ["O, tl"]),
-                _port("w_port_2", "write", ofmap_bw, ["O, fh"]),
-            ],
-            "served_dimensions": ["D1", "D2"],
-            "force_double_buffering": double_buffer,
-        },
+        "sram_ifmap": _sram(SRAM_A_BITS, "I1", [_port("r_port_1", "read", sram_bw, ["I1, tl"]),
+                                                 _port("w_port_1", "write", sram_bw, ["I1, fh"])],
+                            double_buffer),
+        "sram_filter": _sram(SRAM_B_BITS, "I2", [_port("r_port_1", "read", sram_bw, ["I2, tl"]),
+                                                  _port("w_port_1", "write", sram_bw, ["I2, fh"])],
+                             double_buffer),
+        "sram_ofmap": _sram(SRAM_C_BITS, "O", [
+            _port("r_port_1", "read", ofmap_bw, ["O, th"]),
+            _port("w_port_1", "write", ofmap_bw, ["O, fl"]),
+            # psum read-back / refill paths (unused when K is whole inside the PE)
+            _port("r_port_2", "read", ofmap_bw, ["O, tl"]),
+            _port("w_port_2", "write", ofmap_bw, ["O, fh"]),
+        ], double_buffer),
         "dram": {
             "size": 1 << 40,
             "r_cost": 1000.0,
