@@ -6,7 +6,7 @@
     fqtsim bench
 
 Every option is given at most once (only `cost --gemm` and `report --hw` repeat); `--hw` takes a
-YAML path or the name of a shipped config (npu, npu-acc16, dsp, mcu), and the default
+YAML path or the name of a shipped config (npu, npu-7nm, npu-acc24, dsp, mcu), and the default
 hw_configs/npu.yaml is the shipped one when the current directory has no such file.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 import pandas as pd
 
 from fqtsim.simulation.schedule import METHODS, RANGE_POLICIES
+from fqtsim.simulation.workloads import WORKLOADS
 from fqtsim.training.train import Interrupted, RunConfig
 from fqtsim.analysis.variance import DEFAULTS as VARIANCE_DEFAULTS
 
@@ -107,8 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     cost = sub.add_parser("cost", help="closed-form bytes, ops, energy and cycles of GEMMs")
     cost.add_argument("--hw", default=DEFAULT_HW, help=_hw_help(DEFAULT_HW))
-    cost.add_argument("--gemm", type=parse_gemm, action="append", required=True, metavar="MxKxN",
+    cost.add_argument("--gemm", type=parse_gemm, action="append", metavar="MxKxN",
                       help="GEMM shape: A is M x K, B is K x N; repeat for several")
+    cost.add_argument("--model", choices=sorted(WORKLOADS), metavar="MODEL",
+                      help=f"instead of --gemm, a whole training step of a model "
+                           f"({', '.join(sorted(WORKLOADS))}): with --quantizer, what each "
+                           f"adds over delayed PTQ, with the quantizers riding the passes of the "
+                           f"ops between the GEMMs and without")
+    cost.add_argument("--batch", type=int, default=64, help="samples per step with --model "
+                                                            "(default 64)")
     cost.add_argument("--a-bits", type=bits, default=8,
                       help="A operand code bits (default 8; with --quantizer, --grad-bits is A's)")
     cost.add_argument("--b-bits", type=bits, default=8, help="B operand code bits (default 8)")
@@ -120,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="range scope a materialized output is held for (default tensor)")
     cost.add_argument("--quantizer", nargs="+", choices=METHODS, metavar="Q",
                       help="gradient quantizers (ptq psq bhq): show what each adds to the GEMM "
-                           "dX = Q(dY) W, with dY the M x K operand, over the fused baseline")
+                           "dX = Q(dY) W, with dY the M x K operand, over the fused baseline "
+                           "(dY's codes made in its producer's pipeline from a range known "
+                           "beforehand, as delayed PTQ does)")
     cost.add_argument("--range", nargs="+", choices=RANGE_POLICIES, default=["dynamic"],
                       dest="range_policy", metavar="R",
                       help="range policies with --quantizer: dynamic (default) and/or delayed")
@@ -340,11 +350,9 @@ def _log_to_stderr():
 
 
 def cmd_cost(args) -> int:
-    import fqtsim.simulation.cost
     from fqtsim import load_hw
-    from fqtsim.files import claim_file, write_atomic
+    from fqtsim.files import claim_file
     from fqtsim.hardware.hw import resolve_hw
-    from fqtsim.simulation.ledger import summarize
 
     hw = load_hw(args.hw)
     if args.csv is not None:
@@ -352,8 +360,25 @@ def cmd_cost(args) -> int:
     for option, values in (("--quantizer", args.quantizer or []), ("--range", args.range_policy)):
         if len(set(values)) < len(values):
             raise ValueError(f"{option}: {' '.join(values)} names a value twice; give each once")
+    if (args.gemm is None) == (args.model is None):
+        raise ValueError("give --gemm MxKxN (one or more) or --model NAME")
+    if args.model is not None:
+        return step_table(hw, args)
     if args.quantizer:
-        return quantizer_table(hw, args)
+        quantizer_table(hw, args)
+    else:
+        gemm_table(hw, args)
+    print(f"\n{energy_line(hw)}")
+    _state_bounds(hw, [(f"{m}x{k}x{n}", k) for m, k, n in args.gemm],
+                  args.grad_bits if args.quantizer else args.a_bits, args.b_bits)
+    return 0
+
+
+def gemm_table(hw, args):
+    import fqtsim.simulation.cost
+    from fqtsim.files import write_atomic
+    from fqtsim.simulation.ledger import summarize
+
     ledger = pd.concat([fqtsim.simulation.cost.gemm(hw, m, n, k, a_bits=args.a_bits, b_bits=args.b_bits,
                                          out_bits=args.out_bits, writeback=args.writeback,
                                          scope=args.scope, name=f"{m}x{k}x{n}")
@@ -366,10 +391,78 @@ def cmd_cost(args) -> int:
     if args.csv:
         write_atomic(args.csv, ledger.to_csv(index=False))
         print(f"\nwrote {args.csv}")
+
+
+def energy_line(hw) -> str:
+    """The energy figures the costs above were priced with, and where they came from."""
+    tcm, e = hw.tcm, hw.energy
+    source = (f"the {hw.technology} table (fqtsim.hardware.energy) for {len(hw.derived)} of them"
+              if hw.derived else "all as the config states them")
+    buffers = ("" if tcm.operand_pj is None else
+               f" (A, B buffers {tcm.operand_pj[0][0]:.3g}, {tcm.operand_pj[1][0]:.3g})")
+    return (f"energy figures, {source}: MAC 8x8 {e.mac_pj(8, 8, hw.accumulator.bits):.3g} pJ, TCM "
+            f"{tcm.read_pj_per_byte:.3g}/{tcm.write_pj_per_byte:.3g} pJ/B read/write{buffers}, "
+            f"DDR {hw.ddr.read_pj_per_byte:.4g}/{hw.ddr.write_pj_per_byte:.4g} pJ/B, static "
+            f"{e.static_mw:g} mW")
+
+
+def _state_bounds(hw, gemms, a_bits: int, b_bits: int) -> list[str]:
+    """Print the worst-case accumulator magnitudes of `gemms` [(name, K)] (A: activation or
+    gradient codes of a_bits, B: weight codes of b_bits) and a warning line for each way they
+    can overflow; returns the warnings."""
+    from fqtsim.hardware.overflow import gemm_bound, summary
+
+    line, warnings = summary(hw, [(name, gemm_bound(hw, k, a_bits, b_bits)) for name, k in gemms])
+    print(f"accumulator bound, {a_bits}-bit A codes x {b_bits}-bit weight codes: {line}")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return warnings
+
+
+def _training_bounds(cfg) -> list[str]:
+    """Print the worst cases of the GEMMs `cfg`'s training puts on its config; their warnings."""
+    from fqtsim import load_hw
+    from fqtsim.hardware.overflow import summary, training_bounds
+    from fqtsim.training.data import load
+    from fqtsim.training.train import _layers
+
+    if cfg.mode == "fp32":   # nothing runs on the device
+        return []
+    hw = load_hw(cfg.hw)
+    bounds = training_bounds(hw, _layers(cfg, load(cfg.dataset, seed=cfg.seed)), cfg.batch_size,
+                             cfg.grad_bits)
+    line, warnings = summary(hw, bounds if cfg.mode == "fqt" else bounds[:1])
+    print(f"accumulator bound of the training's GEMMs (8-bit forward and weight-gradient codes, "
+          f"{cfg.grad_bits}-bit gradients): {line}")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return warnings
+
+
+def step_table(hw, args) -> int:
+    import fqtsim.simulation.cost
+    from fqtsim.files import write_atomic
+    from fqtsim.simulation.schedule import QuantScheme
+
+    if args.batch < 1:
+        raise ValueError(f"--batch: got {args.batch}; expected an integer >= 1")
+    schemes = [QuantScheme(q, r) for q in (args.quantizer or ["ptq", "psq", "bhq"])
+               for r in args.range_policy]
+    table = fqtsim.simulation.cost.step_overhead(hw, args.model, args.batch, schemes,
+                                                 args.grad_bits)
+    print(f"{hw.name}: {hw.description}\n\none training step of {args.model} at batch "
+          f"{args.batch}, {args.grad_bits}-bit gradients: extra over delayed PTQ (ranges known "
+          f"before their GEMMs), quantizers riding the passes between the GEMMs (shared) or not")
+    with pd.option_context("display.width", 200):
+        print(table.to_string(index=False, float_format="{:,.1f}".format))
+    print(f"\n{energy_line(hw)}")
+    if args.csv:
+        write_atomic(args.csv, table.to_csv(index=False))
+        print(f"\nwrote {args.csv}")
     return 0
 
 
-def quantizer_table(hw, args) -> int:
+def quantizer_table(hw, args):
     import fqtsim.simulation.cost
     from fqtsim.files import write_atomic
     from fqtsim.simulation.schedule import QuantScheme
@@ -392,7 +485,6 @@ def quantizer_table(hw, args) -> int:
     if args.csv:
         write_atomic(args.csv, pd.concat(tables, ignore_index=True).to_csv(index=False))
         print(f"\nwrote {args.csv}")
-    return 0
 
 
 def cmd_bench(args) -> int:
@@ -414,6 +506,7 @@ def cmd_run(args) -> int:
     from fqtsim.training.train import Diverged, train
 
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "argv", "restart")})
+    bounds = _training_bounds(cfg)
     try:
         summary = train(cfg, restart=args.restart)
     except Diverged as e:
@@ -421,7 +514,7 @@ def cmd_run(args) -> int:
               file=sys.stderr)
         return 1
     print(format_summary(summary))
-    for warning in summary.get("warnings", []):
+    for warning in [*summary.get("warnings", []), *bounds]:   # beside the costs they qualify
         print(f"warning: {warning}")
     mapping = " mapping.csv" if cfg.mode == "fqt" else ""
     print(f"\nrun directory {cfg.run_dir}/: config.json metrics.csv ledger.csv{mapping} model.pt "

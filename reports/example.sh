@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates reports/example: the default `fqtsim run` with each gradient quantizer, its fp32 and
-# QAT baselines, and the cost model's ResNet-50 (batch 64) on npu.yaml and npu-acc16.yaml.
+# QAT baselines, and the cost model's ResNet-50 (batch 64) on npu.yaml and npu-acc24.yaml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fqtsim=${FQTSIM:-.venv/bin/fqtsim}
@@ -13,4 +13,4 @@ for mode in fp32 qat; do
 done
 "$fqtsim" report runs/example/fp32 runs/example/qat runs/example/fqt-ptq runs/example/fqt-psq \
   runs/example/fqt-bhq --model resnet50 --batch 64 --hw hw_configs/npu.yaml \
-  --hw hw_configs/npu-acc16.yaml --out reports/example
+  --hw hw_configs/npu-acc24.yaml --out reports/example

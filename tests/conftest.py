@@ -21,7 +21,7 @@ def hw_dict(name: str) -> dict:
 def set_key(d: dict, dotted: str, value):
     *parents, last = dotted.split(".")
     for p in parents:
-        d = d[p]
+        d = d.setdefault(p, {})   # an optional section the YAML leaves out
     d[last] = value
 
 

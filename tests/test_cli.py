@@ -11,10 +11,10 @@ from fqtsim.cli import main
 
 def test_cost_prints_table_and_writes_csv(tmp_path, capsys):
     csv = tmp_path / "out" / "costs.csv"
-    assert main(["cost", "--hw", str(HW_DIR / "npu-acc16.yaml"), "--gemm", "128x784x512",
+    assert main(["cost", "--hw", str(HW_DIR / "npu-acc24.yaml"), "--gemm", "128x784x512",
                  "--gemm", "4096x576x64", "--writeback", "materialized", "--csv", str(csv)]) == 0
     out = capsys.readouterr().out
-    assert "npu-acc16" in out and "psum_spill" in out and "ddr_bytes" in out
+    assert "npu-acc24" in out and "psum_spill" in out and "ddr_bytes" in out
     table = pd.read_csv(csv)
     assert set(table.gemm) == {"128x784x512", "4096x576x64"}
     assert table[table.event == "mac_8x8"]["count"].tolist() == [128 * 784 * 512, 4096 * 576 * 64]
@@ -50,12 +50,33 @@ def test_cost_quantizer_overhead_table(tmp_path, capsys):
     assert "extra over the fused baseline" in out and "bhq" in out
     table = pd.read_csv(csv).set_index(["quantizer", "range"])
     assert len(table) == 6
-    assert (table["extra_energy_pj"] > 0).all()
+    # the baseline is delayed PTQ (ranges known beforehand); delayed PSQ costs what it does
+    assert (table.xs("dynamic", level="range")["extra_energy_pj"] > 0).all()
+    assert table.loc[("bhq", "delayed"), "extra_energy_pj"] > 0      # it still writes dY wide
+    assert table.loc[("ptq", "delayed"), "extra_energy_pj"] == 0
+    assert table.loc[("psq", "delayed"), "extra_energy_pj"] == 0
     assert table.loc[("bhq", "dynamic"), "extra_ddr_bytes"] > table.loc[("ptq", "dynamic"), "extra_ddr_bytes"]
-    assert table.loc[("ptq", "delayed"), "extra_ddr_bytes"] == 0   # fused: no wide write-back
 
 
 def test_cost_rejects_unknown_quantizer(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["cost", "--gemm", "4x4x4", "--quantizer", "zsq"])
     assert stop.value.code == 2 and "invalid choice: 'zsq'" in capsys.readouterr().err
+
+
+def test_cost_of_a_training_step_over_delayed_ptq(tmp_path, capsys):
+    csv = tmp_path / "step.csv"
+    assert main(["cost", "--model", "cnn", "--batch", "16", "--quantizer", "psq", "bhq",
+                 "--range", "dynamic", "delayed", "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "extra over delayed PTQ" in out
+    table = pd.read_csv(csv).set_index(["quantizer", "range", "shared"])
+    assert len(table) == 8
+    assert table.loc[("psq", "delayed", True), "extra_mJ"] == 0
+    assert (table.xs("dynamic", level="range").extra_mJ > 0).all()
+    # riding BatchNorm's passes never costs more than passes of one's own
+    for q in ("psq", "bhq"):
+        assert table.loc[(q, "dynamic", True), "step_mJ"] <= table.loc[(q, "dynamic", False), "step_mJ"]
+    with pytest.raises(SystemExit) as stop:
+        main(["cost", "--quantizer", "psq"])
+    assert stop.value.code == 2 and "give --gemm MxKxN" in capsys.readouterr().err

@@ -104,7 +104,7 @@ VARIANTS = {
 @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=gemm_cases)
 def test_ledger_equals_closed_form_on_variants(make_hw, variant, case):
-    base = "npu-acc16" if variant.startswith("spill") else "npu"
+    base = "npu-acc24" if variant.startswith("spill") else "npu"
     assert_same(run_both(make_hw(base, **VARIANTS[variant]), **case))
 
 
@@ -140,8 +140,9 @@ def test_scale_sim_output_stationary_mapping(make_hw):
     assert r["load_b", "ddr"].count == k * n
     assert r["writeback", "ddr"].count == m * n and r["writeback", "ddr"].bytes == m * n
     assert r["mac_8x8", "array"].count == m * n * k
-    # compute-bound: ceil(M/16) * ceil(N/16) folds of K cycles each, no stall
-    assert r["mac_8x8", "array"].cycles == math.ceil(m / 16) * math.ceil(n / 16) * k
+    # compute-bound: ceil(M/16) * ceil(N/16) folds of K cycles each, plus each fold's fill and
+    # drain (16 + 16 - 2: one fold per tile, the whole K in it), no stall
+    assert r["mac_8x8", "array"].cycles == math.ceil(m / 16) * math.ceil(n / 16) * (k + 30)
     assert r["stall", "ddr"].cycles == 0 and r["stall", "tcm"].cycles == 0
 
 
@@ -204,8 +205,8 @@ def test_materialized_output_lands_in_tcm_when_it_fits_else_ddr(make_hw):
     assert ("writeback", "tcm") in small and small["writeback", "tcm"].bytes == 64 * 64 * 4
     big = rows_of(fqtsim.cost.gemm(hw, 1024, 1024, 64, writeback="materialized"))
     assert big["writeback", "ddr"].bytes == 1024 * 1024 * 4
-    acc16 = rows_of(fqtsim.cost.gemm(make_hw("npu-acc16"), 64, 64, 64, writeback="materialized"))
-    assert acc16["writeback", "tcm"].bytes == 64 * 64 * 4  # spilled results are 32-bit partial sums
+    acc24 = rows_of(fqtsim.cost.gemm(make_hw("npu-acc24"), 64, 64, 64, writeback="materialized"))
+    assert acc24["writeback", "tcm"].bytes == 64 * 64 * 4  # spilled results are 32-bit partial sums
 
 
 def test_row_scope_holds_a_band_only_when_rows_finish_early(make_hw):
@@ -245,8 +246,8 @@ def test_k_tiles_of_several_folds_park_partial_sums_where_results_stay_exact(mak
     with pytest.raises(ValueError, match="tile_k = 8 < K = 64 with several folds per tile"):
         fqtsim.cost.gemm(make_hw("npu", **tiles, **{"accumulator.overflow": "saturate"}), 64, 64, 64)
     with pytest.raises(ValueError, match="unless tile_k is a multiple of accumulator.spill_every .16."):
-        fqtsim.cost.gemm(make_hw("npu-acc16", **tiles), 64, 64, 64)
-    spill = make_hw("npu-acc16", **{**tiles, "mapping.tile_k": 32})
+        fqtsim.cost.gemm(make_hw("npu-acc24", **tiles, **{"accumulator.spill_every": 16}), 64, 64, 64)
+    spill = make_hw("npu-acc24", **{**tiles, "mapping.tile_k": 32, "accumulator.spill_every": 16})
     assert rows_of(fqtsim.cost.gemm(spill, 64, 64, 64))["psum_spill", "tcm"].count == 64 * 64 * 4
 
 
@@ -394,7 +395,7 @@ def test_reduction_outer_orders_reuse_the_operand_of_the_outer_loops(make_hw):
 
 
 def test_spills_waiting_in_ddr_between_k_tiles_are_walked_and_counted(make_hw):
-    hw = make_hw("npu-acc16", **{"mapping.loop_order": ["k", "m", "n"], "mapping.tile_m": 16,
+    hw = make_hw("npu-acc24", **{"accumulator.spill_every": 16, "mapping.loop_order": ["k", "m", "n"], "mapping.tile_m": 16,
                                  "mapping.tile_n": 16, "mapping.tile_k": 32, "tcm.size_kib": 4})
     both = run_both(hw, 128, 128, 128)
     assert_same(both)

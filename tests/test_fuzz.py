@@ -176,7 +176,7 @@ CLI_CASES = [
     (["cost", "--gemm", "axbxc"], "'axbxc' is not MxKxN"),
     (["cost", "--gemm", "4x4x4x4"], "'4x4x4x4' is not MxKxN"),
     (["cost", "--gemm", ""], "'' is not MxKxN"),
-    (["cost"], "the following arguments are required: --gemm"),
+    (["cost"], "give --gemm MxKxN (one or more) or --model NAME"),
     (GEMM + ["--a-bits", "9"], "argument --a-bits: '9': expected an integer in 2..8"),
     (GEMM + ["--a-bits", "1"], "argument --a-bits: '1'"),
     (GEMM + ["--b-bits", "0"], "argument --b-bits: '0'"),
@@ -378,7 +378,7 @@ def test_shipped_configs_resolve_by_name_and_from_any_directory(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert not Path("hw_configs/npu.yaml").exists()
     assert fqtsim.load_hw("hw_configs/npu.yaml") == fqtsim.load_hw(NPU)   # the default --hw
-    assert fqtsim.load_hw("npu-acc16").name == "npu-acc16"
+    assert fqtsim.load_hw("npu-acc24").name == "npu-acc24"
     assert fqtsim.load_hw("dsp.yaml").name == "dsp"
     assert os.listdir(tmp_path) == []
 

@@ -7,7 +7,7 @@ from conftest import HW_DIR, SHIPPED, hw_dict, set_key
 
 
 def test_at_least_four_configs_ship_and_load():
-    assert {"npu", "npu-acc16", "dsp"} <= set(SHIPPED) and len(SHIPPED) >= 4
+    assert {"npu", "npu-7nm", "npu-acc24", "dsp"} <= set(SHIPPED) and len(SHIPPED) >= 4
     for name in SHIPPED:
         hw = fqtsim.load_hw(HW_DIR / f"{name}.yaml")
         assert hw.name == name
@@ -20,9 +20,9 @@ def test_config_is_immutable():
         hw.accumulator.bits = 16
 
 
-def test_acc16_config_spills_and_saturates():
-    acc = fqtsim.load_hw(HW_DIR / "npu-acc16.yaml").accumulator
-    assert (acc.bits, acc.overflow, acc.spill_every, acc.psum_bits) == (16, "saturate", 16, 32)
+def test_acc24_config_spills_and_saturates():
+    acc = fqtsim.load_hw(HW_DIR / "npu-acc24.yaml").accumulator
+    assert (acc.bits, acc.overflow, acc.spill_every, acc.psum_bits) == (24, "saturate", 128, 32)
 
 
 def write(tmp_path, data, text=None):
@@ -53,6 +53,12 @@ def write(tmp_path, data, text=None):
     ("mapping.objective", None, "energy, cycles or edp"),
     ("vector.rng.cycles", 0, "> 0"),
     ("array", [16, 16], "mapping"),
+    ("technology", "5nm", "null or one of 45nm, 7nm"),
+    ("technology", 7, "null or one of 45nm, 7nm"),
+    ("tcm.read_pj_per_byte", -1, "or null (from the table of the config's technology"),
+    ("vector.add.pj", "cheap", "or null"),
+    ("energy.static_mw", -3, "a finite number >= 0, at most 1e+06 (mW), or null"),
+    ("ddr.kind", "lpddr4", "the 45nm table lists ddr"),
 ])
 def test_bad_values_name_file_key_and_allowed(tmp_path, key, value, expect):
     d = hw_dict("npu")
@@ -79,7 +85,7 @@ def test_unknown_key(tmp_path):
 
 
 def test_psum_narrower_than_accumulator(tmp_path):
-    d = hw_dict("npu-acc16")
+    d = hw_dict("npu-acc24")
     d["accumulator"]["psum_bits"] = 12
     with pytest.raises(ValueError, match="psum_bits >= bits"):
         fqtsim.load_hw(write(tmp_path, d))
@@ -98,3 +104,41 @@ def test_not_a_mapping_or_not_yaml(tmp_path, text, expect):
 def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read the hardware config"):
         fqtsim.load_hw(tmp_path / "nope.yaml")
+
+
+def test_null_energies_need_a_technology_and_explicit_ones_do_not(tmp_path):
+    d = hw_dict("npu")
+    del d["technology"]
+    with pytest.raises(ValueError, match=r"tcm\.read_pj_per_byte: null, but the config names no "
+                                         r"technology; give a number, or technology: 45nm or 7nm"):
+        fqtsim.load_hw(write(tmp_path, d))
+    for key in ("tcm.read_pj_per_byte", "tcm.write_pj_per_byte", "ddr.read_pj_per_byte",
+                "ddr.write_pj_per_byte", "energy.mult_8x8_pj", "energy.add_32_pj",
+                *(f"vector.{op}.pj" for op in ("minmax", "add", "mul", "compare", "rng", "requant"))):
+        set_key(d, key, 0.5)
+    hw = fqtsim.load_hw(write(tmp_path, d))   # static_mw null: the estimate needs no table
+    assert hw.technology is None and hw.derived == ("energy.static_mw",)
+    assert hw.tcm.read_pj_per_byte == 0.5 and hw.energy.static_mw > 0
+
+
+def test_ddr_kind_picks_the_tables_dram_and_is_refused_with_explicit_figures(tmp_path):
+    d = hw_dict("npu-7nm")
+    d["ddr"]["kind"] = "hbm2"
+    assert fqtsim.load_hw(write(tmp_path, d)).ddr.read_pj_per_byte == 350 / 8
+    d["ddr"]["read_pj_per_byte"] = d["ddr"]["write_pj_per_byte"] = 40
+    with pytest.raises(ValueError, match="ddr.kind: got 'hbm2', but ddr.read_pj_per_byte and "
+                                         "ddr.write_pj_per_byte are given"):
+        fqtsim.load_hw(write(tmp_path, d))
+
+
+def test_derived_fields_are_not_yaml_keys(tmp_path):
+    d = hw_dict("npu")
+    d["derived"] = ["tcm.read_pj_per_byte"]
+    with pytest.raises(ValueError, match="top level: unknown key 'derived'"):
+        fqtsim.load_hw(write(tmp_path, d))
+    d = hw_dict("npu")
+    d["tcm"]["operand_pj"] = [[1, 1], [1, 1]]
+    with pytest.raises(ValueError, match="tcm: unknown key 'operand_pj'; allowed keys: size_kib, "
+                                         "read_bytes_per_cycle, write_bytes_per_cycle, "
+                                         "read_pj_per_byte, write_pj_per_byte, partitions$"):
+        fqtsim.load_hw(write(tmp_path, d))

@@ -6,17 +6,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import HW_DIR
 from fqtsim.analysis import render
 from fqtsim.cli import main
-from fqtsim.analysis.report import build_report, pass_of
+from fqtsim.analysis.report import QUANTIZER_PARTS, build_report, pass_of
 from fqtsim.training.train import RunConfig, train
 from fqtsim.simulation.workloads import workload
 
 NPU = str(HW_DIR / "npu.yaml")
+
+
+def acc16_yaml(folder):
+    """npu-acc16 as it shipped: 16-bit accumulators spilling every 16 MACs, which 8-bit codes
+    overflow (a YAML file in `folder`)."""
+    path = folder / "npu-acc16.yaml"
+    path.write_text((HW_DIR / "npu-acc24.yaml").read_text().replace("name: npu-acc24", "name: npu-acc16")
+                    .replace("bits: 24 ", "bits: 16 ").replace("spill_every: 128 ", "spill_every: 16 "))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +41,11 @@ def two_runs(tmp_path_factory):
 def test_report_from_runs_and_cost_model(tmp_path, two_runs, capsys):
     out = tmp_path / "reports" / "r"
     assert main(["report", *map(str, two_runs), "--model", "cnn", "--batch", "16", "--hw", NPU,
-                 "--hw", str(HW_DIR / "npu-acc16.yaml"), "--out", str(out)]) == 0
+                 "--hw", str(acc16_yaml(tmp_path)), "--out", str(out)]) == 0
     files = {p.name for p in out.iterdir()}
     assert {"report.html", "report.md", "runs.csv", "runs_curves.png", "cnn_schemes.csv",
-            "cnn_tcm_sweep.png", "cnn_quantizer_energy.png"} <= files
+            "cnn_tcm_sweep.png", "cnn_quantizer_energy.png", "cnn_energy_sensitivity.png",
+            "cnn_energy_sensitivity_npu.csv", "cnn_accumulator_bounds.csv"} <= files
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == sum(f.endswith(".png") for f in files)
     md = (out / "report.md").read_text()
@@ -43,6 +54,26 @@ def test_report_from_runs_and_cost_model(tmp_path, two_runs, capsys):
     assert len(schemes) == 12 and set(schemes.hw) == {"npu", "npu-acc16"}
     assert (schemes.query("quantizer == 'bhq' and range == 'dynamic'")["sort + transform_mJ"] > 0).all()
     assert (schemes.query("range == 'delayed' and quantizer != 'bhq'")["wide write-back_mJ"] == 0).all()
+    parts = schemes[[f"{p}_mJ" for p in QUANTIZER_PARTS]].sum(axis=1)
+    assert np.allclose(schemes.quantizer_mJ, parts, rtol=1e-12)
+    assert (schemes["leakage_mJ"] > 0).all()
+    # the sensitivity sweep: DDR x0.25..x4 and both nodes, the base row where factors are 1
+    sens = pd.read_csv(out / "cnn_energy_sensitivity_npu.csv")
+    assert set(sens.varied) == {"DDR pJ/B", "SRAM pJ/B", "MAC pJ", "static mW", "technology"}
+    assert sorted(sens[sens.varied == "DDR pJ/B"].factor) == [0.25, 0.5, 1, 2, 4]
+    base = sens[(sens.factor == 1) & (sens.technology == "45nm")]
+    assert len(base) == 5
+    assert base["psq_share_%"].nunique() == 1 and base["bhq_extra_mJ"].nunique() == 1
+    ddr = sens[sens.varied == "DDR pJ/B"].sort_values("factor")
+    steps = ddr["psq_step_mJ"]
+    assert steps.is_monotonic_increasing and steps.iloc[-1] > 2 * steps.iloc[0]
+    assert set(sens[sens.varied == "technology"].technology) == {"45nm", "7nm"}
+    assert "Energy sensitivity on npu:" in md and "### cnn_energy_sensitivity_npu" in md
+    # the overflowing config is flagged, its bounds stated
+    bounds = pd.read_csv(out / "cnn_accumulator_bounds.csv").set_index(["hw", "gemm"])
+    assert bounds.loc[("npu-acc16", "output"), "verdict"] == "overflows by construction"
+    assert (bounds.loc["npu"].verdict == "cannot overflow").all()
+    assert "> **Warning:** " in md and "npu-acc16 overflows by construction" in md
     assert [p.name for p in out.parent.iterdir()] == ["r"]   # no temporary folder left
 
 
@@ -80,7 +111,7 @@ def test_transformer_block_shapes():
 @pytest.fixture(scope="module")
 def varied_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("varied")
-    variants = {"base": {}, "cnn": {"model": "cnn"}, "acc16": {"hw": str(HW_DIR / "npu-acc16.yaml")},
+    variants = {"base": {}, "cnn": {"model": "cnn"}, "acc16": {"hw": str(acc16_yaml(root))},
                 "seed1": {"seed": 1}}
     for name, change in variants.items():
         train(RunConfig(**{"hw": NPU, "dataset": "synthetic", "epochs": 1, "batch_size": 200,

@@ -21,8 +21,12 @@ import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fqtsim.simulation.cost  # noqa: E402
+from fqtsim.simulation.schedule import QuantScheme  # noqa: E402
 from fqtsim.files import claim_dir, replace_dir  # noqa: E402
-from fqtsim.hardware.hw import HWConfig, load_hw, resolve_hw  # noqa: E402
+from fqtsim.hardware import energy, overflow  # noqa: E402
+from fqtsim.hardware.hw import (HWConfig, at_technology, derive, load_hw, resolve_hw,  # noqa: E402
+                                scale_energy)
+from fqtsim.simulation.workloads import workload  # noqa: E402
 from fqtsim.analysis.render import Section, write  # noqa: E402
 from fqtsim.analysis.rundir import LABEL_FIELDS, Run, label_runs, load_run  # noqa: E402
 
@@ -32,20 +36,26 @@ PASSES = {
     "compute": ["mac_"], "operand loads": ["load_a", "load_b", "read_a", "read_b"],
     "partial sums": ["psum_spill", "psum_drain"], "output write-back": ["writeback", "requantize", "col2im"],
     "wide write-back": ["wide_write"], "range pass": ["range_pass"],
-    "sort + transform": ["sort", "transform", "wide_output", "inverse_transform", "inverse_codes"],
+    "sort + transform": ["sort", "transform", "wide_output", "inverse_transform", "inverse_rows",
+                         "inverse_codes"],
     "requantization": ["requant_pass", "code_write", "sr_rng"],
     "zero-point": ["colsum", "rowsum", "zero_point"],
     "optimizer": ["optimizer_read", "optimizer_write", "weight_update"],
-    "stalls": ["stall"], "counted": ["overflow", "clip"],
+    "between layers": ["norm_stats", "bn_", "ln_", "relu", "residual_", "maxpool", "pool_index",
+                       "avgpool", "softmax", "ce_row", "gelu", "pass_write"],
+    "stalls": ["stall"], "leakage": ["static"], "counted": ["overflow", "clip"],
 }
 # One colour per pass, the same in every chart, so a pass is recognised across them
 PASS_COLORS = {"compute": "#1f77b4", "operand loads": "#aec7e8", "partial sums": "#bcbd22",
                "output write-back": "#17becf", "wide write-back": "#ff7f0e", "range pass": "#d62728",
                "sort + transform": "#9467bd", "requantization": "#2ca02c", "zero-point": "#8c564b",
-               "optimizer": "#7f7f7f", "stalls": "#e377c2", "counted": "#000000", "other": "#c7c7c7"}
+               "optimizer": "#7f7f7f", "between layers": "#c49c94", "stalls": "#e377c2", "leakage": "#dbdb8d", "counted": "#000000",
+               "other": "#c7c7c7"}
 # What a gradient quantizer adds, counted on the backward GEMMs (the forward pass has its own
 # zero-point work, whatever the gradient quantizer)
 QUANTIZER_PASSES = ["wide write-back", "range pass", "sort + transform", "requantization", "zero-point"]
+# ... and the leakage over the cycles those passes add (static power x their share of the time)
+QUANTIZER_PARTS = [*QUANTIZER_PASSES, "leakage"]
 SCHEMES = [(q, r) for q in ("ptq", "psq", "bhq") for r in ("dynamic", "delayed")]
 # Curves that coincide stay visible: each gets its own line style and marker
 STYLES = [(ls, mk) for mk in "osD^vPX" for ls in ("-", "--", "-.", ":")][::5]
@@ -70,9 +80,15 @@ def by_pass(ledger: pd.DataFrame) -> pd.DataFrame:
 
 
 def quantizer_energy(ledger: pd.DataFrame) -> pd.Series:
-    """Energy (pJ) of each quantizer pass on the backward GEMMs."""
-    backward = by_pass(ledger[ledger.gemm.isin(["grad_input", "grad_weight"])])
-    return backward.energy_pj.reindex(QUANTIZER_PASSES, fill_value=0.0)
+    """Energy (pJ) of each gradient-quantizer pass (on the backward GEMMs, and riding the
+    backward passes of the ops between them), and the leakage over the cycles they take (the
+    chip leaks at one rate: its static energy over its elapsed cycles)."""
+    backward = by_pass(ledger[ledger.gemm.isin(["grad_input", "grad_weight", "between_grad"])])
+    out = backward.energy_pj.reindex(QUANTIZER_PARTS, fill_value=0.0)
+    cycles = ledger.cycles.sum()
+    rate = ledger.loc[ledger.event == "static", "energy_pj"].sum() / cycles if cycles else 0.0
+    out["leakage"] = rate * backward.cycles.reindex(QUANTIZER_PASSES, fill_value=0.0).sum()
+    return out
 
 
 def runs_section(run_dirs: list[Path], out: Path) -> Section:
@@ -189,7 +205,7 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
                      "energy_mJ": ledger.energy_pj.sum() / 1e9, "cycles_G": ledger.cycles.sum() / 1e9,
                      "ddr_GB": passes.ddr_bytes.sum() / 1e9, "tcm_GB": passes.tcm_bytes.sum() / 1e9,
                      "quantizer_mJ": overhead.sum() / 1e9,
-                     **{f"{p}_mJ": overhead[p] / 1e9 for p in QUANTIZER_PASSES}})
+                     **{f"{p}_mJ": overhead[p] / 1e9 for p in QUANTIZER_PARTS}})
         if (q, r) == ("psq", "dynamic"):
             layer = ledger.groupby("layer", sort=False)[["energy_pj", "bytes", "cycles"]].sum()
             layer.insert(0, "energy_mJ", layer.pop("energy_pj") / 1e9)
@@ -199,12 +215,19 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
         ptq = group[(group.quantizer == "ptq") & (group.range == "dynamic")].iloc[0]
         table.loc[group.index, "energy_vs_ptq"] = group.energy_mJ / ptq.energy_mJ
         table.loc[group.index, "cycles_vs_ptq"] = group.cycles_G / ptq.cycles_G
+        # like for like: over a step whose gradient ranges are known before their GEMMs
+        # (delayed PTQ), which pays the random numbers, requantization and code writes too
+        known = group[(group.quantizer == "ptq") & (group.range == "delayed")].iloc[0]
+        table.loc[group.index, "extra_mJ"] = group.energy_mJ - known.energy_mJ
+        table.loc[group.index, "extra_%"] = 100 * (group.energy_mJ - known.energy_mJ) / group.energy_mJ
     sec.text += ["Energies in this section are per training step, in mJ.", _reading(table)]
     sec.tables.append((f"{model}_schemes", table,
                        f"One training step of {model} at batch {batch} for every gradient "
                        f"quantizer and range policy on every config: totals, what the quantizer's "
-                       f"passes add on the backward GEMMs, and energy and cycles relative to "
-                       f"dynamic PTQ on the same config."))
+                       f"passes cost on the backward GEMMs (code writes included), energy and "
+                       f"cycles relative to dynamic PTQ on the same config, and the extra energy "
+                       f"over delayed PTQ (extra_mJ, extra_%: the same step with gradient ranges "
+                       f"known before their GEMMs)."))
     layers = pd.concat(per_layer, ignore_index=True)
     sec.tables.append((f"{model}_layers_psq_dynamic", layers[["hw", *layers.columns[:-1]]],
                        f"Per layer of {model}, one training step with dynamic PSQ: energy, bytes "
@@ -220,7 +243,7 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
     fig, ax = plt.subplots(figsize=(11, 4))
     labels = [f"{r.hw}\n{r.quantizer}\n{r.range}" for r in table.itertuples()]
     bottom = pd.Series(0.0, index=table.index)
-    for p in QUANTIZER_PASSES:
+    for p in QUANTIZER_PARTS:
         ax.bar(labels, table[f"{p}_mJ"], bottom=bottom, label=p, color=PASS_COLORS[p])
         bottom += table[f"{p}_mJ"]
     ax.set(ylabel="quantizer energy per step (mJ)", title=f"{model}: what each gradient quantizer adds")
@@ -229,15 +252,142 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
     sec.plots.append((_save(fig, out, f"{model}_quantizer_energy.png"), "Energy per step that "
                       "each gradient quantizer's passes add on the backward GEMMs, by pass."))
 
+    sharing = fqtsim.simulation.cost.step_overhead(
+        hws[0], model, batch, [QuantScheme(q, r) for q in ("psq", "bhq")
+                               for r in ("dynamic", "delayed")], grad_bits)
+    sec.tables.append((f"{model}_sharing_{hws[0].name}", sharing,
+                       f"One training step of {model} on {hws[0].name} with the gradient and "
+                       f"activation quantizers riding the passes of the ops between the GEMMs "
+                       f"(BatchNorm, softmax: shared) and with passes of their own (not "
+                       f"shared): the step, and the extra over delayed PTQ with the same "
+                       f"sharing."))
+    sec.text.append(_sharing_reading(sharing, hws[0].name))
+
     sweep = tcm_sweep(hws[0], model, batch, grad_bits)
     sec.tables.append((f"{model}_tcm_sweep_{hws[0].name}", sweep,
                        f"DDR traffic and energy of one training step on {hws[0].name} with the "
-                       f"TCM size changed, for four schemes."))
+                       f"TCM size changed, for four schemes (SRAM energy per byte, and the "
+                       f"leakage estimate, following the size where the config derives them)."))
     sec.plots.append(_sweep_plot(sweep, model, hws[0].name, out))
     sec.text.append(f"TCM sweep on {hws[0].name}: DDR traffic per step as the TCM grows from "
                     f"{sweep.tcm_kib.min():,.0f} KiB to {sweep.tcm_kib.max():,.0f} KiB; a drop marks "
                     f"layers whose wide gradient (or wide output) now stays on chip.")
+
+    sensitivity = energy_sensitivity(hws[0], model, batch, grad_bits)
+    sec.text.append(_sensitivity_reading(sensitivity, hws[0].name))
+    sec.tables.append((f"{model}_energy_sensitivity_{hws[0].name}", sensitivity,
+                       f"What dynamic PSQ and BHQ add per training step of {model} on "
+                       f"{hws[0].name} (extra_mJ over delayed PTQ, as in the scheme table, and "
+                       f"its share of the step) with one energy "
+                       f"figure scaled at a time (DDR pJ/B, SRAM pJ/B, MAC pJ, static mW), and "
+                       f"with every figure the config takes from a technology table taken from "
+                       f"each node's ({', '.join(energy.TECHNOLOGIES)})."))
+    sec.plots.append(_sensitivity_plot(sensitivity, model, hws[0].name, out))
+    bounds, warnings = accumulator_bounds(hws, model, batch, grad_bits)
+    sec.tables.append((f"{model}_accumulator_bounds", bounds,
+                       f"Worst-case accumulator sums of each kind of GEMM of a {model} training "
+                       f"step at its longest K, on each config: over a spill period in the "
+                       f"accumulator and over K in the partial sum, the bits they need against "
+                       f"the bits there are, and the longest K that cannot overflow "
+                       f"(fqtsim.hardware.overflow; every product at its extreme, of one sign)."))
+    if warnings:
+        sec.warnings = [f"{len(warnings)} of the configs' GEMM kinds can overflow their "
+                        f"accumulators in the worst case; a config that overflows by construction "
+                        f"returns wrong sums on real data, and its costs are those of a broken "
+                        f"datapath.", *warnings]
     return sec
+
+
+SENSITIVITY_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+SENSITIVITY_KNOBS = {"DDR pJ/B": "ddr", "SRAM pJ/B": "sram", "MAC pJ": "mac", "static mW": "static"}
+
+
+def energy_sensitivity(hw: HWConfig, model: str, batch: int, grad_bits: int = 8,
+                       factors=SENSITIVITY_FACTORS) -> pd.DataFrame:
+    """What dynamic PSQ and BHQ add to a training step, as the scheme table counts it (over the
+    same step with gradient ranges known beforehand: delayed PTQ), and its share of the step,
+    with each of DDR, SRAM, MAC and static figures scaled by `factors` one at a time, and with
+    the config's table figures taken from each technology node. One row per variant; the mapper
+    plans each anew (with an energy objective, the tiles follow the figures)."""
+    variants = [(knob, f, "", scale_energy(hw, **{arg: f})) for knob, arg in SENSITIVITY_KNOBS.items()
+                for f in factors]
+    variants += [("technology", 1.0, t, at_technology(hw, t)) for t in energy.TECHNOLOGIES]
+    log.info(f"report: energy sensitivity of {model} on {hw.name}, {len(variants)} variants")
+    rows = []
+    for knob, factor, tech, variant in tqdm(variants, desc="energy sensitivity", disable=None,
+                                            leave=False):
+        row = {"varied": knob, "factor": factor, "technology": tech or hw.technology or "-"}
+        step = lambda q, r: fqtsim.simulation.cost.training_step(  # noqa: E731
+            variant, model, batch, q, r, grad_bits).energy_pj.sum() / 1e9
+        known = step("ptq", "delayed")
+        for q in ("psq", "bhq"):
+            total = step(q, "dynamic")
+            row |= {f"{q}_step_mJ": total, f"{q}_extra_mJ": total - known,
+                    f"{q}_share_%": 100 * (total - known) / total if total else 0.0}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _sensitivity_reading(table: pd.DataFrame, hw_name: str) -> str:
+    """Which figure moves the quantizers' share most, in the table's own numbers."""
+    parts = []
+    for q in ("psq", "bhq"):
+        col = f"{q}_share_%"
+        knobs = table[table.varied != "technology"].groupby("varied", sort=False)[col]
+        spread = (knobs.max() - knobs.min()).sort_values(ascending=False)
+        nodes = table[table.varied == "technology"].set_index("technology")[col]
+        parts.append(f"{q.upper()}'s share moves most with {spread.index[0]} "
+                     f"({knobs.min()[spread.index[0]]:.0f}-{knobs.max()[spread.index[0]]:.0f}% "
+                     f"over x{table.factor.min():g}..x{table.factor.max():g}), least with "
+                     f"{spread.index[-1]} ({spread.iloc[-1]:.1f} points); "
+                     + ", ".join(f"{share:.0f}% at {t}" for t, share in nodes.items()))
+    return f"Energy sensitivity on {hw_name}: " + "; ".join(parts) + "."
+
+
+def _sensitivity_plot(table: pd.DataFrame, model: str, hw_name: str, out: Path) -> tuple[str, str]:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    scaled = table[table.varied != "technology"]
+    nodes = table[table.varied == "technology"]
+    for ax, q in zip(axes, ("psq", "bhq")):
+        for i, (knob, group) in enumerate(scaled.groupby("varied", sort=False)):
+            ls, marker = STYLES[i % len(STYLES)]
+            ax.plot(group.factor, group[f"{q}_share_%"], linestyle=ls, marker=marker,
+                    markerfacecolor="none", label=f"{knob} scaled")
+        for j, (tech, share) in enumerate(zip(nodes.technology, nodes[f"{q}_share_%"])):
+            ax.axhline(share, color="#555555", linestyle=(":", "--", "-.")[j % 3], linewidth=1,
+                       label=f"{tech} table")
+        ax.set(xscale="log", xlabel="factor on the figure", title=f"{q.upper()} (dynamic ranges)")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())   # the factors label it
+        ax.set_xticks(list(SENSITIVITY_FACTORS), [f"x{f:g}" for f in SENSITIVITY_FACTORS])
+    axes[0].set(ylabel="extra energy, % of the step")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(f"{model} on {hw_name}: the quantizers' share as energy figures change")
+    return (_save(fig, out, f"{model}_energy_sensitivity.png"),
+            "Share of a training step's energy that dynamic PSQ and BHQ add, with one energy "
+            "figure scaled at a time; horizontal lines: the config at each technology node.")
+
+
+def accumulator_bounds(hws: list[HWConfig], model: str, batch: int,
+                       grad_bits: int = 8) -> tuple[pd.DataFrame, list[str]]:
+    """The worst-case accumulator table of `model`'s training GEMMs on each config, and the
+    warnings of those that can overflow (`fqtsim.hardware.overflow`)."""
+    layers = workload(model)
+    rows, warnings = [], []
+    for hw in hws:
+        bounds = overflow.training_bounds(hw, layers, batch, grad_bits)
+        warnings += overflow.summary(hw, bounds)[1]
+        for name, b in bounds:
+            rows.append({"hw": hw.name, "gemm": name, "k": b.k, "run": b.run,
+                         "run_max": max(-b.accumulator[0], b.accumulator[1]),
+                         "run_bits": overflow.bits_needed(*b.accumulator), "acc_bits": b.acc_bits,
+                         "k_sum_max": max(-b.total[0], b.total[1]),
+                         "k_sum_bits": overflow.bits_needed(*b.total),
+                         "psum_bits": b.psum_bits if b.psum_bits is not None else "-",
+                         "k_max": b.k_max,
+                         "verdict": ("overflows by construction" if b.acc_overflows and
+                                     b.run == hw.accumulator.spill_every else
+                                     "can overflow" if b.can_overflow else "cannot overflow")})
+    return pd.DataFrame(rows), warnings
 
 
 def _sweep_plot(sweep: pd.DataFrame, model: str, hw_name: str, out: Path) -> tuple[str, str]:
@@ -263,12 +413,24 @@ def tcm_sweep(hw: HWConfig, model: str, batch: int, grad_bits: int = 8,
     log.info(f"report: TCM sweep of {model} on {hw.name}, {len(jobs)} cost-model steps")
     rows = []
     for size, q, r in tqdm(jobs, desc="TCM sweep", disable=None, leave=False):
-        variant = dataclasses.replace(hw, tcm=dataclasses.replace(hw.tcm, size_kib=float(size)))
+        variant = derive(dataclasses.replace(hw, tcm=dataclasses.replace(hw.tcm, size_kib=float(size))))
         ledger = fqtsim.simulation.cost.training_step(variant, model, batch, q, r, grad_bits)
         rows.append({"tcm_kib": size, "quantizer": q, "range": r,
                      "ddr_GB": ledger.loc[ledger.level == "ddr", "bytes"].sum() / 1e9,
                      "energy_mJ": ledger.energy_pj.sum() / 1e9})
     return pd.DataFrame(rows)
+
+
+def _sharing_reading(table: pd.DataFrame, hw_name: str) -> str:
+    """What riding the passes between the GEMMs saves, from the sharing table."""
+    t = table.set_index(["quantizer", "range", "shared"])
+    parts = []
+    for q in ("psq", "bhq"):
+        on, off = t.loc[(q, "dynamic", True)], t.loc[(q, "dynamic", False)]
+        parts.append(f"dynamic {q.upper()} adds {on.extra_mJ:,.1f} mJ ({on['extra_%']:.0f}% of "
+                     f"the step) with its passes shared and {off.extra_mJ:,.1f} mJ "
+                     f"({off['extra_%']:.0f}%) without")
+    return f"Sharing on {hw_name}: " + "; ".join(parts) + "."
 
 
 def _reading(table: pd.DataFrame) -> str:
@@ -281,14 +443,16 @@ def _reading(table: pd.DataFrame) -> str:
             row = g.loc[(q, "dynamic")]
             wide = row["wide write-back_mJ"] + row["range pass_mJ"]
             share = lambda v: 100 * v / row.quantizer_mJ if row.quantizer_mJ else 0.0  # noqa: E731
-            recovered = 1 - g.loc[(q, "delayed")].quantizer_mJ / row.quantizer_mJ
-            parts.append(f"{q.upper()} adds {row.quantizer_mJ:,.1f} mJ per step "
-                         f"({100 * row.quantizer_mJ / row.energy_mJ:.0f}% of the step): "
-                         f"{share(wide):.0f}% wide write-back and range pass, "
+            delayed = g.loc[(q, "delayed")].extra_mJ
+            recovered = 1 - delayed / row.extra_mJ if row.extra_mJ else 0.0
+            parts.append(f"{q.upper()} adds {row.extra_mJ:,.1f} mJ per step over gradient "
+                         f"ranges known beforehand ({row['extra_%']:.0f}% of the step); its "
+                         f"passes, {row.quantizer_mJ:,.1f} mJ with the code writes every "
+                         f"quantizer pays, are {share(wide):.0f}% wide write-back and range pass, "
                          f"{share(row['sort + transform_mJ']):.0f}% sort and transform, "
                          f"{share(row['requantization_mJ']):.0f}% requantization, "
                          f"{share(row['zero-point_mJ']):.0f}% zero-point correction; delayed "
-                         f"ranges remove {100 * recovered:.0f}% of it")
+                         f"ranges remove {100 * recovered:.0f}% of the extra")
         lines.append(f"On {hw_name}: " + "; ".join(parts) + ".")
     return " ".join(lines)
 

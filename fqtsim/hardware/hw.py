@@ -9,7 +9,11 @@ also has an upper bound (e.g. at most 1e6 pJ per byte or op), so that no cost co
 config can overflow to inf. A YAML key given twice is refused (plain YAML keeps the last), and so
 is a file that is not UTF-8 text.
 
-`load_hw` also takes the name of a shipped config (`npu`, `npu-acc16.yaml`), and a relative
+Energy figures may be left null: `derive` fills them from the table of the config's `technology`
+(`fqtsim.hardware.energy`) and records which in `HWConfig.derived`; static power left null is
+fqtsim's leakage estimate. Fields marked "derived" in their metadata are filled in, not read.
+
+`load_hw` also takes the name of a shipped config (`npu`, `npu-acc24.yaml`), and a relative
 `hw_configs/NAME.yaml` that does not exist in the current directory is the shipped one: the
 default `--hw` works from any directory (`resolve_hw`, `shipped_dir`).
 """
@@ -27,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from fqtsim.hardware import energy
+
 
 OBJECTIVES = ("energy", "cycles", "edp")
 LOOP_ORDERS = (("n", "m"), ("m", "n"), *itertools.permutations("mnk"))
@@ -38,7 +44,8 @@ def _check(test, allowed):
 
 # Upper bounds: generous for any real device, small enough that no product of figures and event
 # counts (up to ~1e15 bytes or ops per step) leaves float64's range or turns to inf.
-MAX_PJ = 1e6            # pJ per byte or per op (1 uJ; DRAM is ~40 pJ per byte)
+MAX_PJ = 1e6            # pJ per byte or per op (1 uJ; DRAM is ~160 pJ per byte)
+MAX_MW = 1e6            # static power (1 kW)
 MAX_CYCLES = 1e6        # cycles per vector instruction
 MAX_BANDWIDTH = 1e9     # bytes per cycle
 MIN_BANDWIDTH = 1e-6
@@ -58,6 +65,18 @@ def _count(hi=MAX_UNITS):
 
 def _non_negative():
     return _check(lambda v: 0 <= v <= MAX_PJ, f"a finite number >= 0, at most {MAX_PJ:g} (pJ)")
+
+
+def _energy():
+    """An energy figure, or null: the config's technology table gives it (see `derive`)."""
+    return _check(lambda v: v is None or 0 <= v <= MAX_PJ,
+                  f"a finite number >= 0, at most {MAX_PJ:g} (pJ), or null (from the table of "
+                  f"the config's technology: {', '.join(energy.TECHNOLOGIES)})")
+
+
+def _derived():
+    """A field load_hw fills in, not a YAML key."""
+    return field(default=None, metadata={"derived": True})
 
 
 def _bandwidth():
@@ -113,27 +132,40 @@ class TCM:
                                 MAX_TCM_KIB)
     read_bytes_per_cycle: float = _bandwidth()
     write_bytes_per_cycle: float = _bandwidth()
-    read_pj_per_byte: float = _non_negative()
-    write_pj_per_byte: float = _non_negative()
+    # null: the technology's SRAM curve at the TCM's capacity (a partitioned TCM: each buffer's)
+    read_pj_per_byte: float | None = _energy()
+    write_pj_per_byte: float | None = _energy()
     partitions: Partitions | None = None   # null: one pool shared by tiles and wide outputs
+    # derived SRAM figures of a partitioned TCM: ((read, write) of A's buffer, of B's); the
+    # output buffer (and what the partitions leave) has read/write_pj_per_byte
+    operand_pj: tuple | None = _derived()
 
     @property
     def size_bytes(self) -> int:
         return int(self.size_kib * 1024)
+
+    def pj_per_byte(self, direction: str, buffer: str = "out") -> float:
+        """pJ per byte read or written at `buffer` ('a', 'b' or 'out')."""
+        if self.operand_pj is not None and buffer in ("a", "b"):
+            return self.operand_pj[buffer == "b"][direction == "write"]
+        return self.read_pj_per_byte if direction == "read" else self.write_pj_per_byte
 
 
 @dataclass(frozen=True)
 class DDR:
     """Off-chip DRAM, where tensors live between layers."""
     bytes_per_cycle: float = _bandwidth()
-    read_pj_per_byte: float = _non_negative()
-    write_pj_per_byte: float = _non_negative()
+    read_pj_per_byte: float | None = _energy()     # null: the technology's DRAM figure
+    write_pj_per_byte: float | None = _energy()
+    # which DRAM of the technology's table null figures take (null: its first, DDR-class)
+    kind: str | None = field(default=None, metadata={"allowed": "null or a DRAM kind of the "
+                                                     "technology's table (e.g. ddr, hbm2, gddr6)"})
 
 
 @dataclass(frozen=True)
 class VectorOp:
     """One vector-unit operation: energy per element, cycles per instruction of `lanes` elements."""
-    pj: float = _non_negative()
+    pj: float | None = _energy()   # null: built from the technology's adds and multiplies
     cycles: float = _positive(f"a finite number > 0, at most {MAX_CYCLES:g}", MAX_CYCLES)
 
 
@@ -151,9 +183,16 @@ class Vector:
 
 @dataclass(frozen=True)
 class MacEnergy:
-    """MAC energy: a multiplier scaled by operand widths plus an adder scaled by accumulator width."""
-    mult_8x8_pj: float = _non_negative()
-    add_32_pj: float = _non_negative()
+    """MAC energy: a multiplier scaled by operand widths plus an adder scaled by accumulator
+    width; and the chip's static power, charged over elapsed time."""
+    mult_8x8_pj: float | None = _energy()   # null: the technology's 8-bit multiply
+    add_32_pj: float | None = _energy()     # null: the technology's 32-bit add
+    # leakage of the whole chip (mW), charged as power x elapsed cycles / clock; 0: none;
+    # null: fqtsim's estimate, energy.LEAKAGE_SHARE of the chip's peak on-chip dynamic power
+    static_mw: float | None = field(default=0.0, metadata={
+        "test": lambda v: v is None or 0 <= v <= MAX_MW,
+        "allowed": f"a finite number >= 0, at most {MAX_MW:g} (mW), or null (fqtsim's estimate: "
+                   f"a share of the peak on-chip dynamic power)"})
 
     def mac_pj(self, a_bits: int, b_bits: int, acc_bits: int) -> float:
         # An array multiplier's energy grows with the product of its operand widths, a ripple or
@@ -183,6 +222,34 @@ class Mapping:
         "test": lambda v: v in OBJECTIVES, "allowed": "energy, cycles or edp"})
 
 
+WIDE_FORMATS = ("accumulator", "fp32", "bf16")
+
+
+def _choice(default, options, allowed):
+    return field(default=default, metadata={"test": lambda v: v in options, "allowed": allowed})
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What the output pipeline does as a tile leaves the array, and how the vector unit runs;
+    the section may be left out (these defaults are what a designer would build)."""
+    # fused: min/max comparators track a tensor's ranges (per sample too) as its wide tiles are
+    # written; pass: a separate read of the wide tensor finds them
+    range: str = _choice("fused", ("fused", "pass"), "'fused' or 'pass'")
+    # how a tensor written out at full width is stored: raw accumulator sums, or scaled to
+    # fp32 or bf16 (its scales are known), which rounds what the next quantizer reads
+    wide_format: str = _choice("accumulator", WIDE_FORMATS, "accumulator, fp32 or bf16")
+    # BHQ's T^-1: gather each block's rows into one output tile and apply it in the output
+    # pipeline (gather), or write the whole output wide and transform it after (materialize)
+    bhq_inverse: str = _choice("gather", ("gather", "materialize"), "'gather' or 'materialize'")
+    # whether the vector unit's passes run while the array computes an independent GEMM
+    overlap: bool = field(default=False, metadata={"allowed": "true or false"})
+    # whether a quantizer rides the passes of the ops between the GEMMs (BatchNorm, softmax):
+    # its range and codes come out of their passes where that is cheaper (see
+    # fqtsim.simulation.between), or runs passes of its own
+    share_passes: bool = field(default=True, metadata={"allowed": "true or false"})
+
+
 @dataclass(frozen=True)
 class HWConfig:
     """A whole device: array, accumulator, memories, vector unit, energy table and mapping."""
@@ -196,6 +263,13 @@ class HWConfig:
     energy: MacEnergy
     mapping: Mapping
     description: str = ""
+    # the energy table that figures left null come from (fqtsim.hardware.energy)
+    technology: str | None = field(default=None, metadata={
+        "test": lambda v: v is None or v in energy.TECHNOLOGIES,
+        "allowed": f"null or one of {', '.join(energy.TECHNOLOGIES)} (fqtsim.hardware.energy)"})
+    # the dotted keys whose figures came from the technology table (filled by load_hw)
+    derived: tuple = field(default=(), metadata={"derived": True})
+    pipeline: Pipeline = Pipeline()
 
 
 def shipped_dir() -> Path | None:
@@ -209,14 +283,14 @@ def shipped_dir() -> Path | None:
 
 
 def shipped() -> list[str]:
-    """Names of the shipped configs (npu, npu-acc16, ...), which `--hw NAME` also takes."""
+    """Names of the shipped configs (npu, npu-acc24, ...), which `--hw NAME` also takes."""
     folder = shipped_dir()
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
 
 
 def resolve_hw(path: str | os.PathLike) -> Path:
     """Where config `path` is read from: the path itself if it exists; else, for a bare name
-    (`npu`, `npu-acc16.yaml`) or a relative `hw_configs/NAME.yaml` (the default, from outside
+    (`npu`, `npu-acc24.yaml`) or a relative `hw_configs/NAME.yaml` (the default, from outside
     the checkout), the shipped config of that name; else the path as given (reading it fails)."""
     if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"hw config: got {path!r} ({type(path).__name__}); expected a path (str "
@@ -261,6 +335,7 @@ def load_hw(path: str | os.PathLike) -> HWConfig:
     try:
         hw = _build(HWConfig, raw, "")
         _check_consistency(hw)
+        hw = derive(hw)
     except _SchemaError as e:
         raise ValueError(f"{path}: {e}") from None
     return hw
@@ -308,7 +383,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-class _SchemaError(Exception):
+class _SchemaError(ValueError):
     pass
 
 
@@ -317,7 +392,7 @@ def _build(cls, raw, path):
     where = path or "top level"
     if not isinstance(raw, dict):
         raise _SchemaError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _keys(cls)
     unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         raise _SchemaError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(fields)}")
@@ -331,6 +406,11 @@ def _build(cls, raw, path):
             raise _SchemaError(f"{key}: missing; expected {_describe(hints[name], f)}")
         values[name] = _convert(hints[name], raw[name], key, f)
     return cls(**values)
+
+
+def _keys(cls) -> dict:
+    """The YAML keys of dataclass `cls`: its fields but those load_hw derives."""
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
 
 
 def _convert(hint, value, key, f):
@@ -363,7 +443,7 @@ def _convert(hint, value, key, f):
 
 def _describe(hint, f):
     if dataclasses.is_dataclass(hint):
-        return "a mapping with keys " + ", ".join(x.name for x in dataclasses.fields(hint))
+        return "a mapping with keys " + ", ".join(_keys(hint))
     allowed = f.metadata.get("allowed")
     if allowed:
         return allowed
@@ -380,3 +460,118 @@ def _check_consistency(hw: HWConfig):
     if acc.spill_every is not None and acc.psum_bits < acc.bits:
         raise _SchemaError(f"accumulator.psum_bits: got {acc.psum_bits}, narrower than "
                            f"accumulator.bits = {acc.bits}; spills need psum_bits >= bits")
+
+
+# Energy figures a config may leave null, by dotted key, and how each is derived from the table
+VECTOR_OPS = tuple(energy.VECTOR_RULES)
+DERIVABLE = ("tcm.read_pj_per_byte", "tcm.write_pj_per_byte", "ddr.read_pj_per_byte",
+             "ddr.write_pj_per_byte", "energy.mult_8x8_pj", "energy.add_32_pj",
+             *(f"vector.{op}.pj" for op in VECTOR_OPS), "energy.static_mw")
+
+
+def derive(hw: HWConfig) -> HWConfig:
+    """`hw` with every energy figure left null, or derived before (`hw.derived`), taken from its
+    technology's table (`fqtsim.hardware.energy`); figures the config states stay as given.
+
+    SRAM energy follows the TCM's capacity, so a TCM resized with dataclasses.replace gets its
+    figure again from `derive`. A partitioned TCM prices each buffer at its own capacity: the A
+    and B buffers' figures go to `tcm.operand_pj`, the output buffer's (which also stands for
+    what the partitions leave) to tcm.read/write_pj_per_byte."""
+    redo = set(hw.derived)
+    todo = [key for key in DERIVABLE if key in redo or _get(hw, key) is None]
+    if hw.ddr.kind is not None and not any(k.startswith("ddr.") for k in todo):
+        raise _SchemaError(f"ddr.kind: got {hw.ddr.kind!r}, but ddr.read_pj_per_byte and "
+                           f"ddr.write_pj_per_byte are given; leave them null to take the "
+                           f"{hw.ddr.kind} figure, or drop ddr.kind")
+    tabled = [key for key in todo if key != "energy.static_mw"]   # static: from the others
+    if not tabled:
+        return _derive_static(hw, todo)
+    tech = hw.technology
+    if tech is None:
+        raise _SchemaError(f"{tabled[0]}: null, but the config names no technology; give a "
+                           f"number, or technology: {' or '.join(energy.TECHNOLOGIES)} to take it "
+                           f"from that table (fqtsim.hardware.energy)")
+    if hw.ddr.kind is not None and hw.ddr.kind not in energy.node(tech).dram_kinds:
+        raise _SchemaError(f"ddr.kind: got {hw.ddr.kind!r}; the {tech} table lists "
+                           f"{', '.join(energy.node(tech).dram_kinds)}")
+    parts = hw.tcm.partitions
+    sram = energy.sram_pj_per_byte(tech, parts.out_kib if parts else hw.tcm.size_kib)
+    mult, add = energy.mac_figures(tech)
+    figures = {"tcm.read_pj_per_byte": sram, "tcm.write_pj_per_byte": sram,
+               "ddr.read_pj_per_byte": energy.dram_pj_per_byte(tech, hw.ddr.kind),
+               "ddr.write_pj_per_byte": energy.dram_pj_per_byte(tech, hw.ddr.kind),
+               "energy.mult_8x8_pj": mult, "energy.add_32_pj": add,
+               **{f"vector.{op}.pj": energy.vector_pj(tech, op) for op in VECTOR_OPS}}
+    for key in tabled:
+        hw = _set(hw, key, figures[key])
+    operand_pj = hw.tcm.operand_pj
+    if parts is not None and {"tcm.read_pj_per_byte", "tcm.write_pj_per_byte"} & set(todo):
+        # a direction the config states stays as stated in every buffer
+        operand_pj = tuple(
+            tuple(energy.sram_pj_per_byte(tech, kib) if f"tcm.{d}_pj_per_byte" in todo
+                  else _get(hw, f"tcm.{d}_pj_per_byte") for d in ("read", "write"))
+            for kib in (parts.a_kib, parts.b_kib))
+    return _derive_static(dataclasses.replace(hw, tcm=dataclasses.replace(hw.tcm, operand_pj=operand_pj)),
+                          todo)
+
+
+def _derive_static(hw: HWConfig, todo: list) -> HWConfig:
+    """`hw` with `derived` = `todo` and, if static_mw is among them, its estimate."""
+    if "energy.static_mw" in todo:
+        hw = _set(hw, "energy.static_mw", energy.LEAKAGE_SHARE * peak_dynamic_mw(hw))
+    return dataclasses.replace(hw, derived=tuple(todo))
+
+
+def peak_dynamic_mw(hw: HWConfig) -> float:
+    """The array's power at full rate: every MAC busy on its widest operands, and those operands
+    read from TCM as fast as the array takes them (a row of A and a column of B per cycle)."""
+    bits, tcm = hw.array.operand_bits, hw.tcm
+    mac_pj = hw.array.rows * hw.array.cols * hw.energy.mac_pj(bits, bits, hw.accumulator.bits)
+    read_pj = (hw.array.rows * tcm.pj_per_byte("read", "a")
+               + hw.array.cols * tcm.pj_per_byte("read", "b")) * bits / 8
+    return (mac_pj + read_pj) * hw.array.clock_mhz / 1e3   # pJ per cycle x MHz = uW
+
+
+def at_technology(hw: HWConfig, technology: str) -> HWConfig:
+    """`hw` with the figures it takes from its table taken from `technology`'s instead (figures
+    the config states explicitly stay as they are)."""
+    energy.node(technology)
+    return derive(dataclasses.replace(hw, technology=technology))
+
+
+def scale_energy(hw: HWConfig, *, ddr: float = 1.0, sram: float = 1.0, mac: float = 1.0,
+                 static: float = 1.0) -> HWConfig:
+    """`hw` with its DRAM and SRAM per-byte figures, its MAC figures (multiplier and adder, the
+    partial-sum adds too) and its static power multiplied by the factors given: a sensitivity
+    variant. The figures scaled are fixed numbers in it from then on (no longer re-derived)."""
+    for name, factor in (("ddr", ddr), ("sram", sram), ("mac", mac), ("static", static)):
+        if not (isinstance(factor, (int, float)) and 0 <= factor < math.inf):
+            raise ValueError(f"{name}: got {factor!r}; expected a finite factor >= 0")
+    tcm, d, e = hw.tcm, hw.ddr, hw.energy
+    operand_pj = None if tcm.operand_pj is None else tuple(
+        tuple(v * sram for v in buffer) for buffer in tcm.operand_pj)
+    scaled = {"tcm.read_pj_per_byte": sram, "tcm.write_pj_per_byte": sram,
+              "ddr.read_pj_per_byte": ddr, "ddr.write_pj_per_byte": ddr,
+              "energy.mult_8x8_pj": mac, "energy.add_32_pj": mac}
+    keep = tuple(k for k in hw.derived if scaled.get(k, 1.0) == 1.0)
+    return dataclasses.replace(
+        hw, derived=keep,
+        tcm=dataclasses.replace(tcm, read_pj_per_byte=tcm.read_pj_per_byte * sram,
+                                write_pj_per_byte=tcm.write_pj_per_byte * sram,
+                                operand_pj=operand_pj),
+        ddr=dataclasses.replace(d, read_pj_per_byte=d.read_pj_per_byte * ddr,
+                                write_pj_per_byte=d.write_pj_per_byte * ddr),
+        energy=dataclasses.replace(e, mult_8x8_pj=e.mult_8x8_pj * mac, add_32_pj=e.add_32_pj * mac,
+                                   static_mw=e.static_mw * static))
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(obj, dotted: str, value):
+    head, _, rest = dotted.partition(".")
+    inner = value if not rest else _set(getattr(obj, head), rest, value)
+    return dataclasses.replace(obj, **{head: inner})

@@ -20,6 +20,17 @@ An operand tile is loaded whenever it differs from the last one loaded, so it is
 per iteration of the loops down to the innermost one it depends on (`reloads`): B is reused
 across an inner m loop, A across an inner n loop.
 
+Array cycles: a fold over a K slice of sk takes sk cycles, plus rows + cols - 2 (`fill_drain`)
+each time the array starts it: the operands enter skewed, so the far corner PE starts (the
+fill) and finishes (before the sums drain) that much after the near one. A fold starts whenever its sums are not already in the
+accumulators: on each new output tile, and on each K tile when several folds take turns over a
+split K (their sums are parked between K tiles) or when K is not innermost (each visit restarts
+every fold of the tile, its sums coming back from where they waited). One fold per tile with K
+innermost streams all its K tiles through the same accumulators and fills and drains once
+(`fold_starts`). Spills to the partial-sum buffer do not restart a fold. The next fold's fill
+does not overlap the last one's drain, double buffered or not (SCALE-Sim 3.0.0 counts a GEMM
+the same way: folds x (K + rows + cols - 2) cycles); a partial fold pays the whole array's.
+
 A (M x K) and B (K x N) live in DDR; TCM holds one A tile, one B tile and one output tile (twice
 each with double buffering: the second copy is the prefetch slot, not extra reuse). An operand that
 fits its buffer whole is held whole instead, once (no prefetch slot: nothing follows it), and stays
@@ -72,14 +83,25 @@ WRITEBACKS = ("fused", "materialized", "handoff")
 
 
 def stored_output_bits(hw: HWConfig, writeback: str, out_bits: int) -> int:
-    """Width at which a GEMM's output leaves the array: b-bit codes (fused) or accumulator width."""
-    return out_bits if writeback == "fused" else wide_bits(hw)
+    """Width at which a GEMM's output leaves the array: b-bit codes (fused), else at full width
+    in the config's wide format."""
+    return out_bits if writeback == "fused" else wide_store_bits(hw)
 
 
 def wide_bits(hw: HWConfig) -> int:
     """Width of a GEMM's raw result: the partial sum when the accumulator spills, else the accumulator."""
     acc = hw.accumulator
     return acc.psum_bits if acc.spill_every is not None else acc.bits
+
+
+WIDE_FORMAT_BITS = {"fp32": 32, "bf16": 16}
+
+
+def wide_store_bits(hw: HWConfig) -> int:
+    """Width of a tensor written out at full width (a wide gradient, a materialized output):
+    the raw sums (`wide_bits`), or scaled to fp32 or bf16 on the way out (`pipeline.wide_format`).
+    Partial sums stay raw."""
+    return WIDE_FORMAT_BITS.get(hw.pipeline.wide_format, wide_bits(hw))
 
 
 @dataclass(frozen=True)
@@ -481,17 +503,35 @@ def _room(hw: HWConfig) -> str:
     return f"tcm.partitions of A {a} B, B {b} B, output {out} B"
 
 
+def ddr_estimate(hw: HWConfig, t: Tiling, m, n, k, a_bits, b_bits, a_win=None, b_win=None) -> float:
+    """DDR bytes of the operands and of partial sums waiting in DDR (outputs aside)."""
+    ddr = sum(operand_loads(t, m, n, k, a_bits, b_bits, a_win, b_win))
+    if t.psums == "ddr":   # every visit but the first reads the sums back, every one writes them
+        ddr += 2 * t.tile_counts(m, n, k)[2] * nbytes(m * n, wide_bits(hw))
+    return ddr
+
+
 def _score(hw: HWConfig, t: Tiling, m, n, k, a_bits, b_bits, a_win=None, b_win=None):
     """Estimated cycles first (idle lanes cost time), then DDR bytes, then fewer tiles, less TCM."""
-    ddr = sum(operand_loads(t, m, n, k, a_bits, b_bits, a_win, b_win))
+    ddr = ddr_estimate(hw, t, m, n, k, a_bits, b_bits, a_win, b_win)
     nm, nn, nk = t.tile_counts(m, n, k)
     arr = hw.array
-    compute = _folds(m, t.tm, arr.rows) * _folds(n, t.tn, arr.cols) * k
-    if t.psums == "ddr":   # every visit but the first reads the sums back, every one writes them
-        ddr += 2 * nk * nbytes(m * n, wide_bits(hw))
+    folds = _folds(m, t.tm, arr.rows) * _folds(n, t.tn, arr.cols)
+    if t.k_at < 2 and nk > 1:   # every visit restarts every fold
+        starts = folds * nk
+    else:
+        starts = sum(cm * cn * fold_starts(hw, sm, sn, nk)
+                     for sm, cm in _tile_sizes(m, t.tm) for sn, cn in _tile_sizes(n, t.tn))
+    compute = folds * k + starts * fill_drain(hw)
     memory = ddr / hw.ddr.bytes_per_cycle
     cycles = max(compute, memory) if hw.mapping.double_buffer else compute + memory
     return cycles, ddr, nm * nn * nk, t.footprint, t.tm, t.tn
+
+
+def _tile_sizes(dim: int, tile: int) -> list[tuple[int, int]]:
+    """(size, count) of the full tiles along one dimension and of the last, shorter one."""
+    full, rest = divmod(dim, tile)
+    return [(size, count) for size, count in ((tile, full), (rest, 1)) if size and count]
 
 
 def _folds(dim: int, tile: int, lanes: int) -> int:
@@ -541,7 +581,7 @@ def loss_producer(hw: HWConfig) -> Producer:
 def wide_level(hw: HWConfig, tiling: Tiling, live_elements: int) -> str:
     """Where a wide (accumulator-width) tensor lands: TCM if its live part fits beside the
     tiles, else DDR."""
-    return "tcm" if nbytes(live_elements, wide_bits(hw)) <= tiling.free else "ddr"
+    return "tcm" if nbytes(live_elements, wide_store_bits(hw)) <= tiling.free else "ddr"
 
 
 def phase_stalls(hw: HWConfig, compute: float, ddr_bytes: float, tcm_read: float,
@@ -558,6 +598,21 @@ def phase_stalls(hw: HWConfig, compute: float, ddr_bytes: float, tcm_read: float
         stall = max(compute, ddr, tcm) - compute
         return (stall, 0.0) if ddr >= tcm else (0.0, stall)
     return ddr, max(compute, tcm) - compute
+
+
+def fill_drain(hw: HWConfig) -> int:
+    """Cycles a fold of the output-stationary array spends beyond its K slice: its operands
+    enter skewed, so the far corner PE starts and finishes rows + cols - 2 cycles after the near
+    one (SCALE-Sim's count of fill and drain; it charges the whole array for a partial fold)."""
+    return hw.array.rows + hw.array.cols - 2
+
+
+def fold_starts(hw: HWConfig, sm: int, sn: int, k_tiles: int) -> int:
+    """Times the array starts a fold of an sm x sn output tile whose K is streamed in `k_tiles`
+    tiles, K innermost: one fold keeps its accumulators in the array over all of them, so it
+    starts once; several take turns and each restarts on every K tile."""
+    folds = -(-sm // hw.array.rows) * -(-sn // hw.array.cols)
+    return folds * k_tiles if folds > 1 else 1
 
 
 def as_int(v) -> int | None:

@@ -88,9 +88,10 @@ def quantize_weight(w: np.ndarray, bits: int = 8, per_channel: bool = False) -> 
                      affine=False)
 
 
-def quantize_activation(x: np.ndarray, bits: int = 8) -> Quantized:
-    """Per-tensor affine round-to-nearest activation codes."""
-    return quantize_affine(x, bits, "tensor", stochastic=False)
+def quantize_activation(x: np.ndarray, bits: int = 8, *, lo=None, hi=None) -> Quantized:
+    """Per-tensor affine round-to-nearest activation codes; `lo`/`hi`: a range known before
+    the data (delayed), values beyond it clipped and counted."""
+    return quantize_affine(x, bits, "tensor", stochastic=False, lo=lo, hi=hi)
 
 
 def variance_bound(x: np.ndarray, method: str, bits: int) -> float:

@@ -2,4 +2,5 @@
 through the integer kernels and walks the loop nest and the quantizer passes (`passes`); `cost`
 (also importable as `fqtsim.cost`) computes the same events in closed form, with the passes in
 `schedule`; `ledger` prices raw events into ledger rows; `workloads` holds the layer shapes the
-cost model plans (ResNet-18/50, a transformer block, the trained MLP/CNN). No torch here."""
+cost model plans (ResNet-18/50, a transformer block, the trained MLP/CNN) and the ops between
+them, which `between` costs in closed form. No torch here."""

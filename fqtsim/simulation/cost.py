@@ -11,7 +11,7 @@ import functools
 import itertools
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import astuple, dataclass, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -20,12 +20,17 @@ from fqtsim.hardware.conv import Im2col, col2im
 from fqtsim.hardware.hw import HWConfig, as_hw
 from fqtsim.simulation.ledger import COLUMNS, GemmSpec, add, frame, merge, price
 from fqtsim.hardware.mapping import (Tiling, as_int, by_columns, check_gemm, container_bits,
+                                     ddr_estimate,
                                      live_wide_elements, loaded, loop_units, loss_producer, nbytes,
                                      operand_tiles, parks_psums, phase_stalls, plans, produced_by,
                                      stored_output_bits, wide_bits, wide_level)
+from fqtsim.hardware.mapping import fill_drain, fold_starts
+from fqtsim.simulation.overlap import overlapped
 from fqtsim.simulation.schedule import (QuantScheme, as_scheme, correction_events, input_events,
                                         output_events, output_writeback, rename_wide_output,
-                                        update_events, wide_gradient_level, FORWARD_BITS,
+                                        gathers, quantized_shape, scale_events,
+                                        state_bytes, update_events, wide_gradient_level,
+                                        FORWARD_BITS,
                                         GRAD_WEIGHT_BITS, weight_gradient_method)
 
 
@@ -34,16 +39,18 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
          a_quant: QuantScheme | None = None, a_offset: bool | None = None,
          b_offset: bool = False, a_im2col: Im2col | None = None, b_im2col: Im2col | None = None,
          col2im: Im2col | None = None, consumer: tuple | None = None,
-         name: str = "gemm") -> pd.DataFrame:
+         b_sums_known: bool = False, name: str = "gemm") -> pd.DataFrame:
     """Ledger rows of one (M x K) @ (K x N) GEMM with `a_bits` x `b_bits` operand codes.
 
     `writeback="fused"` requantizes in the output pipeline and writes `out_bits` codes to DDR;
     `"materialized"` writes the raw result at accumulator width (partial-sum width when the
     accumulator spills), to TCM when the live part of its range `scope` fits beside the tiles,
     else to DDR; `"handoff"` leaves it at accumulator width for the next quantizer (whose
-    wide_write stores it). `a_quant`: A is a gradient quantized by that scheme on the device,
-    with the passes of `fqtsim.simulation.schedule` before and after the GEMM (BHQ materializes the whole
-    output). `a_offset`/`b_offset`: the operand's codes are affine (offset + scale * q), which
+    wide_write stores it). `a_quant`: A is quantized by that scheme on the device from a wide
+    tensor (a gradient; or an activation, for an im2col A its input map), with the passes of
+    `fqtsim.simulation.schedule` before and after the GEMM (BHQ: T^-1 on the output tiles in
+    the pipeline where one row tile holds every row, else on the output materialized whole).
+    `a_offset`/`b_offset`: the operand's codes are affine (offset + scale * q), which
     costs a rank-1 correction after the GEMM; A's default is whether it is a quantized gradient.
     `a_im2col` (A, M x K) or `b_im2col` (B, K x N): the operand is a convolution's im2col matrix
     (`fqtsim.hardware.conv.Im2col`), built on chip from its feature map, which is what DDR holds and
@@ -51,13 +58,15 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     map in TCM (the grad_input GEMM of a convolution). `consumer`: (method, range policy, bits)
     of the gradient quantizer that reads a handed-off output wide; the mapper weighs where the
     tiling leaves that gradient (a producer's plan keeps room for it where that pays).
-    `hw` may be a config path; `a_quant` a method name ("ptq", "psq", "bhq": dynamic ranges).
+    `b_sums_known`: B is a weight whose column sums (for A's zero-point correction) the update
+    pass keeps, so the GEMM does not sum it. `hw` may be a config path; `a_quant` a method name ("ptq", "psq", "bhq": dynamic ranges).
     m, n, k and the widths are integers (numpy integers too; not bools). The ledger's
     `attrs["mapping"]` says how the GEMM was laid out (loop order, tiles, operands held whole,
     TCM taken and left, where the output went).
     """
     rows, mapping, _ = _priced(hw, m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant,
-                               a_offset, b_offset, a_im2col, b_im2col, col2im, consumer, name)
+                               a_offset, b_offset, a_im2col, b_im2col, col2im, consumer,
+                               b_sums_known, name)
     ledger = frame(rows)
     ledger.attrs["mapping"] = mapping
     return ledger
@@ -65,11 +74,12 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
 
 def _priced(hw, m, n, k, a_bits=8, b_bits=8, out_bits=8, writeback="fused", scope="tensor",
             a_quant=None, a_offset=None, b_offset=False, a_im2col=None, b_im2col=None,
-            col2im=None, consumer=None, name="gemm") -> tuple[list, dict, dict]:
+            col2im=None, consumer=None, b_sums_known=False, name="gemm") -> tuple[list, dict, dict]:
     """`gemm`'s ledger rows unframed, its mapping, and its raw events."""
     hw = as_hw(hw)
     a_quant = as_scheme(a_quant)
-    for option, value in (("a_offset", a_offset), ("b_offset", b_offset)):
+    for option, value in (("a_offset", a_offset), ("b_offset", b_offset),
+                          ("b_sums_known", b_sums_known)):
         if value is not None and not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{option}: got {value!r}; expected True or False")
     if not isinstance(name, str):
@@ -81,7 +91,7 @@ def _priced(hw, m, n, k, a_bits=8, b_bits=8, out_bits=8, writeback="fused", scop
     _check_im2col(b_im2col, "b_im2col", k, n)
     _check_im2col(col2im, "col2im", m, n)
     spec = Gemm(m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant, a_offset, b_offset,
-                a_im2col, b_im2col, col2im, check_consumer(consumer, writeback))
+                a_im2col, b_im2col, col2im, check_consumer(consumer, writeback), bool(b_sums_known))
     tiling = layout(hw, spec)
     events, level = gemm_events(hw, spec, tiling)
     mapping = {"m": spec.m, "k": spec.k, "n": spec.n, "loop_order": tiling.name,
@@ -126,6 +136,7 @@ class Gemm:
     b_im2col: Im2col | None
     col2im: Im2col | None
     consumer: tuple | None = None
+    b_sums_known: bool = False
 
 
 @functools.lru_cache(maxsize=8192)
@@ -139,12 +150,19 @@ def layout(hw: HWConfig, spec: Gemm) -> Tiling:
                     stored_output_bits(hw, writeback, spec.out_bits), spec.a_im2col, spec.b_im2col)
     chosen = [t for order in sorted({t.order for t in options})   # K's place competes within
               for t in itertools.islice((t for t in options if t.order == order), CANDIDATES)]
+    if hw.mapping.objective != "cycles":   # a few cycles saved can cost much more DDR traffic
+        moved = sorted(options, key=lambda t: (ddr_estimate(
+            hw, t, spec.m, spec.n, spec.k, spec.a_bits, spec.b_bits, spec.a_im2col,
+            spec.b_im2col), astuple(t)))
+        chosen += moved[:CANDIDATES]
     if writeback == "materialized":   # room for the wide output changes where it goes
         chosen += _first(t for t in options
                          if wide_level(hw, t, live_wide_elements(scope, t, spec.m, spec.n)) == "tcm")
     if spec.consumer is not None:     # and room for the gradient the next quantizer reads wide
         chosen += _first(t for t in options if (c := _consumer_scheme(spec, t))[0]
                          and wide_gradient_level(hw, t, *c[1:]) == "tcm")
+    # BHQ with every row in one tile: T^-1 in the pipeline, no wide output
+    chosen += _first(t for t in options if gathers(hw, spec.a_quant, t, spec.m))
     if len(chosen) == 1:
         return chosen[0]
     return min(chosen, key=lambda t: _objective(hw, spec, t))
@@ -203,9 +221,9 @@ def gemm_events(hw: HWConfig, spec: Gemm, tiling: Tiling, after: bool = True) ->
     """Raw events of `spec` laid out by `tiling`, and the level its output is written to.
     `after`: with the offset corrections and col2im, which no tiling changes."""
     (m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant, a_offset, b_offset, a_im2col,
-     b_im2col, col2im, _) = (getattr(spec, f.name) for f in fields(spec))
+     b_im2col, col2im, _, _) = (getattr(spec, f.name) for f in fields(spec))
     handoff = writeback == "handoff"
-    writeback, scope = output_writeback(a_quant, writeback, scope)
+    writeback, scope = output_writeback(a_quant, writeback, scope, gathers(hw, a_quant, tiling, m))
     out_store = stored_output_bits(hw, writeback, out_bits)
     level = "ddr"
     if writeback == "materialized":
@@ -239,7 +257,8 @@ def gemm_events(hw: HWConfig, spec: Gemm, tiling: Tiling, after: bool = True) ->
             b_in = (b_new if tiling.b_whole else b_each) if load_b else 0.0
             folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)
             read_a, read_b = sm * k * folds_n, sn * k * folds_m
-            compute = folds_m * folds_n * k
+            # each fold's K slice, and its fill and drain whenever it starts (see the loop nest)
+            compute = folds_m * folds_n * k + fold_starts(hw, sm, sn, nk) * fill_drain(hw)
             out = nbytes(sm * sn, out_store)
             tcm_read = nbytes(read_a, a_bits) + nbytes(read_b, b_bits)
             tcm_write = a_in + b_in + (out if writeback != "handoff" else 0.0)
@@ -269,12 +288,17 @@ def gemm_events(hw: HWConfig, spec: Gemm, tiling: Tiling, after: bool = True) ->
 def _after(hw, spec: Gemm, tiling: Tiling, events: dict, level: str, handoff: bool, after: bool):
     """The loop nest's events with the quantizer's passes and (`after`) the corrections."""
     a_quant = spec.a_quant
-    rename_wide_output(events, a_quant)
+    gathered = gathers(hw, a_quant, tiling, spec.m)
+    rename_wide_output(events, a_quant, gathered)
+    merge(events, scale_events(hw, a_quant, spec.writeback, spec.m * spec.n, gathered))
     if a_quant is not None:
-        merge(events, input_events(hw, tiling, a_quant, spec.m, spec.k, spec.a_bits))
-        merge(events, output_events(hw, a_quant, spec.m, spec.n, spec.out_bits, level, handoff))
+        merge(events, input_events(hw, tiling, a_quant,
+                                   *quantized_shape(spec.m, spec.k, spec.a_im2col), spec.a_bits))
+        merge(events, output_events(hw, a_quant, spec.m, spec.n, spec.out_bits, level, handoff,
+                                    gathered))
     if after:
-        merge(events, correction_events(spec.m, spec.n, spec.k, spec.a_offset, spec.b_offset))
+        merge(events, correction_events(spec.m, spec.n, spec.k, spec.a_offset, spec.b_offset,
+                                        spec.b_sums_known))
         if spec.col2im is not None:
             merge(events, col2im_events(hw, *col2im(spec.col2im)))
     return events
@@ -304,7 +328,8 @@ def _k_outer_events(hw: HWConfig, spec: Gemm, tiling: Tiling, writeback: str, ou
         b_in = nbytes(bk[pick] * bn[pick], b_bits) if load_b else 0.0
         folds_m, folds_n = math.ceil(sm / rows), math.ceil(sn / cols)
         read_a, read_b = sm * sk * folds_n, sn * sk * folds_m
-        compute = folds_m * folds_n * sk
+        # every visit restarts each fold: its sums came back from where they waited
+        compute = folds_m * folds_n * (sk + fill_drain(hw))
         tcm_read = nbytes(read_a, a_bits) + nbytes(read_b, b_bits)
         tcm_write, ddr = a_in + b_in, a_in + b_in
         points = math.ceil(sk / spill) if spill is not None else 1
@@ -378,8 +403,10 @@ def col2im_events(hw: HWConfig, entries: int, elements: int) -> dict:
 
 def overhead(hw: HWConfig, m: int, n: int, k: int, schemes, *, grad_bits: int = 8,
              b_bits: int = 8) -> pd.DataFrame:
-    """What each gradient-quantizer scheme adds to dX = Q(dY) @ W over the fused baseline (the
-    same GEMM on codes that arrive ready, output requantized in the pipeline).
+    """What each gradient-quantizer scheme adds to dX = Q(dY) @ W over the fused baseline: the
+    same GEMM with dY's codes made in its producer's output pipeline from a range known
+    beforehand (delayed PTQ: a random number, a requantization and the code write per element,
+    which every scheme pays), so that only what the scheme's ranges cost is counted.
 
     One row per scheme: extra bytes at TCM and DDR, extra vector ops, extra energy and cycles
     (absolute and relative to the baseline), and where the wide gradient lands.
@@ -395,7 +422,8 @@ def overhead(hw: HWConfig, m: int, n: int, k: int, schemes, *, grad_bits: int = 
     if isinstance(schemes, (str, QuantScheme)) or not isinstance(schemes, Iterable):
         schemes = [schemes]
     schemes = [as_scheme(s, "schemes") for s in schemes]
-    base = totals(gemm(hw, m, n, k, a_bits=grad_bits, b_bits=b_bits))
+    base = totals(gemm(hw, m, n, k, a_bits=grad_bits, b_bits=b_bits,
+                       a_quant=QuantScheme("ptq", "delayed")))
     rows = []
     for scheme in schemes:
         ledger = gemm(hw, m, n, k, a_bits=grad_bits, b_bits=b_bits, a_quant=scheme)
@@ -410,6 +438,34 @@ def overhead(hw: HWConfig, m: int, n: int, k: int, schemes, *, grad_bits: int = 
     return pd.DataFrame(rows)
 
 
+def step_overhead(hw: HWConfig, model, batch: int, schemes, grad_bits: int = 8) -> pd.DataFrame:
+    """What each gradient-quantizer scheme costs a whole training step of `model` over the
+    same step with delayed PTQ (gradient and activation ranges known before their GEMMs: the
+    random numbers, requantizations and code writes every scheme pays), with the quantizers
+    riding the passes of the ops between the GEMMs and without (`pipeline.share_passes`).
+
+    One row per scheme and sharing: the step's energy (mJ) and cycles, and the extra energy
+    and cycles over the baseline (absolute, and as a share of the step)."""
+    hw = as_hw(hw)
+    if isinstance(schemes, (str, QuantScheme)) or not isinstance(schemes, Iterable):
+        schemes = [schemes]
+    schemes = [as_scheme(s, "schemes") for s in schemes]
+    rows = []
+    for shared in (True, False):
+        variant = replace(hw, pipeline=replace(hw.pipeline, share_passes=shared))
+        base = training_step(variant, model, batch, "ptq", "delayed", grad_bits)
+        base_pj, base_cycles = base.energy_pj.sum(), base.cycles.sum()
+        for scheme in schemes:
+            step = training_step(variant, model, batch, scheme.method, scheme.range_policy,
+                                 grad_bits)
+            pj, cycles = step.energy_pj.sum(), step.cycles.sum()
+            rows.append({"quantizer": scheme.method, "range": scheme.range_policy,
+                         "shared": shared, "step_mJ": pj / 1e9, "extra_mJ": (pj - base_pj) / 1e9,
+                         "extra_%": 100 * (pj - base_pj) / pj, "cycles_M": cycles / 1e6,
+                         "extra_cycles_%": 100 * (cycles - base_cycles) / cycles})
+    return pd.DataFrame(rows)
+
+
 def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
                   range_policy: str = "dynamic", grad_bits: int = 8) -> pd.DataFrame:
     """Every event of one FQT training step, layer by layer (the `layer` column), as
@@ -420,11 +476,12 @@ def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
 
     `model`: a name from `fqtsim.simulation.workloads` or a list of its `Layer`s.
     """
-    return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[0]
+    return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[0].copy()
 
 
 def _training_step(hw, model, batch, quantizer, range_policy, grad_bits):
-    """training_step's ledger and the mapping of each of its GEMMs (`mappings`)."""
+    """training_step's ledger and the mapping of each of its GEMMs, with the optimizer state
+    where `state_home` puts it."""
     from fqtsim.simulation.workloads import Layer, workload
 
     hw = as_hw(hw)
@@ -435,41 +492,94 @@ def _training_step(hw, model, batch, quantizer, range_policy, grad_bits):
                         f"fqtsim.simulation.workloads.Layer")
     if (size := as_int(batch)) is None or size < 1:
         raise ValueError(f"batch: got {batch!r}; expected an integer >= 1")
-    batch = size
     QuantScheme(quantizer, range_policy)   # refuse a bad quantizer or range before any work
+    return _placed_step(hw, tuple(layers), size, quantizer, range_policy, grad_bits)
+
+
+@functools.lru_cache(maxsize=256)
+def _placed_step(hw, layers, batch, quantizer, range_policy, grad_bits):
+    """(ledger, mappings, the config the GEMMs ran on, where the optimizer state lives): state
+    in DDR, or in TCM set aside from what the GEMMs tile, whichever the objective prefers."""
+    options = [(*_step(hw, layers, batch, quantizer, range_policy, grad_bits, "ddr"), hw, "ddr")]
+    aside = _without_state(hw, layers)
+    if aside is not None:
+        try:
+            options.append((*_step(aside, layers, batch, quantizer, range_policy, grad_bits, "tcm"),
+                            aside, "tcm"))
+        except ValueError:   # the GEMMs do not fit beside it
+            pass
+    objective = hw.mapping.objective
+    def score(option):
+        energy, cycles = option[0].energy_pj.sum(), option[0].cycles.sum()
+        return {"energy": energy, "cycles": cycles, "edp": energy * cycles}[objective]
+    return min(options, key=score)
+
+
+def _without_state(hw: HWConfig, layers) -> HWConfig | None:
+    """The config with the step's optimizer state set aside in TCM (None where it cannot be:
+    no room, or the partitions take what it would need)."""
+    state = state_bytes(sum(layer.weights for layer in layers))
+    left = hw.tcm.size_bytes - state
+    parts = hw.tcm.partitions
+    if state == 0 or left <= 0 or (parts is not None and left < sum(parts.sizes_bytes)):
+        return None
+    return replace(hw, tcm=replace(hw.tcm, size_kib=left / 1024))
+
+
+def state_home(hw: HWConfig, layers, batch: int, quantizer: str = "psq",
+               range_policy: str = "dynamic", grad_bits: int = 8) -> tuple[HWConfig, str]:
+    """Where a training step keeps its FP32 masters and momentum, and the config its GEMMs
+    then run on: ("tcm", the config with that state's bytes set aside from what the GEMMs
+    tile) where it fits and the whole step costs no more by `mapping.objective`; else ("ddr",
+    the config as given). A device that trains with this config and state home charges what
+    `training_step` does."""
+    *_, used, home = _training_step(hw, layers, batch, quantizer, range_policy, grad_bits)
+    return used, home
+
+
+def _step(hw, layers, batch, quantizer, range_policy, grad_bits, state_at):
+    """One step's ledger and mappings on `hw` with the optimizer state at `state_at`."""
+    from fqtsim.simulation.between import around
+
     windows = [None if layer.im2col is None else replace(layer.im2col, samples=batch)
                for layer in layers]
+    ops = [around(hw, layer, batch, first=i == 0, quantizer=quantizer, range_policy=range_policy,
+                  grad_bits=grad_bits) for i, layer in enumerate(layers)]
     # backward runs from the top: each grad_input GEMM, laid out as it runs, writes the wide
-    # gradient of the layer below (the loss writes the top layer's)
+    # gradient of the layer below (the loss writes the top layer's), for its quantizer or for
+    # the pass of an op between them (BatchNorm's backward), which then writes the codes
     producers, grad_inputs = [loss_producer(hw)] * len(layers), {}
     for i in range(len(layers) - 1, 0, -1):
         layer = layers[i]
         scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows,
-                             producer=producers[i])
+                             producer=producers[i], coded=ops[i].dy_coded)
+        below = ops[i - 1]
         dx = _priced(hw, batch * layer.rows, layer.k, layer.n, grad_bits, FORWARD_BITS,
                      writeback="handoff", a_quant=scheme, col2im=windows[i],
-                     consumer=(quantizer, range_policy, grad_bits), name="grad_input")
+                     consumer=None if below.dz_read or below.dy_coded else
+                     (quantizer, range_policy, grad_bits),
+                     b_sums_known=bool(layer.weights), name="grad_input")
         grad_inputs[i] = dx
         producers[i - 1] = produced_by(_tiling(dx[1]), layer.k, layer.rows)
+    outputs = _forward(hw, layers, batch, range_policy, windows, ops)
     rows, plans = [], []
     for i, layer in enumerate(layers):
         m = batch * layer.rows
         win, producer = windows[i], producers[i]
-        gemms = [("output", _priced(hw, m, layer.n, layer.k, FORWARD_BITS, FORWARD_BITS,
-                                    a_offset=True, b_offset=not layer.weights, a_im2col=win,
-                                    name="output"))]
+        gemms = [("output", outputs[i])]
         wide_at = None
         if i > 0:
             gemms.append(("grad_input", grad_inputs[i]))
             wide_at = _level(grad_inputs[i][2], "wide_write")
         scheme = QuantScheme(weight_gradient_method(quantizer), range_policy, shared_at=wide_at,
-                             producer=by_columns(producer))
+                             producer=by_columns(producer), coded=ops[i].dy_coded)
         dw = _priced(hw, layer.n, layer.k, m, GRAD_WEIGHT_BITS, FORWARD_BITS,
                      writeback="materialized" if layer.weights else "handoff", a_quant=scheme,
                      b_offset=True, b_im2col=win, name="grad_weight")
         gemms.append(("grad_weight", dw))
         if layer.weights:
-            events = update_events(hw, layer.weights, _level(dw[2], "writeback"))
+            events = update_events(hw, layer.weights, _level(dw[2], "writeback"), state_at,
+                                   sums=2 if i > 0 else 1)
             gemms.append(("update", (price(hw, "update", GemmSpec(FORWARD_BITS, FORWARD_BITS), events),
                                      None, events)))
         for name, (priced, mapping, _) in gemms:
@@ -478,7 +588,43 @@ def _training_step(hw, model, batch, quantizer, range_policy, grad_bits):
             times = layer.repeat
             rows += [(layer.name, g, e, lvl, c * times, b * times, pj * times, cy * times)
                      for g, e, lvl, c, b, pj, cy in priced]
-    return pd.DataFrame(rows, columns=["layer", *COLUMNS]), pd.DataFrame(plans)
+        rows += [(layer.name, *r) for r in between_rows(hw, ops[i])]
+    return overlapped(hw, pd.DataFrame(rows, columns=["layer", *COLUMNS])), pd.DataFrame(plans)
+
+
+def between_rows(hw: HWConfig, ops) -> list[tuple]:
+    """Ledger rows of a layer's ops between the GEMMs (`fqtsim.simulation.between.Around`):
+    `between` forward, `between_grad` backward (their repeats counted in their shapes)."""
+    spec = GemmSpec(FORWARD_BITS, FORWARD_BITS)
+    return [row for name, events in (("between", ops.forward), ("between_grad", ops.backward))
+            if events for row in price(hw, name, spec, events)]
+
+
+def _forward(hw, layers, batch, range_policy, windows, ops=None) -> list:
+    """The forward GEMMs of a step, bottom up: each but the top one hands its output off at
+    full width, to the next layer's activation quantizer (per tensor, to nearest, under the
+    step's range policy, the GEMM's tiling deciding where the wide activation lives) or to the
+    pass of an op between them (`ops`: `fqtsim.simulation.between.Around` per layer), which
+    then writes the codes; the first layer reads codes made once from the data; the top one
+    writes its codes fused, or its logits wide for the loss's pass."""
+    from fqtsim.simulation.between import NONE
+
+    ops = ops or [NONE] * len(layers)
+    outputs, producer = [], None
+    for i, layer in enumerate(layers):
+        top = i == len(layers) - 1
+        scheme = None if i == 0 else QuantScheme("ptq", range_policy, stochastic=False,
+                                                 producer=producer, coded=ops[i - 1].x_coded)
+        to_quantizer = not top and not ops[i].y_read
+        out = _priced(hw, batch * layer.rows, layer.n, layer.k, FORWARD_BITS, FORWARD_BITS,
+                      writeback="fused" if top and not ops[i].y_read else "handoff",
+                      a_quant=scheme, a_offset=True, b_offset=not layer.weights,
+                      a_im2col=windows[i],
+                      consumer=("ptq", range_policy, FORWARD_BITS) if to_quantizer else None,
+                      b_sums_known=bool(layer.weights), name="output")
+        outputs.append(out)
+        producer = produced_by(_tiling(out[1]), layer.n, layer.rows)
+    return outputs
 
 
 def _level(events: dict, event: str) -> str | None:
@@ -492,7 +638,7 @@ def mappings(hw: HWConfig, model, batch: int, quantizer: str = "psq",
     `training_step`): one row per layer and GEMM with its shape (A is M x K), loop order, TCM
     tiles, which operands are held whole, the TCM the tiles take and leave, and where the output
     goes."""
-    return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[1]
+    return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[1].copy()
 
 
 def _tiling(mp: dict) -> Tiling:
@@ -515,9 +661,9 @@ def check_training(hw: HWConfig, layers, batches, quantizer: str = "psq",
             if backward:
                 training_step(hw, layers, batch, quantizer, range_policy, grad_bits)
             else:
-                for layer in layers:
-                    gemm(hw, batch * layer.rows, layer.n, layer.k, a_bits=FORWARD_BITS,
-                         b_bits=FORWARD_BITS, a_offset=True, b_offset=not layer.weights)
+                _forward(hw, list(layers), batch, range_policy,
+                         [None if layer.im2col is None else replace(layer.im2col, samples=batch)
+                          for layer in layers])
         except ValueError as e:
             raise ValueError(f"{what}: {hw.name} cannot run this training (at {batch} samples per "
                              f"GEMM): {e}; pick another config" + (f" or {hint}" if hint else "")) from None

@@ -22,10 +22,14 @@ from fqtsim.simulation.cost import Gemm, check_consumer, col2im_events, layout
 from fqtsim.hardware.mapping import (Producer, check_gemm, live_wide_elements, nbytes,
                                      parks_psums, phase_stalls, produced_by, stored_output_bits,
                                      wide_bits, wide_level)
+from fqtsim.hardware.mapping import fill_drain
 from fqtsim.simulation.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
 from fqtsim.simulation.schedule import (FORWARD_BITS, QuantScheme, as_scheme, output_writeback,
-                                        rename_wide_output, update_events, wide_gradient_level)
+                                        gathers, quantized_shape, rename_wide_output,
+                                        scale_events,
+                                        update_events,
+                                        wide_gradient_level)
 from kernels import int_gemm
 
 
@@ -41,6 +45,9 @@ class Device:
         self.last_output_level = "ddr"      # where the last GEMM wrote its output
         self.last_gradient_level = None     # where the last quantized gradient was written wide
         self.last_handoff: Producer | None = None   # the last GEMM that handed its output on wide
+        # whether the last GEMM's output was stored at full width before anything read it:
+        # materialized (BHQ's, unless gathered), or handed to a quantizer that writes it wide
+        self.last_stored_wide = False
 
     @property
     def ledger(self) -> pd.DataFrame:
@@ -80,7 +87,8 @@ class Device:
 
     def matmul(self, a: Quantized, b: Quantized, *, scheme: QuantScheme | None = None,
                out_bits: int = 8, writeback: str = "fused", a_im2col=None, b_im2col=None,
-               col2im=None, consumer: tuple | None = None, name: str | None = None) -> np.ndarray:
+               col2im=None, consumer: tuple | None = None, b_sums_known: bool = False,
+               name: str | None = None) -> np.ndarray:
         """The float product of two quantized operands, computed as integer hardware does.
 
         The integer GEMM runs on the codes; scales, offsets (a rank-1 correction with the other
@@ -90,7 +98,8 @@ class Device:
         or per row, B per tensor or per column. `writeback`: as for `gemm` ("handoff" when the
         output feeds another quantizer). `a_im2col`, `b_im2col`, `col2im`, `consumer`: as for
         `fqtsim.simulation.cost.gemm` (a convolution's operands and grad_input output; the quantizer
-        reading a handed-off output).
+        reading a handed-off output); `b_sums_known`: b is a weight whose column sums the update
+        keeps (`update`).
         """
         for label, q in (("a", a), ("b", b)):
             if not isinstance(q, Quantized):
@@ -100,7 +109,7 @@ class Device:
         _check_realizable(a, b, scheme)
         c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, writeback, "tensor", name,
                       a_quant=scheme, qa=a, qb=b, windows=(a_im2col, b_im2col, col2im),
-                      consumer=consumer)
+                      consumer=consumer, b_sums_known=bool(b_sums_known))
         out = a.scale * (c * b.scale)
         if a.affine:  # A's codes stand for offset + scale * q
             out += a.offset * (b.codes.sum(axis=0, keepdims=True, dtype=np.int64) * b.scale)
@@ -108,10 +117,12 @@ class Device:
             out += (a.scale * a.codes.sum(axis=1, keepdims=True, dtype=np.int64)) * b.offset
         if a.affine and b.affine:
             out += a.codes.shape[1] * a.offset * b.offset
+        if self.last_stored_wide:
+            out = round_wide(self.hw.pipeline.wide_format, out)
         return out if a.transform is None else a.transform.inverse(out)
 
     def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None,
-             qa=None, qb=None, windows=(None, None, None), consumer=None):
+             qa=None, qb=None, windows=(None, None, None), consumer=None, b_sums_known=False):
         for label, x in (("a", a), ("b", b)):
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"{label}: got a {type(x).__name__}; expected a numpy array of "
@@ -137,9 +148,10 @@ class Device:
                                  f"operand {shape[0]}x{shape[1]}")
         tiling = layout(self.hw, Gemm(m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant,
                                       qa is not None and qa.affine, qb is not None and qb.affine,
-                                      *windows, check_consumer(consumer, writeback)))
+                                      *windows, check_consumer(consumer, writeback), b_sums_known))
         handoff = writeback == "handoff"
-        writeback, scope = output_writeback(a_quant, writeback, scope)
+        gathered = gathers(self.hw, a_quant, tiling, m)
+        writeback, scope = output_writeback(a_quant, writeback, scope, gathered)
         acc = self.hw.accumulator
         c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
                              spill_every=acc.spill_every, psum_bits=acc.psum_bits)
@@ -153,28 +165,43 @@ class Device:
         if events[("mac", "array")][0] != counts["macs"] or (acc.spill_every and spills != counts["spills"]):
             raise AssertionError("loop-nest walk and kernel disagree on MACs or spills")
         add(events, "overflow", "array", counts["overflows"])
-        rename_wide_output(events, a_quant)
+        rename_wide_output(events, a_quant, gathered)
+        merge(events, scale_events(self.hw, a_quant, writeback, m * n, gathered))
         if a_quant is not None:
-            merge(events, input_passes(self.hw, tiling, a_quant, qa))
+            shape = quantized_shape(m, k, windows[0])
+            merge(events, input_passes(self.hw, tiling, a_quant, qa, shape))
             if a_quant.materializes:
-                self.last_gradient_level = wide_gradient_level(self.hw, tiling, a_quant, m, k)
-            merge(events, output_passes(self.hw, a_quant, qa, n, out_bits, level, handoff))
+                self.last_gradient_level = wide_gradient_level(self.hw, tiling, a_quant, *shape)
+            merge(events, output_passes(self.hw, a_quant, qa, n, out_bits, level, handoff,
+                                        gathered))
         if qa is not None:
-            merge(events, corrections(qa, qb))
+            merge(events, corrections(qa, qb, b_sums_known))
         if windows[2] is not None:
             merge(events, _fold(self.hw, windows[2]))
         name = name if name is not None else f"gemm{self._gemms}"
         self._gemms += 1
         self._rows += price(self.hw, name, GemmSpec(a_bits, b_bits), events)
         self.last_output_level = level
-        if handoff:   # what the next quantizer down reads: its home depends on this GEMM's tiling
-            self.last_handoff = produced_by(tiling, n, a_quant.rows_per_sample if a_quant else 1)
+        if handoff:   # what the next quantizer reads: its home depends on this GEMM's tiling
+            rows = windows[0].positions if windows[0] is not None else \
+                a_quant.rows_per_sample if a_quant else 1
+            self.last_handoff = produced_by(tiling, n, rows)
+        self.last_stored_wide = writeback == "materialized" or (
+            handoff and (consumer is None or QuantScheme(*consumer[:2]).materializes))
         return c
 
-    def update(self, params: int, name: str):
+    def record(self, events: dict, name: str):
+        """Record raw events of work beside the GEMMs (the ops between them, which run as
+        float on the host: their events depend on shapes only, see
+        `fqtsim.simulation.between`)."""
+        if events:
+            self._rows += price(self.hw, name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
+
+    def update(self, params: int, name: str, state_at: str = "ddr", sums: int = 1):
         """Record an SGD-with-momentum step of `params` FP32 master weights whose gradient the
-        last GEMM wrote (see `fqtsim.simulation.schedule.update_events`)."""
-        events = update_events(self.hw, params, self.last_output_level)
+        last GEMM wrote, their state at `state_at`, keeping `sums` sets of the new codes' column
+        sums (see `fqtsim.simulation.schedule.update_events`)."""
+        events = update_events(self.hw, params, self.last_output_level, state_at, sums)
         self._rows += price(self.hw, name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
     def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope, t, a_win, b_win):
@@ -205,8 +232,10 @@ class Device:
                     sk = min(t.tk, k - k0)
                     moved = _load(events, loaders, m0, sm, n0, sn, k0, sk, a_bits, b_bits)
                     ddr, tcm_write = ddr + moved, tcm_write + moved
-                    tcm_read += _stream(events, hw, sm, sn, sk, a_bits, b_bits)
-                    compute += folds_m * folds_n * sk
+                    # one fold keeps its sums in the array across K tiles: it fills once
+                    restart = k0 == 0 or folds_m * folds_n > 1
+                    read, cycles = _stream(events, hw, sm, sn, sk, a_bits, b_bits, restart)
+                    tcm_read, compute = tcm_read + read, compute + cycles
                     if spill is not None:  # spill points: every `spill` MACs, and after the last
                         points = (k0 + sk) // spill - k0 // spill
                         points += k0 + sk == k and k % spill != 0
@@ -245,7 +274,6 @@ class Device:
         """The walk with K not innermost (`t.loops`): one phase per visit of an output tile for
         one K tile; the partial sums wait at `t.psums` between the visits."""
         hw = self.hw
-        rows, cols = hw.array.rows, hw.array.cols
         psum_bytes = nbytes(1, wide_bits(hw))
         steps = {"m": (m, t.tm), "n": (n, t.tn), "k": (k, t.tk)}
         loaders = {"load_a": _Loader(a_win, t.a_whole), "load_b": _Loader(b_win, t.b_whole)}
@@ -256,8 +284,8 @@ class Device:
             m0, n0, k0 = at["m"], at["n"], at["k"]
             sm, sn, sk = min(t.tm, m - m0), min(t.tn, n - n0), min(t.tk, k - k0)
             ddr = tcm_write = _load(events, loaders, m0, sm, n0, sn, k0, sk, a_bits, b_bits)
-            tcm_read = _stream(events, hw, sm, sn, sk, a_bits, b_bits)
-            compute = math.ceil(sm / rows) * math.ceil(sn / cols) * sk
+            # every visit restarts each fold: its sums came back from where they waited
+            tcm_read, compute = _stream(events, hw, sm, sn, sk, a_bits, b_bits, restart=True)
             read, written = _visit_psums(events, hw, sm, sn, k0, sk, t.psums,
                                          (m0, n0) not in visited, psum_bytes)
             visited.add((m0, n0))
@@ -356,11 +384,12 @@ def _load(events, loaders, m0, sm, n0, sn, k0, sk, a_bits, b_bits) -> float:
     return total
 
 
-def _stream(events, hw, sm, sn, sk, a_bits, b_bits) -> float:
+def _stream(events, hw, sm, sn, sk, a_bits, b_bits, restart: bool) -> tuple[float, int]:
     """Each fold of an sm x sn tile streams its rows of A and columns of B over a K slice of sk
-    from TCM through the array; returns the TCM bytes read."""
+    from TCM through the array, after filling it and before draining it if it `restart`s;
+    returns the TCM bytes read and the array's cycles."""
     rows, cols = hw.array.rows, hw.array.cols
-    read = 0.0
+    read, cycles = 0.0, 0
     for fm in range(math.ceil(sm / rows)):
         fold_rows = min(rows, sm - fm * rows)
         for fn in range(math.ceil(sn / cols)):
@@ -369,7 +398,8 @@ def _stream(events, hw, sm, sn, sk, a_bits, b_bits) -> float:
             add(events, "read_b", "tcm", sk * fold_cols, nbytes(sk * fold_cols, b_bits))
             read += nbytes(fold_rows * sk, a_bits) + nbytes(sk * fold_cols, b_bits)
             add(events, "mac", "array", fold_rows * fold_cols * sk)
-    return read
+            cycles += sk + (fill_drain(hw) if restart else 0)
+    return read, cycles
 
 
 def _visit_psums(events, hw, sm, sn, k0, sk, at, first_visit, psum_bytes):
@@ -384,6 +414,19 @@ def _visit_psums(events, hw, sm, sn, k0, sk, at, first_visit, psum_bytes):
     read += written - sm * sn * psum_bytes
     add(events, "psum_spill", at, sm * sn * points, written + read)
     return read, written
+
+
+def round_wide(wide_format: str, x: np.ndarray) -> np.ndarray:
+    """`x` as a tensor stored in `wide_format` holds it: raw sums are exact; fp32 and bf16 round
+    to nearest, ties to even (bf16: fp32 with its low 16 bits rounded off)."""
+    if wide_format == "accumulator":
+        return x
+    single = np.asarray(x, dtype=np.float32)
+    if wide_format == "bf16":
+        bits = single.view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        single = bits.astype(np.uint32).view(np.float32)
+    return single.astype(np.float64)
 
 
 def _check_codes(name: str, x: np.ndarray, bits: int):

@@ -15,15 +15,22 @@ Events (level):
     psum_drain (tcm|ddr) final partial sums read out for write-back
     writeback (ddr|tcm)  output written at its stored width (b-bit codes, or accumulator width)
     stall (ddr|tcm)      cycles the array waits on that memory; sum(cycles) = elapsed cycles
+    static (chip)        leakage over the GEMM's elapsed cycles: energy.static_mw x cycles /
+                         clock (one row per priced GEMM, count and cycles 0; none when 0 mW)
 Quantizer passes (see `fqtsim.simulation.schedule`), at a memory level for their traffic and at `vector`
 for their ops (count = elements; ops per element in PASS_OPS):
     wide_write           gradient written at accumulator width before its range is known
-    range_pass           min/max reduction over the wide gradient
+    range_pass           min/max reduction over the wide gradient: by comparators as the
+                         producer writes it (array, `pipeline.range: fused`) or by a vector
+                         pass that reads it back (vector and its level)
     sort                 BHQ: bitonic compare network over the row ranges
     transform            BHQ: block Householder and row scaling of the wide rows
-    requant_pass         stochastic rounding to b-bit codes
+    requant_pass         requantization to b-bit codes (a read pass over the wide tensor)
     code_write (ddr)     b-bit codes written for the GEMM to load
-    sr_rng (array)       delayed ranges: random numbers drawn in the producer's output pipeline
+    sr_rng (vector|array) stochastic rounding's random numbers: in the requantization pass, or
+                         with delayed ranges in the producer's output pipeline (which requantizes,
+                         `requantize`, and writes the codes, `code_write`)
+    wide_scale (array)   raw sums scaled to fp32/bf16 as they are written wide (`pipeline.wide_format`)
     clip (array)         delayed ranges: values clipped to the known range (emulation only)
     colsum, rowsum,      rank-1 corrections for affine codes' offsets: B's column sums, A's
     zero_point           row sums, multiply-adds per output
@@ -31,12 +38,41 @@ for their ops (count = elements; ops per element in PASS_OPS):
                          the write-back)
     inverse_transform    BHQ: T^-1 on the wide output rows, then requantization
     inverse_codes (ddr)  output codes written after the inverse transform
+    inverse_rows (array) BHQ gathered (`pipeline.bhq_inverse: gather`): T^-1 on each output tile
+                         in the pipeline, A's rows loaded in block order, before the write-back
     col2im (tcm|vector)  a convolution's grad_input: its im2col output folded onto the feature
                          map in TCM at accumulator width (count: entries written; the bytes
                          include the read of each one that adds to an earlier), one add each
     optimizer_read       SGD with momentum on FP32 masters: read the weight gradient (where its
     optimizer_write      GEMM left it), master weights and momentum; write masters, momentum and
     weight_update        the 8-bit weight codes of the next forward pass
+Between the GEMMs (see `fqtsim.simulation.between`; count = elements, per channel or row where
+said, or compares for maxpool; a memory row's bytes are everything its pass reads there):
+    norm_stats           BN/LayerNorm batch statistics: sum and sum of squares (array: beside the
+                         producer's write; or a vector pass that reads the tensor)
+    bn_channel           BN per channel: mean, variance, 1/sqrt (Newton), scale, shift, running stats
+    bn_norm              BN forward pass: y * scale + shift
+    bn_grad_sums         BN backward reduction: per-channel sums of dy and dy * y
+    bn_grad_channel      BN backward per channel: the coefficients of dx = a dy + b y + c
+    bn_grad              BN backward pass: dx = a dy + b y + c
+    ln_row, ln_norm      LayerNorm per token (mean, 1/sqrt) and its pass: (x - mean) * rstd * g + b
+    ln_grad_sums,        LayerNorm backward: reduction pass (sums per token, dgamma, dbeta),
+    ln_grad_row, ln_grad per-token means, and the pass writing dx
+    relu, relu_grad      max(x, 0); backward: dy selected by the mask
+    relu_mask            the ReLU mask written at 1 bit per element (read back by relu_grad)
+    residual_add         residual add: reads the other operand
+    residual_grad        the fork's gradients summed: reads the other branch's gradient
+    maxpool, pool_index  compares per window (count: compares); argmax per output written
+    maxpool_grad         scatter-add of the pooled gradient by its argmax (reads it and the indices)
+    avgpool, avgpool_grad  sums per window; backward: dy / window per output, broadcast
+    softmax_max          row max (beside the producer's write, or a pass)
+    softmax              pass: exp(x - max) (degree-3 polynomial of 2^frac), row sums
+    softmax_row, ce_row  per row: 1 / sum (Newton); cross-entropy's log (degree-4) and loss
+    softmax_out          pass: exp(x - max) recomputed, times 1 / sum (softmax out, or CE's dlogits)
+    softmax_grad_sums,   softmax backward: per-row sum of dP * P, then dS = P (dP - sum)
+    softmax_grad
+    gelu, gelu_grad      x * sigmoid(1.702 x) (exp and a Newton reciprocal); its derivative times dy
+    pass_write           a between op's output (or a saved input) written at its stored width
 A pass's vector row carries its vector cycles and its memory rows the time the memory needs
 beyond that, so that cycles still sum to elapsed time.
 Units: bytes, pJ, cycles of the array clock.
@@ -69,18 +105,57 @@ PASS_OPS = {
     "range_pass": {"minmax": 1},
     "sort": {"compare": 1},
     "transform": {"mul": 3, "add": 2},          # v^T x, x - 2 v (.), row scale
-    "requant_pass": {"rng": 1, "requant": 1},
+    "requant_pass": {"requant": 1},
+    "sr_rng": {"rng": 1},                       # stochastic rounding's random number
     "colsum": {"add": 1},
     "rowsum": {"add": 1},
     "col2im": {"add": 1},
     "zero_point": {"mul": 1, "add": 1},
     "inverse_transform": {"mul": 3, "add": 2, "requant": 1},
+    "inverse_rows": {"mul": 3, "add": 2},       # the same T^-1 in the pipeline, then the fused requantize
     "weight_update": {"mul": 3, "add": 3, "requant": 1},   # decay, momentum, step; new codes
+    "wide_scale": {"mul": 1},                   # raw sums times their scales: fp32/bf16 storage
+    # between the GEMMs (fqtsim.simulation.between, whose docstring counts each)
+    "norm_stats": {"add": 2, "mul": 1},         # sum, square, sum of squares
+    "bn_channel": {"mul": 18, "add": 11},       # per channel
+    "bn_norm": {"mul": 1, "add": 1},
+    "bn_grad_sums": {"mul": 1, "add": 2},
+    "bn_grad_channel": {"mul": 8, "add": 2},    # per channel
+    "bn_grad": {"mul": 2, "add": 2},
+    "ln_row": {"mul": 13, "add": 6},            # per token
+    "ln_norm": {"mul": 2, "add": 2},
+    "ln_grad_sums": {"mul": 4, "add": 5},
+    "ln_grad_row": {"mul": 2},                  # per token
+    "ln_grad": {"mul": 4, "add": 3},
+    "relu": {"minmax": 1},
+    "relu_grad": {"minmax": 1},                 # a select by the mask bit: a compare's work
+    "residual_add": {"add": 1},
+    "residual_grad": {"add": 1},
+    "maxpool": {"compare": 1},                  # per compare
+    "maxpool_grad": {"add": 1},                 # per pooled output
+    "avgpool": {"add": 1},
+    "avgpool_grad": {"mul": 1},                 # per pooled output
+    "softmax_max": {"minmax": 1},
+    "softmax": {"mul": 4, "add": 7},
+    "softmax_row": {"mul": 6, "add": 4},        # per row
+    "ce_row": {"mul": 6, "add": 9},             # per row
+    "softmax_out": {"mul": 5, "add": 6},
+    "softmax_grad_sums": {"mul": 1, "add": 1},
+    "softmax_grad": {"mul": 1, "add": 1},
+    "gelu": {"mul": 9, "add": 9},
+    "gelu_grad": {"mul": 12, "add": 11},
 }
 # Direction of each pass's memory traffic at its level.
 PASS_MEMORY = {"col2im": "write", "wide_write": "write", "range_pass": "read", "transform": "read",
                "requant_pass": "read", "code_write": "write", "inverse_transform": "read",
                "inverse_codes": "write", "optimizer_read": "read", "optimizer_write": "write"}
+# between the GEMMs: each pass reads at its levels; masks, indices and outputs are writes
+PASS_MEMORY.update({event: "read" for event in (
+    "norm_stats", "bn_norm", "bn_grad_sums", "bn_grad", "ln_norm", "ln_grad_sums", "ln_grad",
+    "relu_grad", "residual_add", "residual_grad", "maxpool", "maxpool_grad", "avgpool",
+    "avgpool_grad", "softmax_max", "softmax", "softmax_out", "softmax_grad_sums", "softmax_grad",
+    "gelu_grad")})
+PASS_MEMORY.update({"relu_mask": "write", "pool_index": "write", "pass_write": "write"})
 
 
 def pass_transfer_pj(hw: HWConfig, level: str, direction: str) -> float:
@@ -107,23 +182,21 @@ def vector_cycles(hw: HWConfig, event: str, count: int) -> float:
 def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float, nbytes: float) -> float:
     """Energy of one ledger row, from the config's tables."""
     tcm, ddr, acc = hw.tcm, hw.ddr, hw.accumulator
-    if level == "vector":
+    if level in ("vector", "array") and event in PASS_OPS:   # array: in the output pipeline
         return count * sum(n * getattr(hw.vector, op).pj for op, n in PASS_OPS[event].items())
     if event == "col2im":   # entries written; the rest of the bytes read back to add to
         written = count * container_bits(wide_bits(hw)) / 8
         return written * tcm.write_pj_per_byte + (nbytes - written) * tcm.read_pj_per_byte
     if event in PASS_MEMORY:
         return nbytes * pass_transfer_pj(hw, level, PASS_MEMORY[event])
-    if event == "sr_rng":
-        return count * hw.vector.rng.pj
     if event == "mac":
         return count * hw.energy.mac_pj(spec.a_bits, spec.b_bits, acc.bits)
-    if event in ("load_a", "load_b"):
-        return nbytes * (ddr.read_pj_per_byte + tcm.write_pj_per_byte)
+    if event in ("load_a", "load_b"):   # into the operand's buffer (its own, partitioned)
+        return nbytes * (ddr.read_pj_per_byte + tcm.pj_per_byte("write", event[-1]))
     if event == "psum_drain":
         return nbytes * (ddr if level == "ddr" else tcm).read_pj_per_byte
     if event in ("read_a", "read_b"):
-        return nbytes * tcm.read_pj_per_byte
+        return nbytes * tcm.pj_per_byte("read", event[-1])
     if event == "psum_spill":  # every spill writes its partial sum; all but each output's first read it
         written = count * container_bits(wide_bits(hw)) / 8
         memory = ddr if level == "ddr" else tcm
@@ -154,14 +227,28 @@ def price(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> list[tuple]:
             cy = max(0.0, pass_memory_cycles(hw, lvl, PASS_MEMORY[ev], b) - vector.get(ev, 0.0))
         rows.append((gemm, spec.name(ev), lvl, int(c), float(b),
                      energy_pj(hw, spec, ev, lvl, c, b), float(cy)))
+    if hw.energy.static_mw > 0:   # leakage over the GEMM's elapsed time: what its rows' cycles sum to
+        rows.append((gemm, "static", "chip", 0, 0.0, static_pj(hw, sum(r[6] for r in rows)), 0.0))
     return rows
+
+
+def static_pj(hw: HWConfig, cycles: float) -> float:
+    """Leakage over `cycles` of the array clock: mW x cycles / MHz is nJ (1e3 pJ)."""
+    return hw.energy.static_mw * cycles / hw.array.clock_mhz * 1e3
 
 
 EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code_write",
           "sr_rng", "clip", "mac", "overflow", "requantize", "load_a", "load_b", "read_a",
-          "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im", "writeback",
-          "wide_output", "inverse_transform", "inverse_codes", "optimizer_read", "optimizer_write",
-          "weight_update", "stall")
+          "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im", "wide_scale", "writeback",
+          "wide_output", "inverse_transform", "inverse_rows", "inverse_codes", "optimizer_read", "optimizer_write",
+          "weight_update",
+          # between the GEMMs
+          "norm_stats", "bn_channel", "bn_norm", "bn_grad_sums", "bn_grad_channel", "bn_grad",
+          "ln_row", "ln_norm", "ln_grad_sums", "ln_grad_row", "ln_grad", "relu", "relu_mask",
+          "relu_grad", "residual_add", "residual_grad", "maxpool", "pool_index", "maxpool_grad",
+          "avgpool", "avgpool_grad", "softmax_max", "softmax", "softmax_row", "ce_row",
+          "softmax_out", "softmax_grad_sums", "softmax_grad", "gelu", "gelu_grad", "pass_write",
+          "stall", "static")
 
 
 def _order(item):

@@ -11,7 +11,7 @@ import numpy as np
 
 from fqtsim.hardware.hw import HWConfig
 from fqtsim.simulation.ledger import add
-from fqtsim.hardware.mapping import Tiling, nbytes, wide_bits
+from fqtsim.hardware.mapping import Tiling, nbytes, wide_store_bits
 from fqtsim.quantizers import Quantized
 from fqtsim.simulation.schedule import QuantScheme, wide_gradient_level
 
@@ -46,22 +46,37 @@ def bitonic_sort(keys: np.ndarray) -> tuple[np.ndarray, int]:
     return idx[idx < n], compares
 
 
-def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized) -> dict:
-    """Events of producing codes `q` (M x K) from the wide gradient, pass by pass, over the
-    elements the device touched (BHQ: block by block)."""
+def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized,
+                 shape: tuple | None = None) -> dict:
+    """Events of producing codes `q` (M x K) from the wide tensor, pass by pass, over the
+    elements the device touched (BHQ: block by block). `shape`: the tensor quantized, where
+    it is not the codes' matrix (a conv's input map, which the GEMM reads as im2col rows)."""
     events = {}
-    elements = q.codes.size
-    wide = nbytes(elements, wide_bits(hw))
+    rows, cols = q.codes.shape if shape is None else shape
+    elements = rows * cols
+    if scheme.coded:   # charged by the pass that wrote the codes; its clips are the device's
+        if scheme.range_policy == "delayed":
+            add(events, "clip", "array", q.clipped)
+        return events
     if not scheme.materializes:
-        add(events, "sr_rng", "array", elements)
+        if scheme.stochastic:
+            add(events, "sr_rng", "array", elements)
+        add(events, "requantize", "array", elements)
+        add(events, "code_write", "ddr", elements, nbytes(elements, q.bits))
         add(events, "clip", "array", q.clipped)
         return events
-    level = wide_gradient_level(hw, tiling, scheme, *q.codes.shape)
+    width = wide_store_bits(hw)
+    wide = nbytes(elements, width)
+    level = wide_gradient_level(hw, tiling, scheme, rows, cols)
+    fused_ranges = hw.pipeline.range == "fused"
     if scheme.shared_at is None:
         add(events, "wide_write", level, elements, wide)
-        add(events, "range_pass", level, elements, wide)
-    add(events, "range_pass", "vector", elements)
-    fused_requant = False
+        if hw.pipeline.wide_format != "accumulator":
+            add(events, "wide_scale", "array", elements)
+        if not fused_ranges:
+            add(events, "range_pass", level, elements, wide)
+    add(events, "range_pass", "array" if fused_ranges else "vector", elements)
+    codes_from_transform = False
     if scheme.method == "bhq":
         order, compares = bitonic_sort(q.transform.ranges)
         if not np.array_equal(q.transform.ranges[order], np.sort(q.transform.ranges)[::-1]):
@@ -70,15 +85,17 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
         k = q.codes.shape[1]
         for rows in q.transform.blocks:
             size = len(rows) * k
-            add(events, "transform", level, size, nbytes(size, wide_bits(hw)))
+            add(events, "transform", level, size, nbytes(size, width))
             add(events, "transform", "vector", size)
             if scheme.range_policy == "dynamic":
-                add(events, "wide_write", level, size, nbytes(size, wide_bits(hw)))
+                add(events, "wide_write", level, size, nbytes(size, width))
                 add(events, "range_pass", "vector", size)
-        fused_requant = scheme.range_policy == "delayed"
-    if not fused_requant:
+        codes_from_transform = scheme.range_policy == "delayed"
+    if not codes_from_transform and scheme.shared_at is None:
         add(events, "requant_pass", level, elements, wide)
     add(events, "requant_pass", "vector", elements)
+    if scheme.stochastic:
+        add(events, "sr_rng", "vector", elements)
     add(events, "code_write", "ddr", elements, nbytes(elements, q.bits))
     if scheme.range_policy == "delayed":
         add(events, "clip", "array", q.clipped)
@@ -86,23 +103,28 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
 
 
 def output_passes(hw: HWConfig, scheme: QuantScheme, a: Quantized, n: int, out_bits: int,
-                  level: str, handoff: bool) -> dict:
-    """Events after the GEMM for BHQ: the inverse transform of the wide output, block by block."""
+                  level: str, handoff: bool, gathered: bool = False) -> dict:
+    """Events after the GEMM for BHQ: the inverse transform of the wide output, block by block
+    (`gathered`: of each block in the output pipeline)."""
     events = {}
     if scheme.method == "bhq":
         for rows in a.transform.blocks:
             size = len(rows) * n
-            add(events, "inverse_transform", level, size, nbytes(size, wide_bits(hw)))
+            if gathered:
+                add(events, "inverse_rows", "array", size)
+                continue
+            add(events, "inverse_transform", level, size, nbytes(size, wide_store_bits(hw)))
             add(events, "inverse_transform", "vector", size)
             if not handoff:
                 add(events, "inverse_codes", "ddr", size, nbytes(size, out_bits))
     return events
 
 
-def corrections(a: Quantized, b: Quantized) -> dict:
-    """Events of the rank-1 offset corrections for the operands' offsets."""
+def corrections(a: Quantized, b: Quantized, b_sums_known: bool = False) -> dict:
+    """Events of the rank-1 offset corrections for the operands' offsets (`b_sums_known`: B's
+    column sums come with it, from the update pass)."""
     events = {}
-    if a.affine:
+    if a.affine and not b_sums_known:
         add(events, "colsum", "vector", b.codes.size)
     if b.affine:
         add(events, "rowsum", "vector", a.codes.size)

@@ -1,36 +1,42 @@
-"""What the hardware must do around a GEMM whose A operand is a quantized gradient, in closed form.
+"""What the hardware must do around a GEMM whose A operand is quantized on the device from a
+wide tensor, in closed form.
 
-The GEMM is dX = Q(dY) @ W: A = dY (M x K, rows = samples) arrives at accumulator width from the
-GEMM that produced it; B = W holds symmetric weight codes. Per scheme:
+The GEMM is dX = Q(dY) @ W: A = dY (M x K, rows = samples) arrives at full width from the GEMM
+that produced it; B = W holds symmetric weight codes. The same passes quantize a forward
+activation (per tensor, to nearest: `stochastic=False`) handed off by the layer below. Per scheme:
 
 dynamic ranges (the range depends on the data itself, as in the paper):
-    wide_write    dY at accumulator width, written by its producer (the layer above's
-                  grad_input, or the loss for the top layer), to TCM if its live scope fits
-                  what the producer leaves free, else DDR. Scope: the whole tensor for PTQ and
-                  BHQ (BHQ sorts and mixes rows from anywhere); whole rows for PSQ, which a
-                  producing GEMM finishes band by band (one row tile, whole samples) only with
-                  the m loop outer or a single column tile, and the loss one sample at a time
-                  (`wide_gradient_level`, `mapping.produced_by`). A GEMM costed on its own takes
-                  its producer to be tiled like itself.
-    range_pass    read it back, one min/max per element
+    wide_write    dY at full width (raw sums, or fp32/bf16: `pipeline.wide_format`), written by
+                  its producer (the layer above's grad_input, or the loss for the top layer), to
+                  TCM if its live scope fits what the producer leaves free, else DDR. Scope: the
+                  whole tensor for PTQ and BHQ (BHQ sorts and mixes rows from anywhere); whole
+                  rows for PSQ, which a producing GEMM finishes band by band (one row tile, whole
+                  samples) only with the m loop outer or a single column tile, and the loss one
+                  sample at a time (`wide_gradient_level`, `mapping.produced_by`). A GEMM costed
+                  on its own takes its producer to be tiled like itself.
+    range_pass    min/max per element: by comparators in the producer's output pipeline as it
+                  writes (`pipeline.range: fused`, the default), or a read pass (`pass`)
     sort          BHQ: bitonic network over the M row ranges (data independent)
     transform     BHQ: read, block Householder + row scale (3 mul + 2 add); dynamic: min/max of
                   the transformed rows and a second wide_write; delayed: requantize straight out
-    requant_pass  read, one random number and one requantization per element
+    requant_pass  read, one requantization per element (and a random number: sr_rng)
     code_write    b-bit codes to DDR, where the GEMM loads A from
 delayed ranges (known before the producer's GEMM, from a history of past ranges): PTQ and PSQ
-requantize in the producer's output pipeline (sr_rng: one random number per element) and only
-codes are written; values outside the range are clipped (counted by the device). BHQ still needs
-the wide tensor, one range pass and the sort to build its transform, but requantizes on the way
-out of the transform pass.
+requantize in the producer's output pipeline (sr_rng, requantize) and write only codes; values
+outside the range are clipped (counted by the device). BHQ still needs the wide tensor, one range
+pass and the sort to build its transform, but requantizes on the way out of the transform pass.
 after the GEMM:
     colsum, zero_point   the codes stand for offset + scale * q: add offset_i * colsum(W)_j
-                         (`correction_events`, for any GEMM with affine operands)
-    BHQ: the output is written at accumulator width (whole tensor), T^-1 is applied to its rows
-    and the result requantized (inverse_transform) and written as codes (inverse_codes), in place
-    of the fused write-back.
+                         (`correction_events`, for any GEMM with affine operands); a weight's
+                         column sums are kept by the update pass that writes its codes
+    BHQ: T^-1 mixes output rows. Gathered (`pipeline.bhq_inverse: gather`, where one row tile
+    holds all M rows: `gathers`): A's rows load in the sort's order and T^-1 runs on each
+    output tile in the pipeline (inverse_rows) before the fused write-back. Otherwise the output
+    is written at full width (whole tensor), T^-1 applied to its rows and the result requantized
+    (inverse_transform) and written as codes (inverse_codes), in place of the fused write-back.
 A gradient quantized twice (per row for dX, per column for dW) is written wide once: the second
-scheme is `shared_at` the level the first one wrote it to.
+scheme is `shared_at` the level the first one wrote it to; its ranges ride along, and it emits its
+codes from the first one's read (requantization or transform pass), moving no wide bytes itself.
 """
 from __future__ import annotations
 
@@ -39,7 +45,8 @@ from dataclasses import dataclass
 
 from fqtsim.hardware.hw import HWConfig
 from fqtsim.simulation.ledger import add
-from fqtsim.hardware.mapping import Producer, Tiling, as_int, nbytes, produced_by, wide_bits
+from fqtsim.hardware.mapping import (Producer, Tiling, as_int, nbytes, produced_by,
+                                     wide_store_bits)
 from fqtsim.quantizers import GRADIENT_METHODS
 
 METHODS = GRADIENT_METHODS
@@ -55,6 +62,10 @@ class QuantScheme:
                                    # to this level and reads it for ranges: no second wide_write,
                                    # its min/max ride along
     rows_per_sample: int = 1   # conv layers: im2col rows per sample (PSQ/BHQ group by sample)
+    stochastic: bool = True    # stochastic rounding (gradients); False: to nearest (activations)
+    coded: bool = False        # its codes were written by the pass that produced the tensor
+                               # (an op between the GEMMs: fqtsim.simulation.between), which
+                               # charges its quantization: nothing to do before the GEMM
     producer: Producer | None = None   # what wrote the gradient wide (the layer above's
                                        # grad_input, or the loss); None: a GEMM on its own, its
                                        # producer taken to be tiled like it
@@ -70,14 +81,18 @@ class QuantScheme:
         rows = self.rows_per_sample
         if as_int(rows) is None or rows < 1:
             raise ValueError(f"rows_per_sample: got {rows!r}; expected an integer >= 1")
+        for flag in ("stochastic", "coded"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}: got {getattr(self, flag)!r}; expected True or False")
         if self.producer is not None and not isinstance(self.producer, Producer):
             raise ValueError(f"producer: got {self.producer!r}; expected a "
                              f"fqtsim.hardware.mapping.Producer or None")
 
     @property
     def materializes(self) -> bool:
-        """Whether dY must be written at accumulator width before it can be requantized."""
-        return self.range_policy == "dynamic" or self.method == "bhq"
+        """Whether the GEMM's producer must write dY at full width before it can be requantized
+        (not where a pass between the GEMMs writes its codes)."""
+        return not self.coded and (self.range_policy == "dynamic" or self.method == "bhq")
 
 
 def as_scheme(scheme, argument: str = "a_quant") -> QuantScheme | None:
@@ -93,6 +108,15 @@ def as_scheme(scheme, argument: str = "a_quant") -> QuantScheme | None:
     raise TypeError(f"{argument}: got {scheme!r} ({type(scheme).__name__}); expected a "
                     f"fqtsim.simulation.schedule.QuantScheme, a method name "
                     f"({', '.join(METHODS)}) or None")
+
+
+def quantized_shape(m: int, k: int, win) -> tuple[int, int]:
+    """The tensor a quantizer of A (M x K) reads: A itself, or for a conv's im2col operand
+    (`win`, its `fqtsim.hardware.conv.Im2col`) the input map it is built from (its pixels x
+    channels): each input element is quantized once, however many windows read it."""
+    if win is None:
+        return m, k
+    return win.samples * win.in_h * win.in_w, win.channels
 
 
 def bitonic_compares(n: int) -> int:
@@ -114,22 +138,43 @@ def wide_gradient_level(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: in
     live = m * k
     if scheme.method == "psq" and producer.samples_at_once is not None:
         live = min(m, producer.samples_at_once * scheme.rows_per_sample) * k
-    return "tcm" if nbytes(live, wide_bits(hw)) <= producer.free else "ddr"
+    return "tcm" if nbytes(live, wide_store_bits(hw)) <= producer.free else "ddr"
 
 
-def output_writeback(scheme: QuantScheme | None, writeback: str, scope: str) -> tuple[str, str]:
-    """BHQ's T^-1 mixes output rows: its GEMM output is materialized whole at accumulator width."""
-    if scheme is not None and scheme.method == "bhq":
+def gathers(hw: HWConfig, scheme: QuantScheme | None, tiling: Tiling, m: int) -> bool:
+    """Whether BHQ's T^-1 runs in the output pipeline (`pipeline.bhq_inverse: gather`): A's
+    rows are loaded in the sort's order (a DMA gather of whole rows: the same bytes), so each
+    block's rows are adjacent, and the row tile holds all M rows, so that every block (data
+    dependent: one may span the batch) is whole in each output tile."""
+    return (scheme is not None and scheme.method == "bhq" and tiling.tm >= m
+            and hw.pipeline.bhq_inverse == "gather")
+
+
+def output_writeback(scheme: QuantScheme | None, writeback: str, scope: str,
+                     gathered: bool = False) -> tuple[str, str]:
+    """BHQ's T^-1 mixes output rows: unless it runs in the pipeline (`gathers`), its GEMM
+    output is materialized whole at full width."""
+    if scheme is not None and scheme.method == "bhq" and not gathered:
         return "materialized", "tensor"
     return writeback, scope
 
 
-def rename_wide_output(events: dict, scheme: QuantScheme | None):
+def rename_wide_output(events: dict, scheme: QuantScheme | None, gathered: bool = False):
     """Charge BHQ's forced wide output write to BHQ (wide_output), not to the plain write-back."""
-    if scheme is not None and scheme.method == "bhq":
+    if scheme is not None and scheme.method == "bhq" and not gathered:
         for level in ("tcm", "ddr"):
             if ("writeback", level) in events:
                 events[("wide_output", level)] = events.pop(("writeback", level))
+
+
+def scale_events(hw: HWConfig, scheme: QuantScheme | None, writeback: str, elements: int,
+                 gathered: bool = False) -> dict:
+    """A GEMM output materialized in fp32 or bf16: its sums are scaled on the way out."""
+    events = {}
+    if hw.pipeline.wide_format != "accumulator" and \
+            output_writeback(scheme, writeback, "tensor", gathered)[0] == "materialized":
+        add(events, "wide_scale", "array", elements)
+    return events
 
 
 def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: int,
@@ -137,15 +182,24 @@ def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: i
     """Raw events of quantizing the wide gradient A (M x K) into `a_bits`-bit codes."""
     events = {}
     elements = m * k
-    wide = nbytes(elements, wide_bits(hw))
-    if not scheme.materializes:
-        add(events, "sr_rng", "array", elements)
+    if scheme.coded:
         return events
+    if not scheme.materializes:   # requantized in the producer's output pipeline
+        if scheme.stochastic:
+            add(events, "sr_rng", "array", elements)
+        add(events, "requantize", "array", elements)
+        add(events, "code_write", "ddr", elements, nbytes(elements, a_bits))
+        return events
+    wide = nbytes(elements, wide_store_bits(hw))
     level = wide_gradient_level(hw, tiling, scheme, m, k)
+    ranges_at = range_level(hw)
     if scheme.shared_at is None:
         add(events, "wide_write", level, elements, wide)
-        add(events, "range_pass", level, elements, wide)
-    add(events, "range_pass", "vector", elements)
+        if hw.pipeline.wide_format != "accumulator":
+            add(events, "wide_scale", "array", elements)
+        if ranges_at == "vector":
+            add(events, "range_pass", level, elements, wide)
+    add(events, "range_pass", ranges_at, elements)
     codes_from = "requant_pass"
     if scheme.method == "bhq":
         add(events, "sort", "vector", bitonic_compares(m // scheme.rows_per_sample))
@@ -156,35 +210,48 @@ def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: i
             add(events, "range_pass", "vector", elements)
         else:
             codes_from = "transform"
-    if codes_from == "requant_pass":
+    # a second quantizer of a shared gradient emits its codes from the first one's read
+    if codes_from == "requant_pass" and scheme.shared_at is None:
         add(events, "requant_pass", level, elements, wide)
-        add(events, "requant_pass", "vector", elements)
-    else:
-        add(events, "requant_pass", "vector", elements)  # rng + requantize on the way out
+    add(events, "requant_pass", "vector", elements)
+    if scheme.stochastic:
+        add(events, "sr_rng", "vector", elements)
     add(events, "code_write", "ddr", elements, nbytes(elements, a_bits))
     return events
 
 
+def range_level(hw: HWConfig) -> str:
+    """Where a wide tensor's min/max are found: by comparators in the output pipeline that
+    writes it ("array", no extra read), or by a vector pass that reads it back."""
+    return "array" if hw.pipeline.range == "fused" else "vector"
+
+
 def output_events(hw: HWConfig, scheme: QuantScheme, m: int, n: int, out_bits: int, level: str,
-                  handoff: bool) -> dict:
-    """Raw events after the GEMM for BHQ: T^-1 on the output, which was written at accumulator
-    width to `level`, then requantized and written as codes (unless handed off at full width)."""
+                  handoff: bool, gathered: bool = False) -> dict:
+    """Raw events after the GEMM for BHQ: T^-1 on the output, which was written at full width
+    to `level`, then requantized and written as codes (unless handed off at full width); or,
+    `gathered`, T^-1 on each output tile in the pipeline before its write-back."""
     events = {}
-    if scheme.method == "bhq":
-        add(events, "inverse_transform", level, m * n, nbytes(m * n, wide_bits(hw)))
+    if scheme.method == "bhq" and gathered:
+        add(events, "inverse_rows", "array", m * n)
+    elif scheme.method == "bhq":
+        add(events, "inverse_transform", level, m * n, nbytes(m * n, wide_store_bits(hw)))
         add(events, "inverse_transform", "vector", m * n)
         if not handoff:
             add(events, "inverse_codes", "ddr", m * n, nbytes(m * n, out_bits))
     return events
 
 
-def correction_events(m: int, n: int, k: int, a_offset: bool, b_offset: bool) -> dict:
+def correction_events(m: int, n: int, k: int, a_offset: bool, b_offset: bool,
+                      b_sums_known: bool = False) -> dict:
     """Rank-1 corrections for affine codes (offset + scale * q): with A's offsets, B's column
     sums and one multiply-add per output; with B's, A's row sums and another; with both, a third
-    for the K * offset_a * offset_b term."""
+    for the K * offset_a * offset_b term. `b_sums_known`: B is a weight whose column sums the
+    update pass keeps (`update_events`), so the GEMM does not sum it again."""
     events = {}
     if a_offset:
-        add(events, "colsum", "vector", k * n)
+        if not b_sums_known:
+            add(events, "colsum", "vector", k * n)
         add(events, "zero_point", "vector", m * n)
     if b_offset:
         add(events, "rowsum", "vector", m * k)
@@ -204,13 +271,24 @@ def weight_gradient_method(quantizer: str) -> str:
     return "ptq" if quantizer == "ptq" else "psq"
 
 
-def update_events(hw: HWConfig, params: int, grad_level: str) -> dict:
+def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "ddr",
+                  sums: int = 1) -> dict:
     """SGD with momentum on FP32 master weights, for `params` parameters whose gradient the
-    weight-gradient GEMM left at accumulator width in `grad_level`."""
+    weight-gradient GEMM left at full width in `grad_level`; masters and momentum live at
+    `state_at` (TCM where the step leaves room for them, see `fqtsim.simulation.cost`). The
+    new 8-bit codes go to DDR for the next GEMMs, with `sums` sets of their column sums (one
+    per GEMM that corrects zero points with them: forward, and grad_input where there is one)
+    added as they are written."""
     events = {}
-    add(events, "optimizer_read", grad_level, params, nbytes(params, wide_bits(hw)))
-    add(events, "optimizer_read", "ddr", 2 * params, 2 * params * MASTER_BYTES)
-    add(events, "optimizer_write", "ddr", 2 * params, 2 * params * MASTER_BYTES)
+    add(events, "optimizer_read", grad_level, params, nbytes(params, wide_store_bits(hw)))
+    add(events, "optimizer_read", state_at, 2 * params, 2 * params * MASTER_BYTES)
+    add(events, "optimizer_write", state_at, 2 * params, 2 * params * MASTER_BYTES)
     add(events, "optimizer_write", "ddr", params, nbytes(params, FORWARD_BITS))
     add(events, "weight_update", "vector", params)
+    add(events, "colsum", "vector", sums * params)
     return events
+
+
+def state_bytes(params: int) -> int:
+    """Bytes of optimizer state per step: FP32 masters and momentum."""
+    return 2 * params * MASTER_BYTES

@@ -19,9 +19,12 @@ A conv layer's im2col matrix is charged as the device builds it, from the featur
 Cost accounting: dy arrives at accumulator width from the layer above, so `grad_input` charges
 its quantizer's passes (wide write, ranges, ...) and `grad_weight` shares that wide tensor; the
 grad_input output is handed off at accumulator width to the next quantizer down; the weight
-update of FP32 masters (the optimizer itself runs in torch) is charged as `update`. The forward
-activation ranges are computed from the data but charged as calibrated (fused write-back): the
-catch-22 the paper's reviewers raise concerns the gradients.
+update of FP32 masters (the optimizer itself runs in torch) is charged as `update`, with the
+state where `fqtsim.cost.state_home` puts it. Forward activations follow the run's range policy
+in numerics and in cost alike: each layer's output GEMM hands its output off at full width to the
+next layer's input quantizer (dynamic: written wide, ranged, requantized; delayed: requantized in
+the GEMM's pipeline with a range from the input's history, clips counted); the first layer's
+input is data, coded once as it is loaded.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fqtsim.hardware.conv import Im2col
+from fqtsim.simulation.between import NONE, around
 from fqtsim.simulation.device import Device
 from fqtsim.hardware.mapping import Producer, by_columns, loss_producer
 from fqtsim.quantizers import (DelayedRange, check_bits, quantize_activation, quantize_gradient,
@@ -62,13 +66,20 @@ class Simulator:
     """What the converted layers of one model share: the device, the config, the random
     stream for stochastic rounding and the delayed-range histories."""
 
-    def __init__(self, device: Device, config: FQTConfig, seed: int = 0):
+    def __init__(self, device: Device, config: FQTConfig, seed: int = 0, state_at: str = "ddr",
+                 layers=()):
         self.device = device
+        # the model's layers as fqtsim.simulation.workloads describes them: the ops between
+        # the GEMMs, charged as the cost model charges them (none: the GEMMs alone)
+        self.layers = {layer.name: layer for layer in layers}
+        self.order: list[str] = []       # converted layers, bottom up
+        self.state_at = state_at   # where the optimizer state lives (fqtsim.cost.state_home)
         self.config = config
         self.rng = np.random.default_rng(seed)
         self._histories: dict[str, DelayedRange] = {}
         self.probe: dict | None = None   # set to a dict to keep each layer's backward operands
         self.top: str | None = None      # the last converted layer, whose gradient the loss writes
+        self.bottom: str | None = None   # the first, whose input codes come from the data
 
     def state(self) -> dict:
         """What a checkpoint needs to continue the run exactly: the random stream, the range
@@ -82,6 +93,33 @@ class Simulator:
         self._histories = {k: DelayedRange.from_state(h) for k, h in state["histories"].items()}
         self.device.restore(state["device"])
 
+    def _policy(self, key: str) -> str:
+        """The range policy the quantizer of tensor `key` runs with this step."""
+        history = self._histories.get(key)
+        delayed = self.config.range_policy == "delayed" and history is not None \
+            and history.bounds() is not None
+        return "delayed" if delayed else "dynamic"
+
+    def around(self, layer: str, batch: int, direction: str):
+        """`layer`'s ops between the GEMMs at `batch` samples (`between.Around`), with the
+        policies its quantizers run with now: forward, the next layer's input quantizer's;
+        backward, this layer's gradient quantizers'."""
+        if layer not in self.layers:
+            return NONE
+        i = self.order.index(layer)
+        above = self.order[i + 1] if i + 1 < len(self.order) else None
+        grads = self._policy(f"{layer}.grad_input" if i else f"{layer}.grad_weight")
+        inputs = self._policy(f"{above}.input") if above else "dynamic"
+        return around(self.device.hw, self.layers[layer], batch, first=i == 0,
+                      quantizer=self.config.quantizer, grad_bits=self.config.grad_bits,
+                      range_policy=grads if direction == "backward" else self.config.range_policy,
+                      activation_policy=inputs)
+
+    def below(self, layer: str) -> str | None:
+        """The converted layer under `layer` (None for the first, or one not converted)."""
+        i = self.order.index(layer) if layer in self.order else 0
+        return self.order[i - 1] if i else None
+
     def producer(self, layer: str) -> Producer:
         """What wrote `layer`'s output gradient wide: the loss for the top layer, else the
         grad_input GEMM of the layer above, which the device ran last with a hand-off."""
@@ -89,8 +127,28 @@ class Simulator:
             return loss_producer(self.device.hw)
         return self.device.last_handoff
 
+    def quantize_input(self, layer: str, x: np.ndarray, coded: bool = False):
+        """A layer's forward input as 8-bit codes, per tensor and to nearest, under the run's
+        range policy (delayed: the range of this input's history, values beyond it clipped);
+        returns (codes, scheme). The first layer's input is data, coded once as it is loaded
+        (its own range; scheme None: no device work); every other one is the layer below's
+        output, handed off at full width by its GEMM (the device's last hand-off), or coded by
+        the pass of an op between them (`coded`)."""
+        if layer == self.bottom:
+            return quantize_activation(x, FORWARD_BITS), None
+        bounds, policy = {}, "dynamic"
+        if self.config.range_policy == "delayed":
+            history = self._histories.setdefault(f"{layer}.input", DelayedRange())
+            if history.bounds() is not None:
+                bounds, policy = dict(zip(("lo", "hi"), history.bounds())), "delayed"
+            history.observe(float(x.min()), float(x.max()))
+        q = quantize_activation(x, FORWARD_BITS, **bounds)
+        return q, QuantScheme("ptq", policy, stochastic=False, producer=self.device.last_handoff,
+                              coded=coded)
+
     def quantize(self, key: str, x: np.ndarray, method: str, bits: int, rows_per_sample: int = 1,
-                 shared_at: str | None = None, producer: Producer | None = None):
+                 shared_at: str | None = None, producer: Producer | None = None,
+                 coded: bool = False):
         """Quantize gradient `x` under the run's range policy; returns (codes, scheme used).
 
         Delayed ranges come from this tensor's history; before it has any, the step is dynamic.
@@ -106,7 +164,7 @@ class Simulator:
         if history is not None:
             history.observe(*q.observed)
         return q, QuantScheme(method, policy, shared_at=shared_at, rows_per_sample=rows_per_sample,
-                              producer=producer)
+                              producer=producer, coded=coded)
 
 
 class _FQTMatmul(torch.autograd.Function):
@@ -115,9 +173,20 @@ class _FQTMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, layer):
         sim = layer.sim
-        qx = quantize_activation(x.detach().double().numpy(), FORWARD_BITS)
+        batch = x.shape[0] // layer.rows_per_sample
+        below = sim.below(layer.name)
+        coded = below is not None and sim.around(below, batch, "forward").x_coded
+        qx, scheme = sim.quantize_input(layer.name, x.detach().double().numpy(), coded)
         qw = quantize_weight(w.detach().double().numpy(), FORWARD_BITS)
-        y = sim.device.matmul(qx, qw.T, a_im2col=layer.im2col, name=f"{layer.name}.output")
+        ops = sim.around(layer.name, batch, "forward")
+        top = layer.name == sim.top   # its codes go to the loss; the others' to a quantizer
+        to_quantizer = not top and not ops.y_read   # else a pass between the GEMMs reads it
+        y = sim.device.matmul(qx, qw.T, scheme=scheme,
+                              writeback="fused" if top and not ops.y_read else "handoff",
+                              consumer=("ptq", sim.config.range_policy, FORWARD_BITS)
+                              if to_quantizer else None,
+                              a_im2col=layer.im2col, b_sums_known=True, name=f"{layer.name}.output")
+        sim.device.record(ops.forward, f"{layer.name}.between")
         ctx.qx, ctx.qw, ctx.layer, ctx.im2col = qx, qw, layer, layer.im2col
         return torch.from_numpy(y).to(x.dtype)
 
@@ -135,20 +204,30 @@ class _FQTMatmul(torch.autograd.Function):
                                      "rows_per_sample": layer.rows_per_sample}
         dx, wide_at = None, None
         producer = sim.producer(layer.name)
+        batch = dy64.shape[0] // layer.rows_per_sample
+        ops = sim.around(layer.name, batch, "backward")   # before the quantizers observe
+        sim.device.record(ops.backward, f"{layer.name}.between_grad")
         if need_dx:
+            below = sim.around(sim.below(layer.name), batch, "backward")
             q, scheme = sim.quantize(f"{layer.name}.grad_input", dy64, config.quantizer,
-                                     config.grad_bits, layer.rows_per_sample, producer=producer)
+                                     config.grad_bits, layer.rows_per_sample, producer=producer,
+                                     coded=ops.dy_coded)
+            to_quantizer = not (below.dz_read or below.dy_coded)
             out = sim.device.matmul(q, qw, scheme=scheme, writeback="handoff",
-                                    col2im=ctx.im2col, name=f"{layer.name}.grad_input",
-                                    consumer=(config.quantizer, config.range_policy, config.grad_bits))
+                                    col2im=ctx.im2col, b_sums_known=True,
+                                    name=f"{layer.name}.grad_input",
+                                    consumer=(config.quantizer, config.range_policy, config.grad_bits)
+                                    if to_quantizer else None)
             dx = torch.from_numpy(out).to(dy.dtype)
             wide_at = sim.device.last_gradient_level if scheme.materializes else None
         q, scheme = sim.quantize(f"{layer.name}.grad_weight", dy64.T,
                                  weight_gradient_method(config.quantizer), GRAD_WEIGHT_BITS,
-                                 shared_at=wide_at, producer=by_columns(producer))
+                                 shared_at=wide_at, producer=by_columns(producer),
+                                 coded=ops.dy_coded)
         dw = sim.device.matmul(q, qx, scheme=scheme, writeback="materialized",
                                b_im2col=ctx.im2col, name=f"{layer.name}.grad_weight")
-        sim.device.update(qw.codes.size, name=f"{layer.name}.update")
+        sim.device.update(qw.codes.size, name=f"{layer.name}.update", state_at=sim.state_at,
+                          sums=2 if need_dx else 1)
         return dx, torch.from_numpy(dw).to(dy.dtype), None
 
 
@@ -212,4 +291,6 @@ def convert(model: nn.Module, sim: Simulator) -> nn.Module:
             else:
                 continue
             sim.top = name   # modules in forward order (nn.Sequential): the last one is the top
+            sim.bottom = sim.bottom or name
+            sim.order.append(name)
     return model

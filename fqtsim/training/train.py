@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from fqtsim.training.data import DATASETS, load
 from fqtsim.simulation.device import Device
+from fqtsim.simulation.overlap import overlapped
 from fqtsim.files import (check_path, claim_dir, clear_dir, exclusive, remove_temporaries,
                           write_atomic)
 from fqtsim.training.fqt import MODES, FQTConfig, Simulator, convert
@@ -145,8 +146,14 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
             to_clear = False
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, data.image_shape, data.classes)
-    sim = Simulator(Device(hw), FQTConfig(cfg.mode, cfg.quantizer, cfg.grad_bits,
-                                          cfg.range_policy), seed=cfg.seed)
+    device_hw, state_at = hw, "ddr"
+    if cfg.mode == "fqt":   # masters and momentum in TCM where the step leaves room for them
+        from fqtsim.simulation.cost import state_home
+        device_hw, state_at = state_home(hw, _layers(cfg, data), cfg.batch_size, cfg.quantizer,
+                                         cfg.range_policy, cfg.grad_bits)
+    sim = Simulator(Device(device_hw), FQTConfig(cfg.mode, cfg.quantizer, cfg.grad_bits,
+                                                 cfg.range_policy), seed=cfg.seed, state_at=state_at,
+                    layers=_layers(cfg, data) if cfg.mode != "fp32" else ())
     convert(model, sim)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(data.y_train) / cfg.batch_size)
@@ -194,7 +201,7 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
                                    f"or raise --grad-bits") from None
                 optimizer.step()
                 scheduler.step()
-                events = _take(sim.device, step)
+                events = overlapped(sim.device.hw, _take(sim.device, step))   # as cost.training_step
                 ledgers.append(events)
                 metrics.append({"step": step, "epoch": epoch, "loss": loss.item(),
                                 "batch_accuracy": (logits.argmax(1) == y_train[idx]).float().mean().item(),
