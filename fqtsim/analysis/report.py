@@ -49,7 +49,8 @@ PASSES = {
 PASS_COLORS = {"compute": "#1f77b4", "operand loads": "#aec7e8", "partial sums": "#bcbd22",
                "output write-back": "#17becf", "wide write-back": "#ff7f0e", "range pass": "#d62728",
                "sort + transform": "#9467bd", "requantization": "#2ca02c", "zero-point": "#8c564b",
-               "optimizer": "#7f7f7f", "between layers": "#c49c94", "stalls": "#e377c2", "leakage": "#dbdb8d", "counted": "#000000",
+               "optimizer": "#7f7f7f", "between layers": "#c49c94", "stalls": "#e377c2",
+               "leakage": "#dbdb8d", "counted": "#000000",
                "other": "#c7c7c7"}
 # What a gradient quantizer adds, counted on the backward GEMMs (the forward pass has its own
 # zero-point work, whatever the gradient quantizer)
@@ -219,7 +220,7 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
         # (delayed PTQ), which pays the random numbers, requantization and code writes too
         known = group[(group.quantizer == "ptq") & (group.range == "delayed")].iloc[0]
         table.loc[group.index, "extra_mJ"] = group.energy_mJ - known.energy_mJ
-        table.loc[group.index, "extra_%"] = 100 * (group.energy_mJ - known.energy_mJ) / group.energy_mJ
+        table.loc[group.index, "extra_%"] = 100 * table.loc[group.index, "extra_mJ"] / group.energy_mJ
     sec.text += ["Energies in this section are per training step, in mJ.", _reading(table)]
     sec.tables.append((f"{model}_schemes", table,
                        f"One training step of {model} at batch {batch} for every gradient "

@@ -22,10 +22,11 @@ across an inner m loop, A across an inner n loop.
 
 Array cycles: a fold over a K slice of sk takes sk cycles, plus rows + cols - 2 (`fill_drain`)
 each time the array starts it: the operands enter skewed, so the far corner PE starts (the
-fill) and finishes (before the sums drain) that much after the near one. A fold starts whenever its sums are not already in the
-accumulators: on each new output tile, and on each K tile when several folds take turns over a
-split K (their sums are parked between K tiles) or when K is not innermost (each visit restarts
-every fold of the tile, its sums coming back from where they waited). One fold per tile with K
+fill) and finishes (before the sums drain) that much after the near one. A fold starts
+whenever its sums are not already in the accumulators: on each new output tile, and on each
+K tile when several folds take turns over a split K (their sums are parked between K tiles)
+or when K is not innermost (each visit restarts every fold of the tile, its sums coming back
+from where they waited). One fold per tile with K
 innermost streams all its K tiles through the same accumulators and fills and drains once
 (`fold_starts`). Spills to the partial-sum buffer do not restart a fold. The next fold's fill
 does not overlap the last one's drain, double buffered or not (SCALE-Sim 3.0.0 counts a GEMM
@@ -60,7 +61,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -123,6 +124,13 @@ class Tiling:
 
     def tile_counts(self, m: int, n: int, k: int) -> tuple[int, int, int]:
         return math.ceil(m / self.tm), math.ceil(n / self.tn), math.ceil(k / self.tk)
+
+    @property
+    def key(self) -> tuple:
+        """The tiling as a plain tuple that sorts: ties between estimates never fall to hash
+        order (dataclasses.astuple, which copies deep, is slow in the mapper's inner loop)."""
+        return (self.tm, self.tn, self.tk, self.order, self.footprint, self.free, self.a_whole,
+                self.b_whole, self.k_at, self.psums or "")
 
     @property
     def loops(self) -> tuple:
@@ -340,7 +348,7 @@ def plans(hw: HWConfig, m: int, n: int, k: int, a_bits: int, b_bits: int, out_bi
         return out
 
     def ranked(t):   # the estimate, then the tiling itself: ties never fall to hash order
-        return _score(hw, t, m, n, k, a_bits, b_bits, a_win, b_win), astuple(t)
+        return _score(hw, t, m, n, k, a_bits, b_bits, a_win, b_win), t.key
 
     def split_ok(tm, tn, tk):
         return k_split_ok(hw, tm, tn, tk, k)   # results stay exact with these tiles

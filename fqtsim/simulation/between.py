@@ -77,8 +77,9 @@ fits `hw.tcm.size_bytes` less a reservation, else DDR (a GEMM's tiles take the T
 
 Sharing with a quantizer (`pair`): a chain whose last pass writes a GEMM's operand (the next
 layer's input, or a layer's output gradient) writes the tensor that the operand's quantizer
-takes wide (`schedule.input_events`). Without sharing that is the one write (the quantizer's
-wide_write is the pass's write) and the quantizer ranges and requantizes it as any other. With
+takes wide (`schedule.input_events`). Without sharing that is the one write (the pass's
+write, charged as the quantizer's wide_write; a tensor kept wide for a residual add stays the
+chain's) and the quantizer ranges and requantizes it as any other. With
 sharing, the cheapest of those that apply:
   exact      a range that contains the output is known before the pass writes it: BN then ops
              monotone per channel (ReLU, pools), whose per-channel min/max of y, gathered with
@@ -145,6 +146,23 @@ def _stats(events, event, at, level, elements, bits):
         _read(events, event, level, elements, bits)
 
 
+def _reduce_then_map(events, passes, n, grad_bits, level, saved_bits, saved_level):
+    """A norm's backward: a reduction pass, then an elementwise one, each reading the
+    gradient and the saved forward tensor."""
+    for event in passes:
+        _ops(events, event, "vector", n)
+        _read(events, event, level, n, grad_bits)
+        _read(events, event, saved_level, n, saved_bits)
+
+
+def _reading(event, at, n, level, bits) -> dict:
+    """An op on `n` elements (at the vector unit or in a pipeline) that reads one tensor."""
+    events = {}
+    _ops(events, event, at, n)
+    _read(events, event, level, n, bits)
+    return events
+
+
 def index_bits(window: int) -> int:
     """Bits of an argmax within a window."""
     return max(1, math.ceil(math.log2(window)))
@@ -162,45 +180,46 @@ def bn_forward(hw: HWConfig, shape: Shape, bits: int, level: str, *,
     """BN in training on y at `level`: statistics (`stats_at`: "array" beside the producer's
     write, "vector" by a read pass; default as the config fuses ranges), then the normalize pass
     (its write is the chain's)."""
-    events, n = {}, shape.elements
-    _stats(events, "norm_stats", stats_at or range_level(hw), level, n, bits)
-    _ops(events, "bn_channel", "vector", shape.channels)
-    _ops(events, "bn_norm", "vector", n)
-    _read(events, "bn_norm", level, n, bits)
-    return events
+    return _norm_forward(hw, shape, bits, level, stats_at, ("bn_channel", shape.channels),
+                         "bn_norm")
 
 
 def bn_backward(hw: HWConfig, shape: Shape, grad_bits: int, level: str, *, saved_bits: int,
                 saved_level: str) -> dict:
     """BN backward: reduction pass, per-channel coefficients, then the pass writing dx (the
     chain's write); dy at `level`, y kept at `saved_level`."""
-    events, n = {}, shape.elements
-    for event in ("bn_grad_sums", "bn_grad"):
-        _ops(events, event, "vector", n)
-        _read(events, event, level, n, grad_bits)
-        _read(events, event, saved_level, n, saved_bits)
-    _ops(events, "bn_grad_channel", "vector", shape.channels)
-    return events
+    return _norm_backward(shape, grad_bits, level, saved_bits, saved_level,
+                          ("bn_grad_sums", "bn_grad"), ("bn_grad_channel", shape.channels))
 
 
 def layernorm_forward(hw: HWConfig, shape: Shape, bits: int, level: str, *,
                       stats_at: str | None = None) -> dict:
-    events, n = {}, shape.elements
-    _stats(events, "norm_stats", stats_at or range_level(hw), level, n, bits)
-    _ops(events, "ln_row", "vector", shape.rows)
-    _ops(events, "ln_norm", "vector", n)
-    _read(events, "ln_norm", level, n, bits)
-    return events
+    """LayerNorm: as BN with its statistics per row (token) over the channels."""
+    return _norm_forward(hw, shape, bits, level, stats_at, ("ln_row", shape.rows), "ln_norm")
 
 
 def layernorm_backward(hw: HWConfig, shape: Shape, grad_bits: int, level: str, *, saved_bits: int,
                        saved_level: str) -> dict:
+    return _norm_backward(shape, grad_bits, level, saved_bits, saved_level,
+                          ("ln_grad_sums", "ln_grad"), ("ln_grad_row", shape.rows))
+
+
+def _norm_forward(hw, shape, bits, level, stats_at, per_group, normalize) -> dict:
+    """Statistics, then per group (`per_group`: its event and count) the constants, then the
+    pass that normalizes."""
     events, n = {}, shape.elements
-    for event in ("ln_grad_sums", "ln_grad"):
-        _ops(events, event, "vector", n)
-        _read(events, event, level, n, grad_bits)
-        _read(events, event, saved_level, n, saved_bits)
-    _ops(events, "ln_grad_row", "vector", shape.rows)
+    _stats(events, "norm_stats", stats_at or range_level(hw), level, n, bits)
+    _ops(events, per_group[0], "vector", per_group[1])
+    _ops(events, normalize, "vector", n)
+    _read(events, normalize, level, n, bits)
+    return events
+
+
+def _norm_backward(shape, grad_bits, level, saved_bits, saved_level, passes, per_group) -> dict:
+    """A reduction pass, the per-group coefficients, then the elementwise pass writing dx."""
+    events = {}
+    _reduce_then_map(events, passes, shape.elements, grad_bits, level, saved_bits, saved_level)
+    _ops(events, per_group[0], "vector", per_group[1])
     return events
 
 
@@ -213,27 +232,18 @@ def relu_forward(hw: HWConfig, shape: Shape, mask_level: str, *, at: str = "vect
 
 
 def relu_backward(hw: HWConfig, shape: Shape, mask_level: str, *, at: str = "array") -> dict:
-    events, n = {}, shape.elements
-    _ops(events, "relu_grad", at, n)
-    _read(events, "relu_grad", mask_level, n, MASK_BITS)
-    return events
+    return _reading("relu_grad", at, shape.elements, mask_level, MASK_BITS)
 
 
 def add_forward(hw: HWConfig, shape: Shape, bits: int, level: str, *, at: str = "vector") -> dict:
     """A residual add riding a pass or a GEMM's output pipeline: reads the other operand."""
-    events, n = {}, shape.elements
-    _ops(events, "residual_add", at, n)
-    _read(events, "residual_add", level, n, bits)
-    return events
+    return _reading("residual_add", at, shape.elements, level, bits)
 
 
 def add_backward(hw: HWConfig, fork: Shape, grad_bits: int, level: str, *,
                  at: str = "array") -> dict:
     """The fork's two gradients summed where the second is written: read the first, add."""
-    events, n = {}, fork.elements
-    _ops(events, "residual_grad", at, n)
-    _read(events, "residual_grad", level, n, grad_bits)
-    return events
+    return _reading("residual_grad", at, fork.elements, level, grad_bits)
 
 
 def maxpool_forward(hw: HWConfig, shape: Shape, positions: int, window: int, index_level: str, *,
@@ -313,10 +323,8 @@ def softmax_forward(hw: HWConfig, shape: Shape, bits: int, level: str, *,
 def softmax_backward(hw: HWConfig, shape: Shape, grad_bits: int, level: str, *, saved_bits: int,
                      saved_level: str) -> dict:
     events, n = {}, shape.elements
-    for event in ("softmax_grad_sums", "softmax_grad"):
-        _ops(events, event, "vector", n)
-        _read(events, event, level, n, grad_bits)
-        _read(events, event, saved_level, n, saved_bits)
+    _reduce_then_map(events, ("softmax_grad_sums", "softmax_grad"), n, grad_bits, level,
+                     saved_bits, saved_level)
     return events
 
 
@@ -331,10 +339,7 @@ def gelu_forward(hw: HWConfig, shape: Shape, bits: int, saved_level: str, *,
 
 def gelu_backward(hw: HWConfig, shape: Shape, saved_bits: int, saved_level: str, *,
                   at: str = "array") -> dict:
-    events, n = {}, shape.elements
-    _ops(events, "gelu_grad", at, n)
-    _read(events, "gelu_grad", saved_level, n, saved_bits)
-    return events
+    return _reading("gelu_grad", at, shape.elements, saved_level, saved_bits)
 
 
 # --- a layer's chain ---------------------------------------------------------------------------
@@ -585,7 +590,10 @@ def pair(hw: HWConfig, quant: dict, chain: Chain, *, shared: bool, mode: str = "
             _take(events, "pass_write", elements, nbytes(elements, chain.out[1]), (chain.out[2],))
         merge(events, q)
         return events
-    _take(q, "wide_write", elements, wide)   # the pass's write is the quantizer's wide tensor
+    if chain.kept:   # written wide for a later add whatever the quantizer does: the chain's
+        _take(q, "wide_write", elements, wide)
+    else:            # the pass's write is the quantizer's wide tensor, and charged as such
+        _take(events, "pass_write", elements, nbytes(elements, chain.out[1]), (chain.out[2],))
     if (("wide_scale", "array")) in q:        # a vector pass writes in its own format
         _take(q, "wide_scale", elements, 0.0, ("array",))
     merge(events, q)
@@ -608,7 +616,7 @@ def pair(hw: HWConfig, quant: dict, chain: Chain, *, shared: bool, mode: str = "
     codes = _copy(store)   # the pass writes the codes: no wide tensor to requantize from
     _take(codes, "requant_pass", elements, wide)
     if not chain.kept:
-        _take(codes, "pass_write", elements, nbytes(elements, chain.out[1]), (chain.out[2],))
+        _take(codes, "wide_write", elements, wide)
     if mode == "exact" or (mode == "auto" and "exact" in allowed):
         return codes
     merge(codes, chain.last_pass)   # recompute: the pass once more, for the range

@@ -11,7 +11,7 @@ import functools
 import itertools
 import math
 from collections.abc import Iterable
-from dataclasses import astuple, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -59,7 +59,8 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     of the gradient quantizer that reads a handed-off output wide; the mapper weighs where the
     tiling leaves that gradient (a producer's plan keeps room for it where that pays).
     `b_sums_known`: B is a weight whose column sums (for A's zero-point correction) the update
-    pass keeps, so the GEMM does not sum it. `hw` may be a config path; `a_quant` a method name ("ptq", "psq", "bhq": dynamic ranges).
+    pass keeps, so the GEMM does not sum it. `hw` may be a config path; `a_quant` a method
+    name ("ptq", "psq", "bhq": dynamic ranges).
     m, n, k and the widths are integers (numpy integers too; not bools). The ledger's
     `attrs["mapping"]` says how the GEMM was laid out (loop order, tiles, operands held whole,
     TCM taken and left, where the output went).
@@ -153,7 +154,7 @@ def layout(hw: HWConfig, spec: Gemm) -> Tiling:
     if hw.mapping.objective != "cycles":   # a few cycles saved can cost much more DDR traffic
         moved = sorted(options, key=lambda t: (ddr_estimate(
             hw, t, spec.m, spec.n, spec.k, spec.a_bits, spec.b_bits, spec.a_im2col,
-            spec.b_im2col), astuple(t)))
+            spec.b_im2col), t.key))
         chosen += moved[:CANDIDATES]
     if writeback == "materialized":   # room for the wide output changes where it goes
         chosen += _first(t for t in options

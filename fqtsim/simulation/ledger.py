@@ -30,7 +30,8 @@ for their ops (count = elements; ops per element in PASS_OPS):
     sr_rng (vector|array) stochastic rounding's random numbers: in the requantization pass, or
                          with delayed ranges in the producer's output pipeline (which requantizes,
                          `requantize`, and writes the codes, `code_write`)
-    wide_scale (array)   raw sums scaled to fp32/bf16 as they are written wide (`pipeline.wide_format`)
+    wide_scale (array)   raw sums scaled to fp32/bf16 as they are written wide
+                         (`pipeline.wide_format`)
     clip (array)         delayed ranges: values clipped to the known range (emulation only)
     colsum, rowsum,      rank-1 corrections for affine codes' offsets: B's column sums, A's
     zero_point           row sums, multiply-adds per output
@@ -112,7 +113,7 @@ PASS_OPS = {
     "col2im": {"add": 1},
     "zero_point": {"mul": 1, "add": 1},
     "inverse_transform": {"mul": 3, "add": 2, "requant": 1},
-    "inverse_rows": {"mul": 3, "add": 2},       # the same T^-1 in the pipeline, then the fused requantize
+    "inverse_rows": {"mul": 3, "add": 2},       # T^-1 in the pipeline; the write-back requantizes
     "weight_update": {"mul": 3, "add": 3, "requant": 1},   # decay, momentum, step; new codes
     "wide_scale": {"mul": 1},                   # raw sums times their scales: fp32/bf16 storage
     # between the GEMMs (fqtsim.simulation.between, whose docstring counts each)
@@ -239,9 +240,9 @@ def static_pj(hw: HWConfig, cycles: float) -> float:
 
 EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code_write",
           "sr_rng", "clip", "mac", "overflow", "requantize", "load_a", "load_b", "read_a",
-          "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im", "wide_scale", "writeback",
-          "wide_output", "inverse_transform", "inverse_rows", "inverse_codes", "optimizer_read", "optimizer_write",
-          "weight_update",
+          "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im",
+          "wide_scale", "writeback", "wide_output", "inverse_transform", "inverse_rows",
+          "inverse_codes", "optimizer_read", "optimizer_write", "weight_update",
           # between the GEMMs
           "norm_stats", "bn_channel", "bn_norm", "bn_grad_sums", "bn_grad_channel", "bn_grad",
           "ln_row", "ln_norm", "ln_grad_sums", "ln_grad_row", "ln_grad", "relu", "relu_mask",
