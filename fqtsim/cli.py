@@ -115,8 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                            f"({', '.join(sorted(WORKLOADS))}): with --quantizer, what each "
                            f"adds over delayed PTQ, with the quantizers riding the passes of the "
                            f"ops between the GEMMs and without")
-    cost.add_argument("--batch", type=int, default=64, help="samples per step with --model "
-                                                            "(default 64)")
+    cost.add_argument("--batch", type=int_in(1), help="samples per step with --model (default 64)")
     cost.add_argument("--a-bits", type=bits, default=8,
                       help="A operand code bits (default 8; with --quantizer, --grad-bits is A's)")
     cost.add_argument("--b-bits", type=bits, default=8, help="B operand code bits (default 8)")
@@ -362,6 +361,8 @@ def cmd_cost(args) -> int:
             raise ValueError(f"{option}: {' '.join(values)} names a value twice; give each once")
     if (args.gemm is None) == (args.model is None):
         raise ValueError("give --gemm MxKxN (one or more) or --model NAME")
+    if args.batch is not None and args.model is None:
+        raise ValueError("--batch: the samples of a --model step; a --gemm shape has its own M")
     if args.model is not None:
         return step_table(hw, args)
     if args.quantizer:
@@ -444,8 +445,7 @@ def step_table(hw, args) -> int:
     from fqtsim.files import write_atomic
     from fqtsim.simulation.schedule import QuantScheme
 
-    if args.batch < 1:
-        raise ValueError(f"--batch: got {args.batch}; expected an integer >= 1")
+    args.batch = args.batch or 64
     schemes = [QuantScheme(q, r) for q in (args.quantizer or ["ptq", "psq", "bhq"])
                for r in args.range_policy]
     table = fqtsim.simulation.cost.step_overhead(hw, args.model, args.batch, schemes,

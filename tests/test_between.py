@@ -363,3 +363,24 @@ def test_resnet50_step():
     assert writes[("writeback", "ddr")][0] == 2 * sum(64 * l.n * l.rows for l in bn) \
         - 64 * 64 * (112 * 112 - 56 * 56) - 64 * 2048 * (49 - 1)
     assert writes[("writeback", "tcm")] == [64 * 1000, 256000.0, 0.0]   # the logits fit
+
+
+def test_the_writes_for_a_pass_take_time_and_are_scaled_like_any_wide_store(make_hw):
+    hw = make_hw("npu", **{"pipeline.wide_format": "bf16"})
+    layer = workloads.cnn((1, 8, 8))[0]
+    ops = bt.around(hw, layer, 100, first=True, quantizer="psq", range_policy="dynamic",
+                    grad_bits=8)
+    y = 100 * 16 * 64
+    write = ops.forward[("writeback", "ddr")]
+    assert write[:2] == [y, y * 2.0] and write[2] == y * 2.0 / hw.ddr.bytes_per_cycle
+    assert ops.forward[("wide_scale", "array")][0] == y
+    # backward BN writes dY wide (dynamic, its range known once written): the device rounds it
+    assert ops.dy_coded and ops.dy_wide and ops.x_coded and not ops.x_wide
+
+
+def test_delayed_codes_from_a_pass_are_the_vector_units_work():
+    q = activation_quantizer(HW, 24, policy="delayed")
+    chain = bt.forward(HW, ("bn", "relu"), S, bits=WIDE, where=TCM_ONLY, out_level="tcm")
+    events = bt.pair(HW, q, chain, shared=True)
+    assert rows(events)[("requant_pass", "vector")] == [24, 0.0]
+    assert ("requantize", "array") not in events and ("pass_write", "tcm") not in events

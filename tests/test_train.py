@@ -215,3 +215,43 @@ def test_cli_rejects_an_out_path_that_is_a_file_and_a_narrow_mac_array(tmp_path,
         train(RunConfig(hw=str(tmp_path / "npu-variant.yaml"), out=str(tmp_path / "never")),
               progress=False)
     assert narrow.array.operand_bits == 4 and not (tmp_path / "never").exists()
+
+
+def _step_equals(ledger, step, closed):
+    key = ["layer", "gemm", "event", "level"]
+    got = ledger[(ledger.step == step) & ~ledger.event.isin(["overflow", "clip"])]
+    got, closed = got.set_index(key).sort_index(), closed.set_index(key).sort_index()
+    assert list(got.index) == list(closed.index)
+    assert (got["count"].values == closed["count"].values).all()
+    np.testing.assert_allclose(got["bytes"], closed["bytes"], rtol=1e-12)
+    np.testing.assert_allclose(got["energy_pj"], closed["energy_pj"], rtol=1e-9)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_a_delayed_run_starts_dynamic_and_each_step_equals_its_closed_form(tmp_path, model):
+    """Before the range histories hold anything, every quantizer (and the tiling of each GEMM
+    that hands it a tensor) is dynamic; from then on delayed."""
+    import fqtsim.cost
+    from fqtsim.simulation import workloads
+
+    train(RunConfig(hw=NPU, model=model, dataset="synthetic", quantizer="psq",
+                    range_policy="delayed", epochs=1, batch_size=100, out=str(tmp_path / "r")),
+          progress=False)
+    ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
+    layers = workloads.mlp() if model == "mlp" else workloads.cnn((1, 8, 8))
+    hw = load_hw(NPU)
+    _step_equals(ledger, 0, fqtsim.cost.training_step(hw, layers, 100, "psq", "dynamic"))
+    _step_equals(ledger, 3, fqtsim.cost.training_step(hw, layers, 100, "psq", "delayed"))
+
+
+def test_the_state_home_is_decided_at_the_batches_the_run_takes(tmp_path):
+    """--batch-size 96 splits 800 samples into 9 batches of 89 and 88: the device keeps the
+    optimizer state where a step of 89 samples does."""
+    import fqtsim.cost
+    from fqtsim.simulation import workloads
+
+    train(RunConfig(hw=NPU, model="cnn", dataset="synthetic", quantizer="psq", epochs=1,
+                    batch_size=96, out=str(tmp_path / "r")), progress=False)
+    ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
+    layers = workloads.cnn((1, 8, 8))
+    _step_equals(ledger, 0, fqtsim.cost.training_step(load_hw(NPU), layers, 89, "psq"))

@@ -137,7 +137,7 @@ class TCM:
     write_pj_per_byte: float | None = _energy()
     partitions: Partitions | None = None   # null: one pool shared by tiles and wide outputs
     # derived SRAM figures of a partitioned TCM: ((read, write) of A's buffer, of B's); the
-    # output buffer (and what the partitions leave) has read/write_pj_per_byte
+    # output buffer and what the partitions leave have read/write_pj_per_byte
     operand_pj: tuple | None = _derived()
 
     @property
@@ -475,8 +475,9 @@ def derive(hw: HWConfig) -> HWConfig:
 
     SRAM energy follows the TCM's capacity, so a TCM resized with dataclasses.replace gets its
     figure again from `derive`. A partitioned TCM prices each buffer at its own capacity: the A
-    and B buffers' figures go to `tcm.operand_pj`, the output buffer's (which also stands for
-    what the partitions leave) to tcm.read/write_pj_per_byte."""
+    and B buffers' figures go to `tcm.operand_pj`; the rest (the output buffer and what the
+    partitions leave, priced as one region of their joint capacity) to
+    tcm.read/write_pj_per_byte."""
     redo = set(hw.derived)
     todo = [key for key in DERIVABLE if key in redo or _get(hw, key) is None]
     if hw.ddr.kind is not None and not any(k.startswith("ddr.") for k in todo):
@@ -495,7 +496,10 @@ def derive(hw: HWConfig) -> HWConfig:
         raise _SchemaError(f"ddr.kind: got {hw.ddr.kind!r}; the {tech} table lists "
                            f"{', '.join(energy.node(tech).dram_kinds)}")
     parts = hw.tcm.partitions
-    sram = energy.sram_pj_per_byte(tech, parts.out_kib if parts else hw.tcm.size_kib)
+    # a partitioned TCM: the output buffer and what the partitions leave hold the outputs,
+    # partial sums, wide tensors and optimizer state, one region beside A's and B's buffers
+    rest_kib = hw.tcm.size_kib - parts.a_kib - parts.b_kib if parts else hw.tcm.size_kib
+    sram = energy.sram_pj_per_byte(tech, rest_kib)
     mult, add = energy.mac_figures(tech)
     figures = {"tcm.read_pj_per_byte": sram, "tcm.write_pj_per_byte": sram,
                "ddr.read_pj_per_byte": energy.dram_pj_per_byte(tech, hw.ddr.kind),

@@ -78,8 +78,9 @@ def nbytes(count: int, bits: int) -> float:
     return count * container_bits(bits) / 8
 
 
-# fused: b-bit codes requantized in the output pipeline; materialized: accumulator width to TCM or
-# DDR; handoff: kept at accumulator width for the next quantizer, whose wide_write stores it.
+# fused: b-bit codes requantized in the output pipeline; materialized: full width to TCM or DDR;
+# handoff: kept at full width for the next quantizer (whose wide_write stores it) or the pass of
+# an op between the GEMMs.
 WRITEBACKS = ("fused", "materialized", "handoff")
 
 
@@ -587,7 +588,7 @@ def loss_producer(hw: HWConfig) -> Producer:
 
 
 def wide_level(hw: HWConfig, tiling: Tiling, live_elements: int) -> str:
-    """Where a wide (accumulator-width) tensor lands: TCM if its live part fits beside the
+    """Where a tensor written at full width lands: TCM if its live part fits beside the
     tiles, else DDR."""
     return "tcm" if nbytes(live_elements, wide_store_bits(hw)) <= tiling.free else "ddr"
 

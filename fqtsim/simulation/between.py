@@ -103,7 +103,7 @@ from typing import Callable, NamedTuple
 
 from fqtsim.hardware.hw import HWConfig
 from fqtsim.hardware.mapping import Producer, by_columns, nbytes, wide_store_bits
-from fqtsim.simulation.ledger import GemmSpec, add, merge, price
+from fqtsim.simulation.ledger import GemmSpec, add, merge, pass_memory_cycles, price
 from fqtsim.simulation.schedule import (FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme, input_events,
                                         range_level, weight_gradient_method)
 from fqtsim.simulation.workloads import Layer, Op
@@ -588,6 +588,10 @@ def pair(hw: HWConfig, quant: dict, chain: Chain, *, shared: bool, mode: str = "
     if not _has(q, "wide_write"):   # delayed ranges: requantized as the pass produces it
         if not chain.kept:
             _take(events, "pass_write", elements, nbytes(elements, chain.out[1]), (chain.out[2],))
+        for (event, level), row in list(q.items()):   # by the vector unit, not a GEMM's pipeline
+            if level == "array" and event in ("sr_rng", "requantize"):
+                del q[(event, level)]
+                add(q, "sr_rng" if event == "sr_rng" else "requant_pass", "vector", row[0])
         merge(events, q)
         return events
     if chain.kept:   # written wide for a later add whatever the quantizer does: the chain's
@@ -753,13 +757,17 @@ class Around:
     (`pair`). `y_read`: the output GEMM's result is read by a pass (not quantized as it is
     written). `x_coded`: the next layer's input codes are the forward chain's (its GEMM
     quantizes nothing). `dz_read`: the grad_input GEMM above writes this layer's dZ for a pass.
-    `dy_coded`: this layer's gradient codes are the backward chain's."""
+    `dy_coded`: this layer's gradient codes are the backward chain's. `x_wide`, `dy_wide`:
+    those codes were made from a copy stored at full width (which rounds to the wide format),
+    not straight from the pass."""
     forward: dict
     backward: dict
     y_read: bool
     x_coded: bool
     dz_read: bool
     dy_coded: bool
+    x_wide: bool = False
+    dy_wide: bool = False
 
 
 NONE = Around({}, {}, False, False, False, False)
@@ -782,11 +790,15 @@ def around(hw: HWConfig, layer: Layer, batch: int, *, first: bool, quantizer: st
     shared = hw.pipeline.share_passes
     chains = []
     for chain, quant in ((fwd, fq), (bwd, bq)):
-        events = chain.events if quant is None else pair(hw, quant, chain, shared=shared)
-        events = _copy(events)
-        if chain.read is not None:   # what the GEMM beside it writes for the first pass
-            n, bits, level = chain.read
-            add(events, "writeback", level, n, nbytes(n, bits))
+        events = _copy(chain.events if quant is None else pair(hw, quant, chain, shared=shared))
+        if chain.read is not None:   # what the GEMM beside it writes for the first pass, after
+            n, bits, level = chain.read   # its compute (in the time a pass would take to write it)
+            add(events, "writeback", level, n, nbytes(n, bits),
+                pass_memory_cycles(hw, level, "write", nbytes(n, bits)))
+            if hw.pipeline.wide_format != "accumulator":
+                add(events, "wide_scale", "array", n)
         chains.append(events)
     return Around(chains[0], chains[1], fwd.read is not None, fq is not None,
-                  bwd.read is not None, bq is not None)
+                  bwd.read is not None, bq is not None,
+                  x_wide=fq is not None and _has(chains[0], "wide_write"),
+                  dy_wide=bq is not None and _has(chains[1], "wide_write"))

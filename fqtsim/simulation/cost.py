@@ -390,15 +390,16 @@ def _check_im2col(win, option: str, rows: int, cols: int):
 
 
 def col2im_events(hw: HWConfig, entries: int, elements: int) -> dict:
-    """Folding an im2col gradient (written wide into TCM tile by tile) onto its feature map: each
-    of its `entries` that lands inside the map is written, each landing on one of the `elements`
-    already written is a read-modify-write and one vector add. Nothing for kernels that do not
+    """Folding an im2col gradient onto its feature map as its tiles leave the array: of its
+    `entries` that land inside the map, the first on each of the `elements` is the map's own
+    store (its consumer's wide_write, or the write-back for a pass between the GEMMs); each later
+    one is a read-modify-write in TCM and one vector add. Nothing for kernels that do not
     overlap."""
     events = {}
     if entries > elements:
-        width = nbytes(1, wide_bits(hw))
-        add(events, "col2im", "tcm", entries, (2 * entries - elements) * width)
-        add(events, "col2im", "vector", entries - elements)
+        width, folds = nbytes(1, wide_bits(hw)), entries - elements
+        add(events, "col2im", "tcm", folds, 2 * folds * width)
+        add(events, "col2im", "vector", folds)
     return events
 
 
@@ -446,7 +447,9 @@ def step_overhead(hw: HWConfig, model, batch: int, schemes, grad_bits: int = 8) 
     riding the passes of the ops between the GEMMs and without (`pipeline.share_passes`).
 
     One row per scheme and sharing: the step's energy (mJ) and cycles, and the extra energy
-    and cycles over the baseline (absolute, and as a share of the step)."""
+    and cycles over the baseline (absolute, and as a share of the step), and how much of the
+    extra energy is the forward pass's (`extra_forward_mJ`: a run's range policy holds for its
+    activations too, so dynamic ranges cost there as well)."""
     hw = as_hw(hw)
     if isinstance(schemes, (str, QuantScheme)) or not isinstance(schemes, Iterable):
         schemes = [schemes]
@@ -456,24 +459,37 @@ def step_overhead(hw: HWConfig, model, batch: int, schemes, grad_bits: int = 8) 
         variant = replace(hw, pipeline=replace(hw.pipeline, share_passes=shared))
         base = training_step(variant, model, batch, "ptq", "delayed", grad_bits)
         base_pj, base_cycles = base.energy_pj.sum(), base.cycles.sum()
+        base_forward = _forward_pj(base)
         for scheme in schemes:
             step = training_step(variant, model, batch, scheme.method, scheme.range_policy,
                                  grad_bits)
             pj, cycles = step.energy_pj.sum(), step.cycles.sum()
             rows.append({"quantizer": scheme.method, "range": scheme.range_policy,
                          "shared": shared, "step_mJ": pj / 1e9, "extra_mJ": (pj - base_pj) / 1e9,
-                         "extra_%": 100 * (pj - base_pj) / pj, "cycles_M": cycles / 1e6,
+                         "extra_%": 100 * (pj - base_pj) / pj,
+                         "extra_forward_mJ": (_forward_pj(step) - base_forward) / 1e9,
+                         "cycles_M": cycles / 1e6,
                          "extra_cycles_%": 100 * (cycles - base_cycles) / cycles})
     return pd.DataFrame(rows)
+
+
+def _forward_pj(step: pd.DataFrame) -> float:
+    """Energy of a step's forward pass: its output GEMMs and the ops between them."""
+    return step.loc[step.gemm.isin(["output", "between"]), "energy_pj"].sum()
 
 
 def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
                   range_policy: str = "dynamic", grad_bits: int = 8) -> pd.DataFrame:
     """Every event of one FQT training step, layer by layer (the `layer` column), as
-    `fqtsim.training.fqt` runs it: the forward GEMM on 8-bit codes; grad_input with the gradient
-    quantized by `quantizer` at `grad_bits` (all but the first layer), handed off at full width
-    to the next quantizer down (a conv layer's folded onto its input by col2im); grad_weight with the 8-bit per-tensor (PTQ) or per-feature
-    quantizer sharing the wide gradient; and the SGD update of FP32 masters.
+    `fqtsim.training.fqt` runs it: the forward GEMM on 8-bit codes, its input quantized from the
+    layer below's output under `range_policy`; grad_input with the gradient quantized by
+    `quantizer` at `grad_bits` (all but the first layer), handed off at full width to the next
+    quantizer down or to the pass of an op between them (a conv layer's folded onto its input
+    by col2im); grad_weight with the 8-bit per-tensor (PTQ) or per-feature quantizer sharing the
+    wide gradient; the SGD update of FP32 masters (in TCM or DDR: `state_home`); and the ops
+    between the GEMMs (`between`, `between_grad`: `fqtsim.simulation.between`), with the
+    quantizers that ride their passes. With `pipeline.overlap` the vector passes' cycles hidden
+    under independent GEMMs are taken out (`fqtsim.simulation.overlap`).
 
     `model`: a name from `fqtsim.simulation.workloads` or a list of its `Layer`s.
     """

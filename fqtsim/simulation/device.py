@@ -48,6 +48,7 @@ class Device:
         # whether the last GEMM's output was stored at full width before anything read it:
         # materialized (BHQ's, unless gathered), or handed to a quantizer that writes it wide
         self.last_stored_wide = False
+        self._gathered = False
 
     @property
     def ledger(self) -> pd.DataFrame:
@@ -117,9 +118,15 @@ class Device:
             out += (a.scale * a.codes.sum(axis=1, keepdims=True, dtype=np.int64)) * b.offset
         if a.affine and b.affine:
             out += a.codes.shape[1] * a.offset * b.offset
-        if self.last_stored_wide:
-            out = round_wide(self.hw.pipeline.wide_format, out)
-        return out if a.transform is None else a.transform.inverse(out)
+        fmt = self.hw.pipeline.wide_format
+        if a.transform is None:
+            return round_wide(fmt, out) if self.last_stored_wide else out
+        if not self._gathered:   # written whole at full width for T^-1
+            out = round_wide(fmt, out)
+        out = a.transform.inverse(out)
+        handed_wide = writeback == "handoff" and (
+            consumer is None or QuantScheme(*consumer[:2]).materializes)
+        return round_wide(fmt, out) if handed_wide else out
 
     def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None,
              qa=None, qb=None, windows=(None, None, None), consumer=None, b_sums_known=False):
@@ -188,6 +195,7 @@ class Device:
             self.last_handoff = produced_by(tiling, n, rows)
         self.last_stored_wide = writeback == "materialized" or (
             handoff and (consumer is None or QuantScheme(*consumer[:2]).materializes))
+        self._gathered = gathered
         return c
 
     def record(self, events: dict, name: str):

@@ -13,13 +13,14 @@ Events (level):
     psum_spill (tcm|ddr) accumulator added into its partial sum in TCM, or in DDR where K is not
                          innermost and the waiting sums do not fit (read-modify-write)
     psum_drain (tcm|ddr) final partial sums read out for write-back
-    writeback (ddr|tcm)  output written at its stored width (b-bit codes, or accumulator width)
+    writeback (ddr|tcm)  output written at its stored width (b-bit codes, or full width: see
+                         `fqtsim.hardware.mapping.wide_store_bits`)
     stall (ddr|tcm)      cycles the array waits on that memory; sum(cycles) = elapsed cycles
     static (chip)        leakage over the GEMM's elapsed cycles: energy.static_mw x cycles /
                          clock (one row per priced GEMM, count and cycles 0; none when 0 mW)
 Quantizer passes (see `fqtsim.simulation.schedule`), at a memory level for their traffic and at `vector`
 for their ops (count = elements; ops per element in PASS_OPS):
-    wide_write           gradient written at accumulator width before its range is known
+    wide_write           gradient (or activation) written at full width before its range is known
     range_pass           min/max reduction over the wide gradient: by comparators as the
                          producer writes it (array, `pipeline.range: fused`) or by a vector
                          pass that reads it back (vector and its level)
@@ -35,15 +36,16 @@ for their ops (count = elements; ops per element in PASS_OPS):
     clip (array)         delayed ranges: values clipped to the known range (emulation only)
     colsum, rowsum,      rank-1 corrections for affine codes' offsets: B's column sums, A's
     zero_point           row sums, multiply-adds per output
-    wide_output          BHQ: the GEMM output written at accumulator width for T^-1 (in place of
+    wide_output          BHQ: the GEMM output written at full width for T^-1 (in place of
                          the write-back)
     inverse_transform    BHQ: T^-1 on the wide output rows, then requantization
     inverse_codes (ddr)  output codes written after the inverse transform
     inverse_rows (array) BHQ gathered (`pipeline.bhq_inverse: gather`): T^-1 on each output tile
                          in the pipeline, A's rows loaded in block order, before the write-back
     col2im (tcm|vector)  a convolution's grad_input: its im2col output folded onto the feature
-                         map in TCM at accumulator width (count: entries written; the bytes
-                         include the read of each one that adds to an earlier), one add each
+                         map in TCM at accumulator width (count: the entries that land on an
+                         element already stored, each a read-modify-write and one add; the
+                         map's own store is its consumer's)
     optimizer_read       SGD with momentum on FP32 masters: read the weight gradient (where its
     optimizer_write      GEMM left it), master weights and momentum; write masters, momentum and
     weight_update        the 8-bit weight codes of the next forward pass
@@ -185,7 +187,7 @@ def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float
     tcm, ddr, acc = hw.tcm, hw.ddr, hw.accumulator
     if level in ("vector", "array") and event in PASS_OPS:   # array: in the output pipeline
         return count * sum(n * getattr(hw.vector, op).pj for op, n in PASS_OPS[event].items())
-    if event == "col2im":   # entries written; the rest of the bytes read back to add to
+    if event == "col2im":   # each entry read, added to and written back
         written = count * container_bits(wide_bits(hw)) / 8
         return written * tcm.write_pj_per_byte + (nbytes - written) * tcm.read_pj_per_byte
     if event in PASS_MEMORY:

@@ -10,8 +10,10 @@ backward of the ops between layer i-1 and layer i (layer i-1's `between_grad` ro
 reductions and elementwise pass, unpooling, and the quantizer's passes that ride them); and the
 quantizer's own passes (range_pass, sort, transform, requant_pass and code_write rows of layer
 i-1's grad_input and grad_weight). Nothing hides under the update, which is vector-unit and DDR
-work itself; wide_write stays where it is (the producer's output pipeline writes it; BHQ's
-second one, of the transformed rows, shares its row and stays too); work in an output pipeline
+work itself; a GEMM's wide_write stays where it is (the producer's output pipeline writes it;
+BHQ's second one, of the transformed rows, shares its row and stays too), while the write of a
+pass between the GEMMs (BatchNorm's dY, charged as the quantizer's wide_write in its
+`between_grad` rows) hides with the rest of that pass; work in an output pipeline
 (level "array") takes no cycles of its own; and the top layer's backward (the loss gradient's)
 has no GEMM to hide under.
 

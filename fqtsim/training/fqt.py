@@ -16,9 +16,13 @@ the optimizer updates; BatchNorm, ReLU and pooling stay float.
 A conv layer's im2col matrix is charged as the device builds it, from the feature map in DDR
 (`fqtsim.hardware.conv`), and grad_input's im2col-shaped output as folded back onto the input (col2im).
 
-Cost accounting: dy arrives at accumulator width from the layer above, so `grad_input` charges
-its quantizer's passes (wide write, ranges, ...) and `grad_weight` shares that wide tensor; the
-grad_input output is handed off at accumulator width to the next quantizer down; the weight
+Cost accounting: dy arrives at full width from the layer above, so `grad_input` charges its
+quantizer's passes (wide write, ranges, ...) and `grad_weight` shares that wide tensor; the
+grad_input output is handed off at full width to the next quantizer down. Where ops run between
+the GEMMs (BatchNorm, ReLU, the loss's softmax: the layers' `between` lists, which the run's
+workload layers give the Simulator), the device charges them as `fqtsim.simulation.between`
+does (`between`, `between_grad` rows): the GEMMs hand their outputs to the ops' passes, and where
+a pass writes a GEMM's operand its quantizer rides it and the GEMM charges none. The weight
 update of FP32 masters (the optimizer itself runs in torch) is charged as `update`, with the
 state where `fqtsim.cost.state_home` puts it. Forward activations follow the run's range policy
 in numerics and in cost alike: each layer's output GEMM hands its output off at full width to the
@@ -37,7 +41,7 @@ from torch.nn import functional as F
 
 from fqtsim.hardware.conv import Im2col
 from fqtsim.simulation.between import NONE, around
-from fqtsim.simulation.device import Device
+from fqtsim.simulation.device import Device, round_wide
 from fqtsim.hardware.mapping import Producer, by_columns, loss_producer
 from fqtsim.quantizers import (DelayedRange, check_bits, quantize_activation, quantize_gradient,
                                quantize_weight)
@@ -115,6 +119,22 @@ class Simulator:
                       range_policy=grads if direction == "backward" else self.config.range_policy,
                       activation_policy=inputs)
 
+    def consumer(self, layer: str, direction: str) -> tuple:
+        """(method, policy, bits) of the quantizer that reads what `layer`'s GEMM hands off wide
+        this step: forward, the next layer's input quantizer; backward, the gradient quantizer
+        of the layer below (its grad_weight's, for the first layer)."""
+        i = self.order.index(layer) if layer in self.order else None
+        if direction == "forward":
+            above = self.order[i + 1] if i is not None and i + 1 < len(self.order) else None
+            return "ptq", self._policy(f"{above}.input"), FORWARD_BITS
+        below = self.below(layer)
+        key = f"{below}.grad_weight" if below == self.bottom else f"{below}.grad_input"
+        return self.config.quantizer, self._policy(key), self.config.grad_bits
+
+    def wide(self, x: np.ndarray) -> np.ndarray:
+        """`x` as the device stores a tensor at full width (`pipeline.wide_format`)."""
+        return round_wide(self.device.hw.pipeline.wide_format, x)
+
     def below(self, layer: str) -> str | None:
         """The converted layer under `layer` (None for the first, or one not converted)."""
         i = self.order.index(layer) if layer in self.order else 0
@@ -174,17 +194,18 @@ class _FQTMatmul(torch.autograd.Function):
     def forward(ctx, x, w, layer):
         sim = layer.sim
         batch = x.shape[0] // layer.rows_per_sample
-        below = sim.below(layer.name)
-        coded = below is not None and sim.around(below, batch, "forward").x_coded
-        qx, scheme = sim.quantize_input(layer.name, x.detach().double().numpy(), coded)
+        below = sim.around(sim.below(layer.name), batch, "forward")
+        x64 = x.detach().double().numpy()
+        if below.x_wide:   # the pass between stored it at full width before quantizing
+            x64 = sim.wide(x64)
+        qx, scheme = sim.quantize_input(layer.name, x64, below.x_coded)
         qw = quantize_weight(w.detach().double().numpy(), FORWARD_BITS)
         ops = sim.around(layer.name, batch, "forward")
         top = layer.name == sim.top   # its codes go to the loss; the others' to a quantizer
         to_quantizer = not top and not ops.y_read   # else a pass between the GEMMs reads it
         y = sim.device.matmul(qx, qw.T, scheme=scheme,
                               writeback="fused" if top and not ops.y_read else "handoff",
-                              consumer=("ptq", sim.config.range_policy, FORWARD_BITS)
-                              if to_quantizer else None,
+                              consumer=sim.consumer(layer.name, "forward") if to_quantizer else None,
                               a_im2col=layer.im2col, b_sums_known=True, name=f"{layer.name}.output")
         sim.device.record(ops.forward, f"{layer.name}.between")
         ctx.qx, ctx.qw, ctx.layer, ctx.im2col = qx, qw, layer, layer.im2col
@@ -207,6 +228,8 @@ class _FQTMatmul(torch.autograd.Function):
         batch = dy64.shape[0] // layer.rows_per_sample
         ops = sim.around(layer.name, batch, "backward")   # before the quantizers observe
         sim.device.record(ops.backward, f"{layer.name}.between_grad")
+        if ops.dy_wide:   # the pass between (or the loss's) stored dY at full width
+            dy64 = sim.wide(dy64)
         if need_dx:
             below = sim.around(sim.below(layer.name), batch, "backward")
             q, scheme = sim.quantize(f"{layer.name}.grad_input", dy64, config.quantizer,
@@ -216,7 +239,7 @@ class _FQTMatmul(torch.autograd.Function):
             out = sim.device.matmul(q, qw, scheme=scheme, writeback="handoff",
                                     col2im=ctx.im2col, b_sums_known=True,
                                     name=f"{layer.name}.grad_input",
-                                    consumer=(config.quantizer, config.range_policy, config.grad_bits)
+                                    consumer=sim.consumer(layer.name, "backward")
                                     if to_quantizer else None)
             dx = torch.from_numpy(out).to(dy.dtype)
             wide_at = sim.device.last_gradient_level if scheme.materializes else None

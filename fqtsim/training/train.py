@@ -149,8 +149,8 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
     device_hw, state_at = hw, "ddr"
     if cfg.mode == "fqt":   # masters and momentum in TCM where the step leaves room for them
         from fqtsim.simulation.cost import state_home
-        device_hw, state_at = state_home(hw, _layers(cfg, data), cfg.batch_size, cfg.quantizer,
-                                         cfg.range_policy, cfg.grad_bits)
+        device_hw, state_at = state_home(hw, _layers(cfg, data), step_batch(cfg, data),
+                                         cfg.quantizer, cfg.range_policy, cfg.grad_bits)
     sim = Simulator(Device(device_hw), FQTConfig(cfg.mode, cfg.quantizer, cfg.grad_bits,
                                                  cfg.range_policy), seed=cfg.seed, state_at=state_at,
                     layers=_layers(cfg, data) if cfg.mode != "fp32" else ())
@@ -240,10 +240,11 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
     torch.save(model.state_dict(), buffer)
     write_atomic(run_dir / "model.pt", buffer.getvalue())
     ledger = _assemble_ledger(run_dir)
-    if cfg.mode == "fqt":   # how the device laid out each GEMM of a (full-batch) training step
+    if cfg.mode == "fqt":   # how the device laid out each GEMM of a (largest-batch) training step
         from fqtsim.simulation.cost import mappings
-        write_atomic(run_dir / "mapping.csv", mappings(hw, _layers(cfg, data), cfg.batch_size, cfg.quantizer,
-                                                       cfg.range_policy, cfg.grad_bits).to_csv(index=False))
+        plans = mappings(hw, _layers(cfg, data), step_batch(cfg, data), cfg.quantizer,
+                         cfg.range_policy, cfg.grad_bits)
+        write_atomic(run_dir / "mapping.csv", plans.to_csv(index=False))
     summary = summarize_run(cfg, hw, ledger, metrics, accuracy, test_loss,
                             time.perf_counter() - started)
     summary["warnings"] = run_warnings(summary, data.classes, hw)
@@ -268,6 +269,13 @@ def check_fits(cfg: RunConfig, hw, data):
                    backward=cfg.mode == "fqt", what=f"--hw {cfg.hw}")
     check_training(hw, layers, {len(data.y_test)}, backward=False,
                    what=f"--hw {cfg.hw} (the evaluation pass over the test set)", hint="")
+
+
+def step_batch(cfg: RunConfig, data) -> int:
+    """The samples of the run's largest training batch: the epoch is split into equal batches
+    (np.array_split), of this size or one less. The optimizer state's home is decided at it
+    (`fqtsim.cost.state_home`); a step of the smaller batch keeps that decision."""
+    return -(-len(data.y_train) // math.ceil(len(data.y_train) / cfg.batch_size))
 
 
 def _layers(cfg: RunConfig, data):
