@@ -53,7 +53,7 @@ def _html_table(table: pd.DataFrame) -> str:
 
 def write(sections: list[Section], out: Path, command: str):
     intro = ("What the gradient quantizers PTQ, PSQ and BHQ cost on the simulated hardware, with "
-             "dynamic ranges (written at accumulator width before requantization) and delayed "
+             "dynamic ranges (written at full width before requantization) and delayed "
              "ranges (fused).")
     md, page = ["# fqtsim overhead report", "", intro, ""], [f"<h1>fqtsim overhead report</h1><p>{html.escape(intro)}</p>"]
     if command:
