@@ -283,6 +283,8 @@ def test_weight_sums_come_from_the_update_not_every_gemm():
     step = fqtsim.cost.training_step(hw, "mlp", 32, "psq")
     colsum = step[step.event == "colsum"]
     assert set(colsum.gemm) <= {"update", "grad_weight"}
+    bias = step[step.event.isin(["bias_add", "bias_grad"])].groupby(["layer", "event"])["count"].sum()
+    assert bias[("1", "bias_add")] == 32 * 128 and bias[("5", "bias_grad")] == 32 * 10
     # layer 1 (the first) keeps one set of sums for its forward GEMM, the others two
     upd = colsum[colsum.gemm == "update"].set_index("layer")["count"]
     assert upd["1"] == 64 * 128 and upd["3"] == 2 * 128 * 64 and upd["5"] == 2 * 64 * 10
@@ -296,12 +298,13 @@ def test_optimizer_state_stays_in_tcm_where_the_step_leaves_room(make_hw):
     hw = load_hw(HW_DIR / "npu.yaml")
     step = fqtsim.cost.training_step(hw, "mlp", 100, "psq")
     upd = step[(step.gemm == "update") & step.event.isin(["optimizer_read", "optimizer_write"])]
-    params = 64 * 128 + 128 * 64 + 64 * 10
+    params, biases = 64 * 128 + 128 * 64 + 64 * 10, 128 + 64 + 10
     state = upd[upd.level == "tcm"]
-    # masters and momentum read and written, and the FP32 gradient grad_weight left in TCM
-    assert state["bytes"].sum() == 2 * 2 * params * 4 + params * 4
+    # masters and momentum read and written, and the FP32 gradients (grad_weight's, and the
+    # biases' column sums) in TCM
+    assert state["bytes"].sum() == 2 * 2 * (params + biases) * 4 + (params + biases) * 4
     used, home = fqtsim.cost.state_home(hw, "mlp", 100, "psq")
-    assert home == "tcm" and used.tcm.size_bytes == hw.tcm.size_bytes - 2 * params * 4
+    assert home == "tcm" and used.tcm.size_bytes == hw.tcm.size_bytes - 2 * (params + biases) * 4
     # the GEMMs were laid out in what the state leaves
     plans = fqtsim.cost.mappings(hw, "mlp", 100, "psq")
     assert (plans.tcm_bytes + plans.tcm_free <= used.tcm.size_bytes).all()

@@ -177,6 +177,7 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
     from torch.nn import functional as F
 
     from fqtsim.training.data import load
+    from fqtsim.simulation import workloads
     from fqtsim.simulation.device import Device
     from fqtsim.training.fqt import FQTConfig, Simulator, convert
     from fqtsim.hardware.hw import load_hw
@@ -195,7 +196,9 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
         for mode in ("fp32", "fqt"):
             torch.manual_seed(0)
             model = build(model_name, data.image_shape, data.classes)
-            sim = Simulator(Device(hw), FQTConfig(mode, quantizer))
+            sim = Simulator(Device(hw), FQTConfig(mode, quantizer), layers=(
+                workloads.cnn(data.image_shape, data.classes) if model_name == "cnn" else
+                workloads.mlp(int(np.prod(data.image_shape)), data.classes)))   # as a run does
             convert(model, sim)
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 

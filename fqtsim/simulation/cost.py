@@ -29,7 +29,8 @@ from fqtsim.simulation.overlap import overlapped
 from fqtsim.simulation.schedule import (QuantScheme, as_scheme, correction_events, input_events,
                                         output_events, output_writeback, rename_wide_output,
                                         gathers, quantized_shape, scale_events,
-                                        state_bytes, update_events, wide_gradient_level,
+                                        bias_events, state_bytes, update_events,
+                                        wide_gradient_level,
                                         FORWARD_BITS,
                                         GRAD_WEIGHT_BITS, weight_gradient_method)
 
@@ -535,7 +536,7 @@ def _placed_step(hw, layers, batch, quantizer, range_policy, grad_bits):
 def _without_state(hw: HWConfig, layers) -> HWConfig | None:
     """The config with the step's optimizer state set aside in TCM (None where it cannot be:
     no room, or the partitions take what it would need)."""
-    state = state_bytes(sum(layer.weights for layer in layers))
+    state = state_bytes(sum(layer.weights + layer.bias for layer in layers))
     left = hw.tcm.size_bytes - state
     parts = hw.tcm.partitions
     if state == 0 or left <= 0 or (parts is not None and left < sum(parts.sizes_bytes)):
@@ -583,7 +584,8 @@ def _step(hw, layers, batch, quantizer, range_policy, grad_bits, state_at):
     for i, layer in enumerate(layers):
         m = batch * layer.rows
         win, producer = windows[i], producers[i]
-        gemms = [("output", outputs[i])]
+        gemms = [("output", _with_bias(hw, outputs[i], layer, m, "forward",
+                                       GemmSpec(FORWARD_BITS, FORWARD_BITS)))]
         wide_at = None
         if i > 0:
             gemms.append(("grad_input", grad_inputs[i]))
@@ -593,10 +595,11 @@ def _step(hw, layers, batch, quantizer, range_policy, grad_bits, state_at):
         dw = _priced(hw, layer.n, layer.k, m, GRAD_WEIGHT_BITS, FORWARD_BITS,
                      writeback="materialized" if layer.weights else "handoff", a_quant=scheme,
                      b_offset=True, b_im2col=win, name="grad_weight")
-        gemms.append(("grad_weight", dw))
+        gemms.append(("grad_weight", _with_bias(hw, dw, layer, m, "backward",
+                                                GemmSpec(GRAD_WEIGHT_BITS, FORWARD_BITS))))
         if layer.weights:
             events = update_events(hw, layer.weights, _level(dw[2], "writeback"), state_at,
-                                   sums=2 if i > 0 else 1)
+                                   sums=2 if i > 0 else 1, bias=layer.bias)
             gemms.append(("update", (price(hw, "update", GemmSpec(FORWARD_BITS, FORWARD_BITS), events),
                                      None, events)))
         for name, (priced, mapping, _) in gemms:
@@ -607,6 +610,17 @@ def _step(hw, layers, batch, quantizer, range_policy, grad_bits, state_at):
                      for g, e, lvl, c, b, pj, cy in priced]
         rows += [(layer.name, *r) for r in between_rows(hw, ops[i])]
     return overlapped(hw, pd.DataFrame(rows, columns=["layer", *COLUMNS])), pd.DataFrame(plans)
+
+
+def _with_bias(hw, gemm: tuple, layer, m: int, direction: str, spec: GemmSpec) -> tuple:
+    """A priced GEMM (rows, mapping, events) with its layer's bias riding its pipeline: added
+    to the forward outputs, its gradient summed beside the weight gradient's."""
+    if not layer.bias:
+        return gemm
+    rows, mapping, events = gemm
+    events = {key: list(row) for key, row in events.items()}
+    merge(events, bias_events(m, layer.n, direction))
+    return price(hw, rows[0][0], spec, events), mapping, events
 
 
 def between_rows(hw: HWConfig, ops) -> list[tuple]:

@@ -89,7 +89,7 @@ class Device:
     def matmul(self, a: Quantized, b: Quantized, *, scheme: QuantScheme | None = None,
                out_bits: int = 8, writeback: str = "fused", a_im2col=None, b_im2col=None,
                col2im=None, consumer: tuple | None = None, b_sums_known: bool = False,
-               name: str | None = None) -> np.ndarray:
+               also: dict | None = None, name: str | None = None) -> np.ndarray:
         """The float product of two quantized operands, computed as integer hardware does.
 
         The integer GEMM runs on the codes; scales, offsets (a rank-1 correction with the other
@@ -100,7 +100,8 @@ class Device:
         output feeds another quantizer). `a_im2col`, `b_im2col`, `col2im`, `consumer`: as for
         `fqtsim.simulation.cost.gemm` (a convolution's operands and grad_input output; the quantizer
         reading a handed-off output); `b_sums_known`: b is a weight whose column sums the update
-        keeps (`update`).
+        keeps (`update`); `also`: raw events of work riding this GEMM's pipeline (a bias:
+        `fqtsim.simulation.schedule.bias_events`), priced with it.
         """
         for label, q in (("a", a), ("b", b)):
             if not isinstance(q, Quantized):
@@ -110,7 +111,7 @@ class Device:
         _check_realizable(a, b, scheme)
         c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, writeback, "tensor", name,
                       a_quant=scheme, qa=a, qb=b, windows=(a_im2col, b_im2col, col2im),
-                      consumer=consumer, b_sums_known=bool(b_sums_known))
+                      consumer=consumer, b_sums_known=bool(b_sums_known), also=also)
         out = a.scale * (c * b.scale)
         if a.affine:  # A's codes stand for offset + scale * q
             out += a.offset * (b.codes.sum(axis=0, keepdims=True, dtype=np.int64) * b.scale)
@@ -129,7 +130,8 @@ class Device:
         return round_wide(fmt, out) if handed_wide else out
 
     def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None,
-             qa=None, qb=None, windows=(None, None, None), consumer=None, b_sums_known=False):
+             qa=None, qb=None, windows=(None, None, None), consumer=None, b_sums_known=False,
+             also=None):
         for label, x in (("a", a), ("b", b)):
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"{label}: got a {type(x).__name__}; expected a numpy array of "
@@ -185,6 +187,8 @@ class Device:
             merge(events, corrections(qa, qb, b_sums_known))
         if windows[2] is not None:
             merge(events, _fold(self.hw, windows[2]))
+        if also:
+            merge(events, also)
         name = name if name is not None else f"gemm{self._gemms}"
         self._gemms += 1
         self._rows += price(self.hw, name, GemmSpec(a_bits, b_bits), events)
@@ -205,11 +209,12 @@ class Device:
         if events:
             self._rows += price(self.hw, name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
-    def update(self, params: int, name: str, state_at: str = "ddr", sums: int = 1):
+    def update(self, params: int, name: str, state_at: str = "ddr", sums: int = 1,
+               bias: int = 0):
         """Record an SGD-with-momentum step of `params` FP32 master weights whose gradient the
         last GEMM wrote, their state at `state_at`, keeping `sums` sets of the new codes' column
         sums (see `fqtsim.simulation.schedule.update_events`)."""
-        events = update_events(self.hw, params, self.last_output_level, state_at, sums)
+        events = update_events(self.hw, params, self.last_output_level, state_at, sums, bias)
         self._rows += price(self.hw, name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
     def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope, t, a_win, b_win):

@@ -46,6 +46,8 @@ for their ops (count = elements; ops per element in PASS_OPS):
                          map in TCM at accumulator width (count: the entries that land on an
                          element already stored, each a read-modify-write and one add; the
                          map's own store is its consumer's)
+    bias_add (array)     a layer's bias added to each output in the output pipeline
+    bias_grad (array)    its gradient: dY's column sums, by adders beside what writes or reads dY
     optimizer_read       SGD with momentum on FP32 masters: read the weight gradient (where its
     optimizer_write      GEMM left it), master weights and momentum; write masters, momentum and
     weight_update        the 8-bit weight codes of the next forward pass
@@ -118,6 +120,8 @@ PASS_OPS = {
     "inverse_rows": {"mul": 3, "add": 2},       # T^-1 in the pipeline; the write-back requantizes
     "weight_update": {"mul": 3, "add": 3, "requant": 1},   # decay, momentum, step; new codes
     "wide_scale": {"mul": 1},                   # raw sums times their scales: fp32/bf16 storage
+    "bias_add": {"add": 1},
+    "bias_grad": {"add": 1},
     # between the GEMMs (fqtsim.simulation.between, whose docstring counts each)
     "norm_stats": {"add": 2, "mul": 1},         # sum, square, sum of squares
     "bn_channel": {"mul": 18, "add": 11},       # per channel
@@ -244,7 +248,8 @@ EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code
           "sr_rng", "clip", "mac", "overflow", "requantize", "load_a", "load_b", "read_a",
           "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im",
           "wide_scale", "writeback", "wide_output", "inverse_transform", "inverse_rows",
-          "inverse_codes", "optimizer_read", "optimizer_write", "weight_update",
+          "inverse_codes", "bias_add", "bias_grad", "optimizer_read", "optimizer_write",
+          "weight_update",
           # between the GEMMs
           "norm_stats", "bn_channel", "bn_norm", "bn_grad_sums", "bn_grad_channel", "bn_grad",
           "ln_row", "ln_norm", "ln_grad_sums", "ln_grad_row", "ln_grad", "relu", "relu_mask",

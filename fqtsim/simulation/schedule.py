@@ -272,13 +272,15 @@ def weight_gradient_method(quantizer: str) -> str:
 
 
 def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "ddr",
-                  sums: int = 1) -> dict:
+                  sums: int = 1, bias: int = 0) -> dict:
     """SGD with momentum on FP32 master weights, for `params` parameters whose gradient the
     weight-gradient GEMM left at full width in `grad_level`; masters and momentum live at
     `state_at` (TCM where the step leaves room for them, see `fqtsim.simulation.cost`). The
     new 8-bit codes go to DDR for the next GEMMs, with `sums` sets of their column sums (one
     per GEMM that corrects zero points with them: forward, and grad_input where there is one)
-    added as they are written."""
+    added as they are written. `bias`: bias parameters updated the same way, their gradient
+    (`bias_events`) read from TCM and the new biases written to DDR at full width, where the
+    output pipeline adds them."""
     events = {}
     add(events, "optimizer_read", grad_level, params, nbytes(params, wide_store_bits(hw)))
     add(events, "optimizer_read", state_at, 2 * params, 2 * params * MASTER_BYTES)
@@ -286,6 +288,21 @@ def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "d
     add(events, "optimizer_write", "ddr", params, nbytes(params, FORWARD_BITS))
     add(events, "weight_update", "vector", params)
     add(events, "colsum", "vector", sums * params)
+    if bias:
+        add(events, "optimizer_read", "tcm", bias, nbytes(bias, wide_store_bits(hw)))
+        add(events, "optimizer_read", state_at, 2 * bias, 2 * bias * MASTER_BYTES)
+        add(events, "optimizer_write", state_at, 2 * bias, 2 * bias * MASTER_BYTES)
+        add(events, "optimizer_write", "ddr", bias, bias * MASTER_BYTES)
+        add(events, "weight_update", "vector", bias)
+    return events
+
+
+def bias_events(m: int, n: int, direction: str) -> dict:
+    """A layer's bias over its M x N output: forward, one add per output in the output
+    pipeline (bias_add); backward, its gradient, the column sums of dY, gathered by adders
+    beside whatever writes or reads dY (bias_grad). Neither moves bytes of its own."""
+    events = {}
+    add(events, "bias_add" if direction == "forward" else "bias_grad", "array", m * n)
     return events
 
 

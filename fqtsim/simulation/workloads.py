@@ -4,7 +4,7 @@ Every layer is one GEMM per sample group: a conv layer is its im2col GEMM (the i
 built on chip from the feature map, see `fqtsim.hardware.conv`), a linear layer a GEMM with one row per
 sample (or per token), attention's score and context products batched GEMMs.
 
-    Layer(name, rows, k, n, repeat, weights, im2col)
+    Layer(name, rows, k, n, repeat, weights, im2col, between, bias)
       rows     GEMM rows per sample (output positions Ho*Wo of a conv, tokens of a sequence)
       k, n     forward GEMM: (batch*rows x k) @ (k x n)
       repeat   independent GEMMs of that shape per sample (attention heads); 1 elsewhere
@@ -14,6 +14,7 @@ sample (or per token), attention's score and context products batched GEMMs.
                strings): BatchNorm, ReLU, residual adds, pooling, softmax, ...; priced by
                `fqtsim.simulation.between`. Their tensor is the GEMM's output, (batch x repeat)
                samples of n channels at rows positions, until a pool changes its positions.
+      bias     bias parameters (one per output feature; 0: none)
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class Layer:
     weights: int = 0
     im2col: Im2col | None = None
     between: tuple = ()
+    bias: int = 0
 
     def __post_init__(self):   # kinds as plain strings are ops with no options
         object.__setattr__(self, "between", tuple(
@@ -71,7 +73,8 @@ def conv(name: str, cin: int, cout: int, kernel: int, in_h: int, in_w: int | Non
 
 
 def linear(name: str, fin: int, fout: int, rows: int = 1, between: tuple = ()) -> Layer:
-    return Layer(name, rows, fin, fout, weights=fin * fout, between=between)
+    """A linear layer with a bias (as nn.Linear's default); convolutions here have none."""
+    return Layer(name, rows, fin, fout, weights=fin * fout, between=between, bias=fout)
 
 
 def _with(layer: Layer, *ops) -> Layer:

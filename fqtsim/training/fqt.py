@@ -46,7 +46,7 @@ from fqtsim.hardware.mapping import Producer, by_columns, loss_producer
 from fqtsim.quantizers import (DelayedRange, check_bits, quantize_activation, quantize_gradient,
                                quantize_weight)
 from fqtsim.simulation.schedule import (FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme,
-                                        weight_gradient_method)
+                                        bias_events, weight_gradient_method)
 
 MODES = ("fp32", "qat", "fqt")
 
@@ -77,6 +77,7 @@ class Simulator:
         # the GEMMs, charged as the cost model charges them (none: the GEMMs alone)
         self.layers = {layer.name: layer for layer in layers}
         self.order: list[str] = []       # converted layers, bottom up
+        self._arounds: dict = {}
         self.state_at = state_at   # where the optimizer state lives (fqtsim.cost.state_home)
         self.config = config
         self.rng = np.random.default_rng(seed)
@@ -104,20 +105,23 @@ class Simulator:
             and history.bounds() is not None
         return "delayed" if delayed else "dynamic"
 
-    def around(self, layer: str, batch: int, direction: str):
+    def around(self, layer: str, batch: int):
         """`layer`'s ops between the GEMMs at `batch` samples (`between.Around`), with the
-        policies its quantizers run with now: forward, the next layer's input quantizer's;
-        backward, this layer's gradient quantizers'."""
+        policies its quantizers run with now: the forward chain's, the next layer's input
+        quantizer's; the backward chain's, this layer's gradient quantizers'."""
         if layer not in self.layers:
             return NONE
         i = self.order.index(layer)
         above = self.order[i + 1] if i + 1 < len(self.order) else None
         grads = self._policy(f"{layer}.grad_input" if i else f"{layer}.grad_weight")
         inputs = self._policy(f"{above}.input") if above else "dynamic"
-        return around(self.device.hw, self.layers[layer], batch, first=i == 0,
-                      quantizer=self.config.quantizer, grad_bits=self.config.grad_bits,
-                      range_policy=grads if direction == "backward" else self.config.range_policy,
-                      activation_policy=inputs)
+        key = (layer, batch, grads, inputs)   # shapes and policies only: the same every step
+        if key not in self._arounds:
+            self._arounds[key] = around(self.device.hw, self.layers[layer], batch, first=i == 0,
+                                        quantizer=self.config.quantizer, range_policy=grads,
+                                        grad_bits=self.config.grad_bits,
+                                        activation_policy=inputs)
+        return self._arounds[key]
 
     def consumer(self, layer: str, direction: str) -> tuple:
         """(method, policy, bits) of the quantizer that reads what `layer`'s GEMM hands off wide
@@ -194,16 +198,17 @@ class _FQTMatmul(torch.autograd.Function):
     def forward(ctx, x, w, layer):
         sim = layer.sim
         batch = x.shape[0] // layer.rows_per_sample
-        below = sim.around(sim.below(layer.name), batch, "forward")
+        below = sim.around(sim.below(layer.name), batch)
         x64 = x.detach().double().numpy()
         if below.x_wide:   # the pass between stored it at full width before quantizing
             x64 = sim.wide(x64)
         qx, scheme = sim.quantize_input(layer.name, x64, below.x_coded)
         qw = quantize_weight(w.detach().double().numpy(), FORWARD_BITS)
-        ops = sim.around(layer.name, batch, "forward")
+        ops = sim.around(layer.name, batch)
         top = layer.name == sim.top   # its codes go to the loss; the others' to a quantizer
         to_quantizer = not top and not ops.y_read   # else a pass between the GEMMs reads it
-        y = sim.device.matmul(qx, qw.T, scheme=scheme,
+        bias = None if layer.bias is None else bias_events(x.shape[0], w.shape[0], "forward")
+        y = sim.device.matmul(qx, qw.T, scheme=scheme, also=bias,
                               writeback="fused" if top and not ops.y_read else "handoff",
                               consumer=sim.consumer(layer.name, "forward") if to_quantizer else None,
                               a_im2col=layer.im2col, b_sums_known=True, name=f"{layer.name}.output")
@@ -226,12 +231,12 @@ class _FQTMatmul(torch.autograd.Function):
         dx, wide_at = None, None
         producer = sim.producer(layer.name)
         batch = dy64.shape[0] // layer.rows_per_sample
-        ops = sim.around(layer.name, batch, "backward")   # before the quantizers observe
+        ops = sim.around(layer.name, batch)   # before the quantizers observe
         sim.device.record(ops.backward, f"{layer.name}.between_grad")
         if ops.dy_wide:   # the pass between (or the loss's) stored dY at full width
             dy64 = sim.wide(dy64)
         if need_dx:
-            below = sim.around(sim.below(layer.name), batch, "backward")
+            below = sim.around(sim.below(layer.name), batch)
             q, scheme = sim.quantize(f"{layer.name}.grad_input", dy64, config.quantizer,
                                      config.grad_bits, layer.rows_per_sample, producer=producer,
                                      coded=ops.dy_coded)
@@ -247,10 +252,13 @@ class _FQTMatmul(torch.autograd.Function):
                                  weight_gradient_method(config.quantizer), GRAD_WEIGHT_BITS,
                                  shared_at=wide_at, producer=by_columns(producer),
                                  coded=ops.dy_coded)
+        bias = 0 if layer.bias is None else layer.bias.numel()
         dw = sim.device.matmul(q, qx, scheme=scheme, writeback="materialized",
-                               b_im2col=ctx.im2col, name=f"{layer.name}.grad_weight")
+                               b_im2col=ctx.im2col, name=f"{layer.name}.grad_weight",
+                               also=bias_events(dy64.shape[0], dy64.shape[1], "backward")
+                               if bias else None)
         sim.device.update(qw.codes.size, name=f"{layer.name}.update", state_at=sim.state_at,
-                          sums=2 if need_dx else 1)
+                          sums=2 if need_dx else 1, bias=bias)
         return dx, torch.from_numpy(dw).to(dy.dtype), None
 
 
