@@ -255,3 +255,42 @@ def test_the_state_home_is_decided_at_the_batches_the_run_takes(tmp_path):
     ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
     layers = workloads.cnn((1, 8, 8))
     _step_equals(ledger, 0, fqtsim.cost.training_step(load_hw(NPU), layers, 89, "psq"))
+
+
+def test_sgd_and_one_cycle_update_as_torchs_do_bit_for_bit():
+    """fqtsim's optimizer and schedule (torch.optim is not imported: its first use loads the
+    compiler stack) take the same steps as torch.optim.SGD under OneCycleLR's defaults."""
+    import torch
+    from fqtsim.training.optim import SGD, OneCycle
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    sgd = SGD(ours, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    cycle = OneCycle(sgd, 0.05, total_steps=37)
+    ref = torch.optim.SGD(theirs, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    ref_cycle = torch.optim.lr_scheduler.OneCycleLR(ref, 0.05, total_steps=37)
+    for step in range(37):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        sgd.step(), cycle.step(), ref.step(), ref_cycle.step()
+        assert cycle.last_lr() == ref_cycle.get_last_lr()[0]
+        assert sgd.momentum == ref.param_groups[0]["momentum"]
+        if step == 20:   # a checkpoint taken here resumes to the same schedule
+            again = OneCycle(SGD(ours, lr=0.05), 0.05, total_steps=37)
+            again.load_state_dict(cycle.state_dict())
+            assert again.optimizer.lr == sgd.lr
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    with pytest.raises(ValueError, match="rerun with --restart"):
+        sgd.load_state_dict(ref.state_dict())   # a checkpoint from before
+
+
+def test_digits_are_scikit_learns():
+    from sklearn.datasets import load_digits
+    from fqtsim.training.data import _digits
+
+    x, y = _digits()
+    reference = load_digits()
+    np.testing.assert_array_equal(x, reference.data)
+    np.testing.assert_array_equal(y, reference.target)

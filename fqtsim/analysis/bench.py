@@ -182,6 +182,7 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
     from fqtsim.training.fqt import FQTConfig, Simulator, convert
     from fqtsim.hardware.hw import load_hw
     from fqtsim.training.models import build
+    from fqtsim.training.optim import SGD
 
     hw = load_hw(hw_path)
     rows = []
@@ -200,7 +201,7 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
                 workloads.cnn(data.image_shape, data.classes) if model_name == "cnn" else
                 workloads.mlp(int(np.prod(data.image_shape)), data.classes)))   # as a run does
             convert(model, sim)
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            optimizer = SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
             def step(model=model, optimizer=optimizer, device=sim.device):
                 loss = F.cross_entropy(model(x), y)

@@ -38,6 +38,7 @@ from fqtsim.files import (check_path, claim_dir, clear_dir, exclusive, remove_te
 from fqtsim.training.fqt import MODES, FQTConfig, Simulator, convert
 from fqtsim.hardware.hw import load_hw, resolve_hw
 from fqtsim.training.models import MODELS, build
+from fqtsim.training.optim import SGD, OneCycle
 from fqtsim.quantizers import NonFiniteError
 from fqtsim.simulation.schedule import FORWARD_BITS, GRAD_WEIGHT_BITS, METHODS, RANGE_POLICIES
 
@@ -155,10 +156,10 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
                                                  cfg.range_policy), seed=cfg.seed, state_at=state_at,
                     layers=_layers(cfg, data) if cfg.mode != "fp32" else ())
     convert(model, sim)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    optimizer = SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(data.y_train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=total_steps)
+    scheduler = OneCycle(optimizer, cfg.lr, total_steps=total_steps)
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     order_rng = np.random.default_rng(cfg.seed)
     state = {"epoch": 0, "metrics": [], "seconds": 0.0}
@@ -205,7 +206,7 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
                 ledgers.append(events)
                 metrics.append({"step": step, "epoch": epoch, "loss": loss.item(),
                                 "batch_accuracy": (logits.argmax(1) == y_train[idx]).float().mean().item(),
-                                "lr": scheduler.get_last_lr()[0], **_step_totals(events)})
+                                "lr": scheduler.last_lr(), **_step_totals(events)})
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
             start_writing()
