@@ -294,3 +294,29 @@ def test_digits_are_scikit_learns():
     reference = load_digits()
     np.testing.assert_array_equal(x, reference.data)
     np.testing.assert_array_equal(y, reference.target)
+
+
+def test_a_conv_inputs_clips_count_each_map_element_once():
+    """The hardware quantizes a conv's input map; its im2col rows repeat each element in up to
+    k x k windows, which must not multiply the clips."""
+    import torch
+    from torch.nn import functional as F
+    from fqtsim.quantizers import DelayedRange
+    from fqtsim.simulation.device import Device
+    from fqtsim.training.fqt import FQTConfig, Simulator
+
+    sim = Simulator(Device(load_hw(NPU)), FQTConfig("fqt", "psq", range_policy="delayed"))
+    sim.bottom = "0"
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.abs(rng.standard_normal((4, 3, 8, 8))))
+    rows = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(4 * 64, -1).numpy()
+    sim.quantize_input("3", rows, source=x.numpy())            # the history's first range
+    wider = x.numpy() * 1.5
+    wide_rows = F.unfold(torch.from_numpy(wider), 3, padding=1).transpose(1, 2).reshape(256, -1)
+    q, scheme = sim.quantize_input("3", wide_rows.numpy(), source=wider)
+    assert scheme.range_policy == "delayed" and q.clipped > 0
+    bounds = DelayedRange()   # the range the second step took: the first one's, widened
+    bounds.observe(rows.min(), rows.max())
+    lo, hi = bounds.bounds()
+    assert q.clipped == np.count_nonzero((wider < lo) | (wider > hi))
+    assert q.clipped < np.count_nonzero((wide_rows.numpy() < lo) | (wide_rows.numpy() > hi))

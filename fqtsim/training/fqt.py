@@ -32,7 +32,7 @@ input is data, coded once as it is loaded.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -151,13 +151,16 @@ class Simulator:
             return loss_producer(self.device.hw)
         return self.device.last_handoff
 
-    def quantize_input(self, layer: str, x: np.ndarray, coded: bool = False):
+    def quantize_input(self, layer: str, x: np.ndarray, coded: bool = False,
+                       source: np.ndarray | None = None):
         """A layer's forward input as 8-bit codes, per tensor and to nearest, under the run's
         range policy (delayed: the range of this input's history, values beyond it clipped);
         returns (codes, scheme). The first layer's input is data, coded once as it is loaded
         (its own range; scheme None: no device work); every other one is the layer below's
         output, handed off at full width by its GEMM (the device's last hand-off), or coded by
-        the pass of an op between them (`coded`)."""
+        the pass of an op between them (`coded`). `source`: the tensor the hardware quantizes
+        where `x` repeats it (a conv's input map, which its im2col rows read several times):
+        clips are counted once per element of it."""
         if layer == self.bottom:
             return quantize_activation(x, FORWARD_BITS), None
         bounds, policy = {}, "dynamic"
@@ -167,6 +170,9 @@ class Simulator:
                 bounds, policy = dict(zip(("lo", "hi"), history.bounds())), "delayed"
             history.observe(float(x.min()), float(x.max()))
         q = quantize_activation(x, FORWARD_BITS, **bounds)
+        if bounds and source is not None:
+            q = replace(q, clipped=int(np.count_nonzero(
+                (source < bounds["lo"]) | (source > bounds["hi"]))))
         return q, QuantScheme("ptq", policy, stochastic=False, producer=self.device.last_handoff,
                               coded=coded)
 
@@ -202,7 +208,8 @@ class _FQTMatmul(torch.autograd.Function):
         x64 = x.detach().double().numpy()
         if below.x_wide:   # the pass between stored it at full width before quantizing
             x64 = sim.wide(x64)
-        qx, scheme = sim.quantize_input(layer.name, x64, below.x_coded)
+        source = None if layer.input_map is None else layer.input_map.detach().double().numpy()
+        qx, scheme = sim.quantize_input(layer.name, x64, below.x_coded, source)
         qw = quantize_weight(w.detach().double().numpy(), FORWARD_BITS)
         ops = sim.around(layer.name, batch)
         top = layer.name == sim.top   # its codes go to the loss; the others' to a quantizer
@@ -266,6 +273,7 @@ class FQTLinear(nn.Module):
     """nn.Linear with its GEMMs on the simulated device; shares the original parameters."""
     rows_per_sample = 1
     im2col = None
+    input_map = None
 
     def __init__(self, linear: nn.Linear, sim: Simulator, name: str):
         super().__init__()
@@ -294,10 +302,12 @@ class FQTConv2d(nn.Module):
         self.sim, self.name = sim, name
         self.rows_per_sample = 1
         self.im2col: Im2col | None = None
+        self.input_map = None
 
     def forward(self, x):
         n, c, h, w = x.shape
         self.im2col = Im2col(n, c, h, w, self.kernel_size, self.stride, self.padding)
+        self.input_map = x   # what the hardware quantizes: each element once, not per window
         cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (N, CKK, L)
         oh, ow = self.im2col.out_h, self.im2col.out_w
         self.rows_per_sample = oh * ow
