@@ -33,6 +33,9 @@ from fqtsim.simulation.schedule import (FORWARD_BITS, QuantScheme, as_scheme, ou
 from kernels import int_gemm
 
 
+PRICES_KEPT = 4096   # priced event sets a Device keeps for reuse
+
+
 class Device:
     """A simulated NPU/DSP described by an `HWConfig`; `ledger` holds every GEMM's events."""
 
@@ -42,6 +45,7 @@ class Device:
         self._rows: list[tuple] = []
         self._gemms = 0
         self._walks: dict[tuple, tuple] = {}
+        self._prices: dict[tuple, list] = {}
         self.last_output_level = "ddr"      # where the last GEMM wrote its output
         self.last_gradient_level = None     # where the last quantized gradient was written wide
         self.last_handoff: Producer | None = None   # the last GEMM that handed its output on wide
@@ -191,7 +195,7 @@ class Device:
             merge(events, also)
         name = name if name is not None else f"gemm{self._gemms}"
         self._gemms += 1
-        self._rows += price(self.hw, name, GemmSpec(a_bits, b_bits), events)
+        self._price(name, GemmSpec(a_bits, b_bits), events)
         self.last_output_level = level
         if handoff:   # what the next quantizer reads: its home depends on this GEMM's tiling
             rows = windows[0].positions if windows[0] is not None else \
@@ -207,7 +211,7 @@ class Device:
         float on the host: their events depend on shapes only, see
         `fqtsim.simulation.between`)."""
         if events:
-            self._rows += price(self.hw, name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
+            self._price(name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
     def update(self, params: int, name: str, state_at: str = "ddr", sums: int = 1,
                bias: int = 0):
@@ -215,7 +219,19 @@ class Device:
         last GEMM wrote, their state at `state_at`, keeping `sums` sets of the new codes' column
         sums (see `fqtsim.simulation.schedule.update_events`)."""
         events = update_events(self.hw, params, self.last_output_level, state_at, sums, bias)
-        self._rows += price(self.hw, name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
+        self._price(name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
+
+    def _price(self, name: str, spec: GemmSpec, events: dict):
+        """Append the ledger rows of `events`. A training step prices the same events every
+        step (their counts depend on shapes, but for overflows and clips): each set is priced
+        once and its rows reused."""
+        key = (spec, tuple(sorted((event, tuple(row)) for event, row in events.items())))
+        rows = self._prices.get(key)
+        if rows is None:
+            if len(self._prices) >= PRICES_KEPT:   # data-dependent counts vary: stay bounded
+                self._prices.clear()
+            rows = self._prices[key] = [row[1:] for row in price(self.hw, "", spec, events)]
+        self._rows += [(name, *row) for row in rows]
 
     def _walk(self, m, n, k, a_bits, b_bits, out_bits, writeback, scope, t, a_win, b_win):
         """Walk the loop nest of tiling `t` tile by tile, recording raw events per phase (one
