@@ -115,12 +115,13 @@ def quantize_affine(x: np.ndarray, bits: int, group: str, *, stochastic: bool,
     x = as_real_array(x)
     if group not in GROUP_AXES:
         raise ValueError(f"group: got {group!r}; expected one of {', '.join(GROUP_AXES)}")
-    if not np.isfinite(x).all():
+    top = (1 << bits) - 1
+    own_lo, own_hi = group_range(x, group)
+    # a NaN or an infinity anywhere shows in its group's min or max: no pass over x to find it
+    if not (np.isfinite(own_lo).all() and np.isfinite(own_hi).all()):
         bad = np.count_nonzero(~np.isfinite(x))
         raise NonFiniteError(f"x: {bad} NaN or Inf values; a diverged loss or a bad input, "
                              f"lower the learning rate or check the data")
-    top = (1 << bits) - 1
-    own_lo, own_hi = group_range(x, group)
     if (lo is None) != (hi is None):
         raise ValueError("lo, hi: give both (a delayed range) or neither (the data's own range)")
     if lo is not None:
@@ -138,14 +139,14 @@ def quantize_affine(x: np.ndarray, bits: int, group: str, *, stochastic: bool,
         y = np.floor(y + rng.random(x.shape))
     else:
         y = np.floor(y + 0.5)
-    clipped = int(np.count_nonzero((x < lo) | (x > hi)))
+    clipped = 0 if lo is own_lo else int(np.count_nonzero((x < lo) | (x > hi)))   # own: none
     if (lo >= 0).all():   # non-negative data (ReLU outputs): unsigned codes, zero stays code 0
         codes, shift = np.clip(y, 0, top).astype(np.uint8), 0
     else:
         shift = 1 << (bits - 1)
         codes = (np.clip(y, 0, top) - shift).astype(np.int8)
     return Quantized(codes, scale, lo + scale * shift, bits, group, clipped=clipped, ranges=width,
-                     observed=(float(x.min()), float(x.max())))
+                     observed=(float(own_lo.min()), float(own_hi.max())))
 
 
 def _given_range(label: str, v, shape: tuple, group: str) -> np.ndarray:

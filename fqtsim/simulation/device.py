@@ -46,6 +46,7 @@ class Device:
         self._gemms = 0
         self._walks: dict[tuple, tuple] = {}
         self._prices: dict[tuple, list] = {}
+        self._folds: dict[Im2col, dict] = {}
         self.last_output_level = "ddr"      # where the last GEMM wrote its output
         self.last_gradient_level = None     # where the last quantized gradient was written wide
         self.last_handoff: Producer | None = None   # the last GEMM that handed its output on wide
@@ -189,8 +190,10 @@ class Device:
                                         gathered))
         if qa is not None:
             merge(events, corrections(qa, qb, b_sums_known))
-        if windows[2] is not None:
-            merge(events, _fold(self.hw, windows[2]))
+        if windows[2] is not None:   # the fold depends on the window's geometry alone
+            if windows[2] not in self._folds:
+                self._folds[windows[2]] = _fold(self.hw, windows[2])
+            merge(events, self._folds[windows[2]])
         if also:
             merge(events, also)
         name = name if name is not None else f"gemm{self._gemms}"
