@@ -296,27 +296,39 @@ def test_digits_are_scikit_learns():
     np.testing.assert_array_equal(y, reference.target)
 
 
-def test_a_conv_inputs_clips_count_each_map_element_once():
-    """The hardware quantizes a conv's input map; its im2col rows repeat each element in up to
-    k x k windows, which must not multiply the clips."""
+def test_a_conv_input_is_quantized_once_as_a_map_and_unfolded_as_its_rows_would_be():
+    """The hardware quantizes a conv's input map and builds the im2col rows from its codes: the
+    codes equal those of quantizing the rows themselves (padding zeros coded as 0.0), and a
+    delayed range's clips count each map element once, not once per window."""
     import torch
+    from torch import nn
     from torch.nn import functional as F
-    from fqtsim.quantizers import DelayedRange
+    from fqtsim.quantizers import DelayedRange, quantize_activation
     from fqtsim.simulation.device import Device
-    from fqtsim.training.fqt import FQTConfig, Simulator
+    from fqtsim.training.fqt import FQTConfig, FQTConv2d, Simulator
 
     sim = Simulator(Device(load_hw(NPU)), FQTConfig("fqt", "psq", range_policy="delayed"))
     sim.bottom = "0"
+    conv = FQTConv2d(nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), sim, "3")
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(np.abs(rng.standard_normal((4, 3, 8, 8))))
-    rows = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(4 * 64, -1).numpy()
-    sim.quantize_input("3", rows, source=x.numpy())            # the history's first range
-    wider = x.numpy() * 1.5
-    wide_rows = F.unfold(torch.from_numpy(wider), 3, padding=1).transpose(1, 2).reshape(256, -1)
-    q, scheme = sim.quantize_input("3", wide_rows.numpy(), source=wider)
-    assert scheme.range_policy == "delayed" and q.clipped > 0
-    bounds = DelayedRange()   # the range the second step took: the first one's, widened
-    bounds.observe(rows.min(), rows.max())
-    lo, hi = bounds.bounds()
-    assert q.clipped == np.count_nonzero((wider < lo) | (wider > hi))
-    assert q.clipped < np.count_nonzero((wide_rows.numpy() < lo) | (wide_rows.numpy() > hi))
+    for step, spread in enumerate((1.0, 1.5)):
+        x = torch.from_numpy(rng.standard_normal((4, 3, 8, 8)) * spread + 0.5)
+        conv.input_map = x
+        rows = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(4 * 16, -1).numpy()
+        fmap = x.numpy()
+        q, scheme, naught = sim.quantize_input("3", fmap.reshape(-1, 8), zero=True)
+        unfolded = conv.unfold_codes(q, naught)
+        if step == 0:   # dynamic: the map's range, which holds 0.0 as the padding does
+            ref = quantize_activation(rows)
+            history = DelayedRange()
+            history.observe(rows.min(), rows.max())
+        else:           # delayed: the first step's range
+            lo, hi = history.bounds()
+            ref = quantize_activation(rows, lo=lo, hi=hi)
+            assert scheme.range_policy == "delayed"
+            assert q.clipped == np.count_nonzero((fmap < lo) | (fmap > hi)) > 0
+            assert q.clipped < ref.clipped   # the rows repeat each element in several windows
+        np.testing.assert_array_equal(unfolded.codes, ref.codes)
+        assert unfolded.codes.dtype == ref.codes.dtype
+        np.testing.assert_array_equal(unfolded.scale, ref.scale)
+        np.testing.assert_array_equal(unfolded.offset, ref.offset)

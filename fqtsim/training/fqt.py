@@ -43,8 +43,8 @@ from fqtsim.hardware.conv import Im2col
 from fqtsim.simulation.between import NONE, around
 from fqtsim.simulation.device import Device, round_wide
 from fqtsim.hardware.mapping import Producer, by_columns, loss_producer
-from fqtsim.quantizers import (DelayedRange, check_bits, quantize_activation, quantize_gradient,
-                               quantize_weight)
+from fqtsim.quantizers import (DelayedRange, Quantized, check_bits, quantize_activation,
+                               quantize_gradient, quantize_weight)
 from fqtsim.simulation.schedule import (FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme,
                                         bias_events, weight_gradient_method)
 
@@ -152,29 +152,35 @@ class Simulator:
         return self.device.last_handoff
 
     def quantize_input(self, layer: str, x: np.ndarray, coded: bool = False,
-                       source: np.ndarray | None = None):
-        """A layer's forward input as 8-bit codes, per tensor and to nearest, under the run's
-        range policy (delayed: the range of this input's history, values beyond it clipped);
-        returns (codes, scheme). The first layer's input is data, coded once as it is loaded
-        (its own range; scheme None: no device work); every other one is the layer below's
-        output, handed off at full width by its GEMM (the device's last hand-off), or coded by
-        the pass of an op between them (`coded`). `source`: the tensor the hardware quantizes
-        where `x` repeats it (a conv's input map, which its im2col rows read several times):
-        clips are counted once per element of it."""
+                       zero: bool = False):
+        """A layer's forward input `x` as 8-bit codes, per tensor and to nearest, under the
+        run's range policy (delayed: the range of this input's history, values beyond it
+        clipped); returns (codes, scheme, the code of 0.0). The first layer's input is data,
+        coded once as it is loaded (its own range; scheme None: no device work); every other one
+        is the layer below's output, handed off at full width by its GEMM (the device's last
+        hand-off), or coded by the pass of an op between them (`coded`). `zero`: the range takes
+        in 0.0, which a conv's padding must code exactly (its map is quantized, then unfolded)."""
+        def quantize(bounds):
+            if zero and not bounds:
+                bounds = {"lo": min(float(x.min()), 0.0), "hi": max(float(x.max()), 0.0)}
+            q = quantize_activation(x, FORWARD_BITS, **bounds)
+            naught = quantize_activation(np.zeros((1, 1)), FORWARD_BITS, **bounds).codes[0, 0] \
+                if bounds else None
+            return q, naught
+
         if layer == self.bottom:
-            return quantize_activation(x, FORWARD_BITS), None
+            q, naught = quantize({})
+            return q, None, naught
         bounds, policy = {}, "dynamic"
         if self.config.range_policy == "delayed":
             history = self._histories.setdefault(f"{layer}.input", DelayedRange())
             if history.bounds() is not None:
                 bounds, policy = dict(zip(("lo", "hi"), history.bounds())), "delayed"
-            history.observe(float(x.min()), float(x.max()))
-        q = quantize_activation(x, FORWARD_BITS, **bounds)
-        if bounds and source is not None:
-            q = replace(q, clipped=int(np.count_nonzero(
-                (source < bounds["lo"]) | (source > bounds["hi"]))))
+            lo, hi = float(x.min()), float(x.max())
+            history.observe(min(lo, 0.0) if zero else lo, max(hi, 0.0) if zero else hi)
+        q, naught = quantize(bounds)
         return q, QuantScheme("ptq", policy, stochastic=False, producer=self.device.last_handoff,
-                              coded=coded)
+                              coded=coded), naught
 
     def quantize(self, key: str, x: np.ndarray, method: str, bits: int, rows_per_sample: int = 1,
                  shared_at: str | None = None, producer: Producer | None = None,
@@ -208,8 +214,15 @@ class _FQTMatmul(torch.autograd.Function):
         x64 = x.detach().double().numpy()
         if below.x_wide:   # the pass between stored it at full width before quantizing
             x64 = sim.wide(x64)
-        source = None if layer.input_map is None else layer.input_map.detach().double().numpy()
-        qx, scheme = sim.quantize_input(layer.name, x64, below.x_coded, source)
+        if layer.input_map is None:
+            qx, scheme, _ = sim.quantize_input(layer.name, x64, below.x_coded)
+        else:   # a conv: the hardware quantizes the input map once, then builds im2col rows
+            fmap = layer.input_map.detach().double().numpy()
+            if below.x_wide:
+                fmap = sim.wide(fmap)
+            qmap, scheme, naught = sim.quantize_input(layer.name, fmap.reshape(-1, fmap.shape[-1]),
+                                                      below.x_coded, zero=layer.padded)
+            qx = layer.unfold_codes(qmap, naught)
         qw = quantize_weight(w.detach().double().numpy(), FORWARD_BITS)
         ops = sim.around(layer.name, batch)
         top = layer.name == sim.top   # its codes go to the loss; the others' to a quantizer
@@ -315,6 +328,20 @@ class FQTConv2d(nn.Module):
         y = _FQTMatmul.apply(rows, self.weight.reshape(self.weight.shape[0], -1), self)
         y = y.reshape(n, oh * ow, -1).transpose(1, 2).reshape(n, -1, oh, ow)
         return y if self.bias is None else y + self.bias[None, :, None, None]
+
+    @property
+    def padded(self) -> bool:
+        return any(self.padding)
+
+    def unfold_codes(self, q: Quantized, naught) -> Quantized:
+        """The im2col rows of the input map's codes `q`, the padding coded as 0.0 (`naught`):
+        the codes the rows themselves would have, from one quantization of the map."""
+        n, c, h, w = self.input_map.shape
+        fill = 0.0 if naught is None else float(naught)
+        codes = torch.from_numpy(q.codes.astype(np.float32)).reshape(n, c, h, w) - fill
+        cols = F.unfold(codes, self.kernel_size, padding=self.padding, stride=self.stride) + fill
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
+        return replace(q, codes=rows.astype(q.codes.dtype))
 
 
 def convert(model: nn.Module, sim: Simulator) -> nn.Module:
