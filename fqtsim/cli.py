@@ -454,12 +454,17 @@ def step_table(hw, args) -> int:
           f"{args.batch}, {args.grad_bits}-bit gradients: extra over delayed PTQ (ranges known "
           f"before their GEMMs), quantizers riding the passes between the GEMMs (shared) or not")
     with pd.option_context("display.width", 200):
-        print(table.to_string(index=False, float_format="{:,.1f}".format))
+        print(table.to_string(index=False, float_format=_figure))
     print(f"\n{energy_line(hw)}")
     if args.csv:
         write_atomic(args.csv, table.to_csv(index=False))
         print(f"\nwrote {args.csv}")
     return 0
+
+
+def _figure(v: float) -> str:
+    """A table figure: thousands separated to a tenth, small ones to four significant digits."""
+    return f"{v:,.1f}" if abs(v) >= 100 or v == 0 else f"{v:.4g}"
 
 
 def quantizer_table(hw, args):
