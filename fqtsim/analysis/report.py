@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fqtsim.simulation.cost  # noqa: E402
-from fqtsim.simulation.schedule import QuantScheme  # noqa: E402
+from fqtsim.simulation.schedule import BASELINE, QuantScheme  # noqa: E402
 from fqtsim.files import claim_dir, replace_dir  # noqa: E402
 from fqtsim.hardware import energy, overflow  # noqa: E402
 from fqtsim.hardware.hw import (HWConfig, at_technology, derive, load_hw, resolve_hw,  # noqa: E402
@@ -218,7 +218,8 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
         table.loc[group.index, "cycles_vs_ptq"] = group.cycles_G / ptq.cycles_G
         # like for like: over a step whose gradient ranges are known before their GEMMs
         # (delayed PTQ), which pays the random numbers, requantization and code writes too
-        known = group[(group.quantizer == "ptq") & (group.range == "delayed")].iloc[0]
+        known = group[(group.quantizer == BASELINE.method)
+                      & (group.range == BASELINE.range_policy)].iloc[0]
         table.loc[group.index, "extra_mJ"] = group.energy_mJ - known.energy_mJ
         table.loc[group.index, "extra_%"] = 100 * table.loc[group.index, "extra_mJ"] / group.energy_mJ
     sec.text += ["Energies in this section are per training step, in mJ.", _reading(table)]
@@ -320,7 +321,7 @@ def energy_sensitivity(hw: HWConfig, model: str, batch: int, grad_bits: int = 8,
         row = {"varied": knob, "factor": factor, "technology": tech or hw.technology or "-"}
         step = lambda q, r: fqtsim.simulation.cost.training_step(  # noqa: E731
             variant, model, batch, q, r, grad_bits).energy_pj.sum() / 1e9
-        known = step("ptq", "delayed")
+        known = step(BASELINE.method, BASELINE.range_policy)
         for q in ("psq", "bhq"):
             total = step(q, "dynamic")
             row |= {f"{q}_step_mJ": total, f"{q}_extra_mJ": total - known,

@@ -104,8 +104,9 @@ from typing import Callable, NamedTuple
 from fqtsim.hardware.hw import HWConfig
 from fqtsim.hardware.mapping import Producer, by_columns, nbytes, wide_store_bits
 from fqtsim.simulation.ledger import GemmSpec, add, merge, pass_memory_cycles, price
-from fqtsim.simulation.schedule import (FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme, input_events,
-                                        range_level, weight_gradient_method)
+from fqtsim.simulation.schedule import (FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme,
+                                        activation_scheme, input_events, range_level,
+                                        weight_gradient_method)
 from fqtsim.simulation.workloads import Layer, Op
 
 MEMORY = ("tcm", "ddr")
@@ -645,11 +646,6 @@ def _wide_level(events: dict) -> str | None:
                  if event == "wide_write" and level in MEMORY), None)
 
 
-def _activation_scheme(policy: str, producer: Producer) -> QuantScheme:
-    """The forward activation quantizer: per tensor, to nearest."""
-    return QuantScheme("ptq", policy, producer=producer, stochastic=False)
-
-
 def _layer(hw, layer: Layer, batch: int, *, bits, grad_bits, code_bits, where, budget,
            quantizer, range_policy, activation_policy, first: bool, pairs: bool):
     """(forward chain, its quantizer events or None, backward chain, its quantizers' or None)."""
@@ -659,7 +655,7 @@ def _layer(hw, layer: Layer, batch: int, *, bits, grad_bits, code_bits, where, b
     fq = None
     if pairs and fwd.out is not None and fwd.quantized:
         n = fwd.out[0]   # per tensor: any split of its elements into rows and columns
-        scheme = _activation_scheme(activation_policy, Producer(0 if fwd.kept else budget, 1))
+        scheme = activation_scheme(activation_policy, Producer(0 if fwd.kept else budget, 1))
         fq = input_events(hw, None, scheme, n // shape.samples, shape.samples, FORWARD_BITS)
         fwd = forward(hw, ops, shape, bits=bits, where=where, out_level=_wide_level(fq))
     bwd = backward(hw, ops, shape, bits=bits, grad_bits=grad_bits, where=where)

@@ -28,6 +28,7 @@ from fqtsim.hardware.mapping import fill_drain, fold_starts
 from fqtsim.simulation.overlap import overlapped
 from fqtsim.simulation.schedule import (QuantScheme, as_scheme, correction_events, input_events,
                                         output_events, output_writeback, rename_wide_output,
+                                        BASELINE, activation_consumer, activation_scheme,
                                         gathers, quantized_shape, scale_events,
                                         bias_events, state_bytes, update_events,
                                         wide_gradient_level,
@@ -426,7 +427,7 @@ def overhead(hw: HWConfig, m: int, n: int, k: int, schemes, *, grad_bits: int = 
         schemes = [schemes]
     schemes = [as_scheme(s, "schemes") for s in schemes]
     base = totals(gemm(hw, m, n, k, a_bits=grad_bits, b_bits=b_bits,
-                       a_quant=QuantScheme("ptq", "delayed")))
+                       a_quant=BASELINE))
     rows = []
     for scheme in schemes:
         ledger = gemm(hw, m, n, k, a_bits=grad_bits, b_bits=b_bits, a_quant=scheme)
@@ -458,7 +459,8 @@ def step_overhead(hw: HWConfig, model, batch: int, schemes, grad_bits: int = 8) 
     rows = []
     for shared in (True, False):
         variant = replace(hw, pipeline=replace(hw.pipeline, share_passes=shared))
-        base = training_step(variant, model, batch, "ptq", "delayed", grad_bits)
+        base = training_step(variant, model, batch, BASELINE.method, BASELINE.range_policy,
+                             grad_bits)
         base_pj, base_cycles = base.energy_pj.sum(), base.cycles.sum()
         base_forward = _forward_pj(base)
         for scheme in schemes:
@@ -644,14 +646,14 @@ def _forward(hw, layers, batch, range_policy, windows, ops=None) -> list:
     outputs, producer = [], None
     for i, layer in enumerate(layers):
         top = i == len(layers) - 1
-        scheme = None if i == 0 else QuantScheme("ptq", range_policy, stochastic=False,
-                                                 producer=producer, coded=ops[i - 1].x_coded)
+        scheme = None if i == 0 else activation_scheme(range_policy, producer,
+                                                       coded=ops[i - 1].x_coded)
         to_quantizer = not top and not ops[i].y_read
         out = _priced(hw, batch * layer.rows, layer.n, layer.k, FORWARD_BITS, FORWARD_BITS,
                       writeback="fused" if top and not ops[i].y_read else "handoff",
                       a_quant=scheme, a_offset=True, b_offset=not layer.weights,
                       a_im2col=windows[i],
-                      consumer=("ptq", range_policy, FORWARD_BITS) if to_quantizer else None,
+                      consumer=activation_consumer(range_policy) if to_quantizer else None,
                       b_sums_known=bool(layer.weights), name="output")
         outputs.append(out)
         producer = produced_by(_tiling(out[1]), layer.n, layer.rows)

@@ -130,9 +130,7 @@ class Device:
         if not self._gathered:   # written whole at full width for T^-1
             out = round_wide(fmt, out)
         out = a.transform.inverse(out)
-        handed_wide = writeback == "handoff" and (
-            consumer is None or QuantScheme(*consumer[:2]).materializes)
-        return round_wide(fmt, out) if handed_wide else out
+        return round_wide(fmt, out) if _handed_wide(writeback, consumer) else out
 
     def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None,
              qa=None, qb=None, windows=(None, None, None), consumer=None, b_sums_known=False,
@@ -204,8 +202,8 @@ class Device:
             rows = windows[0].positions if windows[0] is not None else \
                 a_quant.rows_per_sample if a_quant else 1
             self.last_handoff = produced_by(tiling, n, rows)
-        self.last_stored_wide = writeback == "materialized" or (
-            handoff and (consumer is None or QuantScheme(*consumer[:2]).materializes))
+        self.last_stored_wide = writeback == "materialized" or _handed_wide(
+            "handoff" if handoff else writeback, consumer)
         self._gathered = gathered
         return c
 
@@ -446,6 +444,12 @@ def _visit_psums(events, hw, sm, sn, k0, sk, at, first_visit, psum_bytes):
     read += written - sm * sn * psum_bytes
     add(events, "psum_spill", at, sm * sn * points, written + read)
     return read, written
+
+
+def _handed_wide(writeback: str, consumer: tuple | None) -> bool:
+    """Whether a handed-off output is stored at full width: its reader writes it wide (not a
+    quantizer with a delayed range, which requantizes the raw sums in the pipeline)."""
+    return writeback == "handoff" and (consumer is None or QuantScheme(*consumer[:2]).materializes)
 
 
 def round_wide(wide_format: str, x: np.ndarray) -> np.ndarray:

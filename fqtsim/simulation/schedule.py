@@ -266,6 +266,22 @@ FORWARD_BITS = 8    # forward activation and weight codes (per tensor, round to 
 GRAD_WEIGHT_BITS = 8   # Q_bw, the weight-gradient GEMM's quantizer
 
 
+def activation_scheme(policy: str, producer: Producer | None = None,
+                      coded: bool = False) -> QuantScheme:
+    """The forward activation quantizer: per tensor, to nearest, under the run's range policy."""
+    return QuantScheme("ptq", policy, stochastic=False, producer=producer, coded=coded)
+
+
+def activation_consumer(policy: str) -> tuple:
+    """(method, policy, bits) of the activation quantizer, as a GEMM's `consumer`."""
+    return "ptq", policy, FORWARD_BITS
+
+
+# The like-for-like baseline a scheme's extra cost is measured against: ranges known before their
+# GEMMs, so only the random numbers, requantizations and code writes every quantizer pays
+BASELINE = QuantScheme("ptq", "delayed")
+
+
 def weight_gradient_method(quantizer: str) -> str:
     """Q_bw on dY^T (rows = output features): per tensor with PTQ, per feature with PSQ/BHQ."""
     return "ptq" if quantizer == "ptq" else "psq"

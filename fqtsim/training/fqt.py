@@ -46,7 +46,8 @@ from fqtsim.hardware.mapping import Producer, by_columns, loss_producer
 from fqtsim.quantizers import (DelayedRange, Quantized, check_bits, quantize_activation,
                                quantize_gradient, quantize_weight)
 from fqtsim.simulation.schedule import (FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme,
-                                        bias_events, weight_gradient_method)
+                                        activation_consumer, activation_scheme, bias_events,
+                                        weight_gradient_method)
 
 MODES = ("fp32", "qat", "fqt")
 
@@ -130,7 +131,7 @@ class Simulator:
         i = self.order.index(layer) if layer in self.order else None
         if direction == "forward":
             above = self.order[i + 1] if i is not None and i + 1 < len(self.order) else None
-            return "ptq", self._policy(f"{above}.input"), FORWARD_BITS
+            return activation_consumer(self._policy(f"{above}.input"))
         below = self.below(layer)
         key = f"{below}.grad_weight" if below == self.bottom else f"{below}.grad_input"
         return self.config.quantizer, self._policy(key), self.config.grad_bits
@@ -179,8 +180,7 @@ class Simulator:
             lo, hi = float(x.min()), float(x.max())
             history.observe(min(lo, 0.0) if zero else lo, max(hi, 0.0) if zero else hi)
         q, naught = quantize(bounds)
-        return q, QuantScheme("ptq", policy, stochastic=False, producer=self.device.last_handoff,
-                              coded=coded), naught
+        return q, activation_scheme(policy, self.device.last_handoff, coded), naught
 
     def quantize(self, key: str, x: np.ndarray, method: str, bits: int, rows_per_sample: int = 1,
                  shared_at: str | None = None, producer: Producer | None = None,
