@@ -183,6 +183,7 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
     from fqtsim.hardware.hw import load_hw
     from fqtsim.training.models import build
     from fqtsim.training.optim import SGD
+    from fqtsim.training.train import step_totals, take_step
 
     hw = load_hw(hw_path)
     rows = []
@@ -208,7 +209,7 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                device.take()
+                step_totals(take_step(device, 0))   # what a run keeps of each step
 
             for _ in range(3):
                 step()                                 # compile, warm up

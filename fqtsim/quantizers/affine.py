@@ -16,7 +16,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from kernels.quantize import COLS, ROWS, TENSOR, encode, group_minmax
+
 GROUP_AXES = {"tensor": None, "rows": 1, "cols": 0}  # axis reduced to get one range per group
+_LAYOUTS = {"tensor": TENSOR, "rows": ROWS, "cols": COLS}
+_HALF = np.full((1, 1), 0.5)   # the rounding offset of round to nearest, for every element
 
 
 class NonFiniteError(ValueError):
@@ -116,10 +120,8 @@ def quantize_affine(x: np.ndarray, bits: int, group: str, *, stochastic: bool,
     if group not in GROUP_AXES:
         raise ValueError(f"group: got {group!r}; expected one of {', '.join(GROUP_AXES)}")
     top = (1 << bits) - 1
-    own_lo, own_hi = group_range(x, group)
-    # a NaN or an infinity anywhere shows in its group's min or max: no pass over x to find it
-    if not (np.isfinite(own_lo).all() and np.isfinite(own_hi).all()):
-        bad = np.count_nonzero(~np.isfinite(x))
+    own_lo, own_hi, bad = group_minmax(x, _LAYOUTS[group])
+    if bad:   # a NaN or an infinity anywhere: a diverged loss or a bad input
         raise NonFiniteError(f"x: {bad} NaN or Inf values; a diverged loss or a bad input, "
                              f"lower the learning rate or check the data")
     if (lo is None) != (hi is None):
@@ -133,18 +135,14 @@ def quantize_affine(x: np.ndarray, bits: int, group: str, *, stochastic: bool,
         lo, hi = own_lo, own_hi
     width = hi - lo
     scale = np.where(width > 0, width / top, 1.0)  # a constant group is exact with any scale
-    y = (x - lo) / scale
-    if stochastic:
-        rng = check_rng(rng)
-        y = np.floor(y + rng.random(x.shape))
-    else:
-        y = np.floor(y + 0.5)
-    clipped = 0 if lo is own_lo else int(np.count_nonzero((x < lo) | (x > hi)))   # own: none
+    # stochastic rounding floor(y + u), u ~ U[0, 1); to nearest floor(y + 0.5)
+    u = check_rng(rng).random(x.shape) if stochastic else _HALF
     if (lo >= 0).all():   # non-negative data (ReLU outputs): unsigned codes, zero stays code 0
-        codes, shift = np.clip(y, 0, top).astype(np.uint8), 0
+        codes, shift = np.empty(x.shape, np.uint8), 0
     else:
-        shift = 1 << (bits - 1)
-        codes = (np.clip(y, 0, top) - shift).astype(np.int8)
+        codes, shift = np.empty(x.shape, np.int8), 1 << (bits - 1)
+    # own ranges clip nothing
+    clipped = encode(x, lo, hi, scale, u, top, shift, lo is not own_lo, codes)
     return Quantized(codes, scale, lo + scale * shift, bits, group, clipped=clipped, ranges=width,
                      observed=(float(own_lo.min()), float(own_hi.max())))
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from fqtsim.hardware.conv import Im2col
 from fqtsim.hardware.hw import HWConfig, as_hw
-from fqtsim.simulation.ledger import GemmSpec, add, frame, merge, price
+from fqtsim.simulation.ledger import GemmSpec, add, event_order, frame, merge, price
 from fqtsim.simulation.cost import Gemm, check_consumer, col2im_events, layout
 from fqtsim.hardware.mapping import (Producer, check_gemm, live_wide_elements, nbytes,
                                      parks_psums, phase_stalls, produced_by, stored_output_bits,
@@ -45,6 +46,7 @@ class Device:
         self._rows: list[tuple] = []
         self._gemms = 0
         self._walks: dict[tuple, tuple] = {}
+        self._calls: dict[tuple, _Call] = {}
         self._prices: dict[tuple, list] = {}
         self._folds: dict[Im2col, dict] = {}
         self.last_output_level = "ddr"      # where the last GEMM wrote its output
@@ -76,9 +78,13 @@ class Device:
 
     def take(self) -> pd.DataFrame:
         """The ledger so far; the device starts a fresh one."""
-        ledger = self.ledger
-        self._rows = []
-        return ledger
+        return frame(self.take_rows())
+
+    def take_rows(self) -> list[tuple]:
+        """The ledger so far as rows (`fqtsim.simulation.ledger.COLUMNS`), without framing them;
+        the device starts a fresh one."""
+        rows, self._rows = self._rows, []
+        return rows
 
     def gemm(self, a: np.ndarray, b: np.ndarray, *, a_bits: int = 8, b_bits: int = 8,
              out_bits: int = 8, writeback: str = "fused", scope: str = "tensor",
@@ -140,17 +146,62 @@ class Device:
                 raise TypeError(f"{label}: got a {type(x).__name__}; expected a numpy array of "
                                 f"int8 (signed) or uint8 (unsigned) codes, e.g. "
                                 f"np.asarray({label}, dtype=np.int8)")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name: got {name!r}; expected a string or None")
+        affine = None if qa is None else (qa.affine, qb.affine)   # codes with offsets to correct
+        # everything but the data's counts depends on this call's shapes and options: planned once
+        key = (a.shape, b.shape, a_bits, b_bits, out_bits, writeback, scope, a_quant, affine,
+               windows, consumer, b_sums_known,
+               None if not also else tuple((e, tuple(r)) for e, r in also.items()))
+        call = self._calls.get(key)
+        if call is None:
+            call = self._calls[key] = self._plan(a, b, a_bits, b_bits, out_bits, writeback, scope,
+                                                 a_quant, affine, windows, consumer,
+                                                 b_sums_known, also)
+        _check_codes("a", a, call.a_bits)
+        _check_codes("b", b, call.b_bits)
+        acc = self.hw.accumulator
+        c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
+                             spill_every=acc.spill_every, psum_bits=acc.psum_bits)
+        if call.macs != counts["macs"] or (acc.spill_every and call.spills != counts["spills"]):
+            raise AssertionError("loop-nest walk and kernel disagree on MACs or spills")
+        name = name if name is not None else f"gemm{self._gemms}"
+        self._gemms += 1
+        clipped = qa.clipped if qa is not None else 0
+        if a_quant is not None and a_quant.method == "bhq":   # data-dependent blocks: count them
+            events = {event: list(totals) for event, totals in call.events.items()}
+            add(events, "overflow", "array", counts["overflows"])
+            shape = quantized_shape(call.m, call.k, windows[0])
+            merge(events, input_passes(self.hw, call.tiling, a_quant, qa, shape))
+            merge(events, output_passes(self.hw, a_quant, qa, call.n, call.out_bits, call.level,
+                                        call.handoff, call.gathered))
+            self._price(name, call.spec, events)
+        else:   # overflows and clips cost nothing of their own: set their counts in the rows
+            rows = list(call.rows)
+            for i, count in ((call.overflow_row, counts["overflows"]), (call.clip_row, clipped)):
+                if i is not None:
+                    rows[i] = (rows[i][0], rows[i][1], count, *rows[i][3:])
+            self._rows += [(name, *row) for row in rows]
+        self.last_output_level = call.level
+        if call.handoff:
+            self.last_handoff = call.handoff_producer
+        if call.gradient_level is not None:
+            self.last_gradient_level = call.gradient_level
+        self.last_stored_wide = call.stored_wide
+        self._gathered = call.gathered
+        return c
+
+    def _plan(self, a, b, a_bits, b_bits, out_bits, writeback, scope, a_quant, affine,
+              windows, consumer, b_sums_known, also) -> "_Call":
+        """Check a GEMM call and work out what depends on its shapes and options alone: its
+        tiling, its loop nest's events, its passes' and corrections' events and their rows."""
         if np.ndim(a) != 2 or np.ndim(b) != 2:
             raise ValueError(f"a, b: got {np.ndim(a)}-D and {np.ndim(b)}-D arrays; expected 2-D codes")
         (m, k), (kb, n) = a.shape, b.shape
         if k != kb:
             raise ValueError(f"a, b: inner dimensions differ ({m}x{k} @ {kb}x{n})")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name: got {name!r}; expected a string or None")
         m, n, k, a_bits, b_bits, out_bits = check_gemm(self.hw, m, n, k, a_bits, b_bits, out_bits,
                                                        writeback, scope)
-        _check_codes("a", a, a_bits)
-        _check_codes("b", b, b_bits)
         for option, win, shape in zip(("a_im2col", "b_im2col", "col2im"), windows,
                                       ((m, k), (k, n), (m, n))):
             if win is not None and not isinstance(win, Im2col):
@@ -159,53 +210,54 @@ class Device:
                 raise ValueError(f"{option}: its im2col matrix is {win.rows}x{win.cols}, the GEMM's "
                                  f"operand {shape[0]}x{shape[1]}")
         tiling = layout(self.hw, Gemm(m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant,
-                                      qa is not None and qa.affine, qb is not None and qb.affine,
-                                      *windows, check_consumer(consumer, writeback), b_sums_known))
+                                      *(affine or (False, False)), *windows,
+                                      check_consumer(consumer, writeback),
+                                      b_sums_known))
         handoff = writeback == "handoff"
         gathered = gathers(self.hw, a_quant, tiling, m)
         writeback, scope = output_writeback(a_quant, writeback, scope, gathered)
-        acc = self.hw.accumulator
-        c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
-                             spill_every=acc.spill_every, psum_bits=acc.psum_bits)
-        key = (m, n, k, a_bits, b_bits, out_bits, writeback, scope, tiling, *windows[:2])
-        if key not in self._walks:   # the loop nest depends on shapes only: walk each once
-            self._walks[key] = self._walk(*key)
-        level, walked = self._walks[key]
+        walk = (m, n, k, a_bits, b_bits, out_bits, writeback, scope, tiling, *windows[:2])
+        if walk not in self._walks:   # the loop nest depends on shapes only: walk each once
+            self._walks[walk] = self._walk(*walk)
+        level, walked = self._walks[walk]
         events = {event: list(totals) for event, totals in walked.items()}
         # parked or waiting partial sums too, without spills; at either level
-        spills = sum(events.get(("psum_spill", level), [0])[0] for level in ("tcm", "ddr"))
-        if events[("mac", "array")][0] != counts["macs"] or (acc.spill_every and spills != counts["spills"]):
-            raise AssertionError("loop-nest walk and kernel disagree on MACs or spills")
-        add(events, "overflow", "array", counts["overflows"])
+        spills = sum(events.get(("psum_spill", at), [0])[0] for at in ("tcm", "ddr"))
+        macs = events[("mac", "array")][0]
         rename_wide_output(events, a_quant, gathered)
         merge(events, scale_events(self.hw, a_quant, writeback, m * n, gathered))
-        if a_quant is not None:
-            shape = quantized_shape(m, k, windows[0])
-            merge(events, input_passes(self.hw, tiling, a_quant, qa, shape))
-            if a_quant.materializes:
-                self.last_gradient_level = wide_gradient_level(self.hw, tiling, a_quant, *shape)
-            merge(events, output_passes(self.hw, a_quant, qa, n, out_bits, level, handoff,
-                                        gathered))
-        if qa is not None:
-            merge(events, corrections(qa, qb, b_sums_known))
-        if windows[2] is not None:   # the fold depends on the window's geometry alone
-            if windows[2] not in self._folds:
-                self._folds[windows[2]] = _fold(self.hw, windows[2])
-            merge(events, self._folds[windows[2]])
+        if affine is not None:   # the corrections depend on the operands' offsets and shapes
+            merge(events, corrections(_probe(a, a_bits, affine[0]), _probe(b, b_bits, affine[1]),
+                                      b_sums_known))
+        if windows[2] is not None:
+            merge(events, _fold(self.hw, windows[2]))
         if also:
             merge(events, also)
-        name = name if name is not None else f"gemm{self._gemms}"
-        self._gemms += 1
-        self._price(name, GemmSpec(a_bits, b_bits), events)
-        self.last_output_level = level
+        spec = GemmSpec(a_bits, b_bits)
+        call = _Call(m, n, k, a_bits, b_bits, out_bits, tiling, level, gathered, handoff, spec,
+                     events, macs, spills)
         if handoff:   # what the next quantizer reads: its home depends on this GEMM's tiling
             rows = windows[0].positions if windows[0] is not None else \
                 a_quant.rows_per_sample if a_quant else 1
-            self.last_handoff = produced_by(tiling, n, rows)
-        self.last_stored_wide = writeback == "materialized" or _handed_wide(
+            call.handoff_producer = produced_by(tiling, n, rows)
+        call.stored_wide = writeback == "materialized" or _handed_wide(
             "handoff" if handoff else writeback, consumer)
-        self._gathered = gathered
-        return c
+        shape = quantized_shape(m, k, windows[0])
+        if a_quant is not None and a_quant.materializes:
+            call.gradient_level = wide_gradient_level(self.hw, tiling, a_quant, *shape)
+        if a_quant is None or a_quant.method != "bhq":
+            full = {event: list(totals) for event, totals in events.items()}
+            add(full, "overflow", "array", 0)
+            if a_quant is not None:
+                probe = _probe(a, a_bits, True)   # the data's clips are set per call
+                merge(full, input_passes(self.hw, tiling, a_quant, probe, shape))
+                merge(full, output_passes(self.hw, a_quant, probe, n, out_bits, level, handoff,
+                                          gathered))
+            ordered = [event for event, _ in sorted(full.items(), key=event_order)]
+            call.overflow_row = ordered.index(("overflow", "array"))
+            call.clip_row = ordered.index(("clip", "array")) if ("clip", "array") in full else None
+            call.rows = tuple(row[1:] for row in price(self.hw, "", spec, full))
+        return call
 
     def record(self, events: dict, name: str):
         """Record raw events of work beside the GEMMs (the ops between them, which run as
@@ -444,6 +496,39 @@ def _visit_psums(events, hw, sm, sn, k0, sk, at, first_visit, psum_bytes):
     read += written - sm * sn * psum_bytes
     add(events, "psum_spill", at, sm * sn * points, written + read)
     return read, written
+
+
+@dataclass
+class _Call:
+    """What a Device GEMM call with given shapes and options records, but the data's counts:
+    planned by `Device._plan` once, and its priced rows (`rows`, None for BHQ, whose blocks
+    depend on the data) reused with the overflow and clip counts set in their rows."""
+    m: int
+    n: int
+    k: int
+    a_bits: int
+    b_bits: int
+    out_bits: int
+    tiling: object
+    level: str                  # where the output is written
+    gathered: bool              # BHQ's T^-1 in the output pipeline
+    handoff: bool
+    spec: GemmSpec
+    events: dict                # the loop nest's, scales', corrections', fold's and `also`'s
+    macs: int
+    spills: int
+    handoff_producer: Producer | None = None
+    stored_wide: bool = False
+    gradient_level: str | None = None
+    rows: tuple | None = None
+    overflow_row: int | None = None
+    clip_row: int | None = None
+
+
+def _probe(x: np.ndarray, bits: int, affine: bool) -> Quantized:
+    """Codes of x's shape and dtype standing in for an operand whose counts are not needed."""
+    return Quantized(np.zeros(x.shape, x.dtype), np.ones((1, 1)), np.zeros((1, 1)), bits,
+                     "tensor", affine=affine)
 
 
 def _handed_wide(writeback: str, consumer: tuple | None) -> bool:

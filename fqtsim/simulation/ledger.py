@@ -227,7 +227,7 @@ def price(hw: HWConfig, gemm: str, spec: GemmSpec, events: dict) -> list[tuple]:
     vector = {ev: vector_cycles(hw, ev, c) for (ev, lvl), (c, b, cy) in events.items()
               if lvl == "vector"}
     rows = []
-    for (ev, lvl), (c, b, cy) in sorted(events.items(), key=_order):
+    for (ev, lvl), (c, b, cy) in sorted(events.items(), key=event_order):
         if lvl == "vector":
             cy = vector[ev]
         elif ev in PASS_MEMORY:  # a pass takes the longer of its vector and memory time
@@ -259,7 +259,8 @@ EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code
           "stall", "static")
 
 
-def _order(item):
+def event_order(item):
+    """The order of a raw event's rows in a ledger: by EVENTS, then by level."""
     (event, level), _ = item
     return EVENTS.index(event), level
 

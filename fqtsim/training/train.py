@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from fqtsim.training.data import DATASETS, load
 from fqtsim.simulation.device import Device
+from fqtsim.simulation.ledger import COLUMNS
 from fqtsim.simulation.overlap import overlapped
 from fqtsim.files import (check_path, claim_dir, clear_dir, exclusive, remove_temporaries,
                           write_atomic)
@@ -202,11 +203,11 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
                                    f"or raise --grad-bits") from None
                 optimizer.step()
                 scheduler.step()
-                events = overlapped(sim.device.hw, _take(sim.device, step))   # as cost.training_step
-                ledgers.append(events)
+                events = take_step(sim.device, step)
+                ledgers += events
                 metrics.append({"step": step, "epoch": epoch, "loss": loss.item(),
                                 "batch_accuracy": (logits.argmax(1) == y_train[idx]).float().mean().item(),
-                                "lr": scheduler.last_lr(), **_step_totals(events)})
+                                "lr": scheduler.last_lr(), **step_totals(events)})
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
             start_writing()
@@ -330,8 +331,8 @@ def _clean_checkpoint(run_dir: Path):
     shutil.rmtree(run_dir / "ledger-parts", ignore_errors=True)
 
 
-def _frame(ledgers: list) -> pd.DataFrame:
-    return pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
+def _frame(rows: list) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=STEP_COLUMNS) if rows else pd.DataFrame()
 
 
 def _assemble_ledger(run_dir: Path, extra: str | None = None) -> pd.DataFrame:
@@ -369,25 +370,33 @@ def evaluate(model, data) -> tuple[float, float]:
     return (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
 
 
-def _take(device: Device, step: int) -> pd.DataFrame:
-    """This step's device events with step and layer columns ("3.grad_input" -> layer 3)."""
-    events = device.take()
-    layer_gemm = events.gemm.str.rsplit(".", n=1, expand=True) if len(events) else None
-    events.insert(0, "step", step)
-    if layer_gemm is not None:
-        events.insert(1, "layer", layer_gemm[0])
-        events["gemm"] = layer_gemm[1]
-    return events
+STEP_COLUMNS = ["step", "layer", *COLUMNS]   # a run's ledger: the device's, by step and layer
 
 
-def _step_totals(events: pd.DataFrame) -> dict:
-    if not len(events):
+def take_step(device: Device, step: int) -> list[tuple]:
+    """This step's device events as ledger rows with step and layer ("3.grad_input" -> layer 3,
+    gemm grad_input), their vector passes overlapped with the GEMMs where the config allows
+    (as `fqtsim.cost.training_step` charges them). Rows, not a frame: a run frames an epoch's
+    at once."""
+    rows = [(step, *name.rpartition(".")[::2], *rest) for name, *rest in device.take_rows()]
+    if device.hw.pipeline.overlap:
+        rows = list(overlapped(device.hw, pd.DataFrame(rows, columns=STEP_COLUMNS))
+                    .itertuples(index=False, name=None))
+    return rows
+
+
+def step_totals(rows: list[tuple]) -> dict:
+    """A step's metrics from its ledger rows (`take_step`)."""
+    if not rows:
         return {}
-    by_level = events.groupby("level")["bytes"].sum()
-    return {"ddr_bytes": float(by_level.get("ddr", 0.0)), "tcm_bytes": float(by_level.get("tcm", 0.0)),
-            "energy_pj": float(events.energy_pj.sum()), "cycles": float(events.cycles.sum()),
-            "overflows": int(events.loc[events.event == "overflow", "count"].sum()),
-            "clips": int(events.loc[events.event == "clip", "count"].sum())}
+    _, _, _, event, level, count, nbytes, energy, cycles = zip(*rows)
+    def where(values, column, wanted):
+        return [v for v, c in zip(values, column) if c == wanted]
+    return {"ddr_bytes": math.fsum(where(nbytes, level, "ddr")),
+            "tcm_bytes": math.fsum(where(nbytes, level, "tcm")),
+            "energy_pj": math.fsum(energy), "cycles": math.fsum(cycles),
+            "overflows": int(sum(where(count, event, "overflow"))),
+            "clips": int(sum(where(count, event, "clip")))}
 
 
 def summarize_run(cfg: RunConfig, hw, ledger: pd.DataFrame, metrics: list, accuracy: float,
