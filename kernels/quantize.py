@@ -64,3 +64,44 @@ def encode(x, lo, hi, scale, u, top, shift, count_clips, out):
             if count_clips and (v < low or v > hi[gi, gj]):
                 clipped += 1
     return clipped
+
+
+@njit(cache=True)
+def _at(v, i, j):
+    """v[i, j] of a (1, 1), (N, 1) or (1, D) array broadcast against an N x D one."""
+    return v[i if v.shape[0] > 1 else 0, j if v.shape[1] > 1 else 0]
+
+
+@njit(cache=True)
+def dequantize_product(c, a_scale, b_scale, a_offset, b_offset, a_codes, b_codes, a_affine,
+                       b_affine):
+    """The float product of two affine-coded operands from the integer product c = qa @ qb:
+    sa (c sb) + oa (colsum(qb) sb) + (sa rowsum(qa)) ob + K oa ob, each term where its
+    operand has an offset, added in that order (numpy's order: the same float64 result)."""
+    m, n = c.shape
+    k = a_codes.shape[1]
+    colsum = np.zeros(n, np.int64)
+    if a_affine:
+        for kk in range(k):
+            for j in range(n):
+                colsum[j] += b_codes[kk, j]
+    rowsum = np.zeros(m, np.int64)
+    if b_affine:
+        for i in range(m):
+            total = 0
+            for kk in range(k):
+                total += a_codes[i, kk]
+            rowsum[i] = total
+    out = np.empty((m, n))
+    for i in range(m):
+        for j in range(n):
+            sa, sb = _at(a_scale, i, j), _at(b_scale, i, j)
+            t = sa * (float(c[i, j]) * sb)
+            if a_affine:
+                t += _at(a_offset, i, j) * (float(colsum[j]) * sb)
+            if b_affine:
+                t += (sa * float(rowsum[i])) * _at(b_offset, i, j)
+            if a_affine and b_affine:
+                t += (k * _at(a_offset, i, j)) * _at(b_offset, i, j)
+            out[i, j] = t
+    return out

@@ -32,6 +32,7 @@ from fqtsim.simulation.schedule import (FORWARD_BITS, QuantScheme, as_scheme, ou
                                         update_events,
                                         wide_gradient_level)
 from kernels import int_gemm
+from kernels.quantize import dequantize_product
 
 
 PRICES_KEPT = 4096   # priced event sets a Device keeps for reuse
@@ -123,13 +124,10 @@ class Device:
         c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, writeback, "tensor", name,
                       a_quant=scheme, qa=a, qb=b, windows=(a_im2col, b_im2col, col2im),
                       consumer=consumer, b_sums_known=bool(b_sums_known), also=also)
-        out = a.scale * (c * b.scale)
-        if a.affine:  # A's codes stand for offset + scale * q
-            out += a.offset * (b.codes.sum(axis=0, keepdims=True, dtype=np.int64) * b.scale)
-        if b.affine:
-            out += (a.scale * a.codes.sum(axis=1, keepdims=True, dtype=np.int64)) * b.offset
-        if a.affine and b.affine:
-            out += a.codes.shape[1] * a.offset * b.offset
+        # codes stand for offset + scale * q: rank-1 corrections with the other's sums
+        out = dequantize_product(c, *(np.asarray(v, np.float64).reshape(np.shape(v) or (1, 1))
+                                      for v in (a.scale, b.scale, a.offset, b.offset)),
+                                 a.codes, b.codes, a.affine, b.affine)
         fmt = self.hw.pipeline.wide_format
         if a.transform is None:
             return round_wide(fmt, out) if self.last_stored_wide else out
