@@ -166,6 +166,7 @@ def layout(hw: HWConfig, spec: Gemm) -> Tiling:
                          and wide_gradient_level(hw, t, *c[1:]) == "tcm")
     # BHQ with every row in one tile: T^-1 in the pipeline, no wide output
     chosen += _first(t for t in options if gathers(hw, spec.a_quant, t, spec.m))
+    chosen = list(dict.fromkeys(chosen))   # each candidate priced once
     if len(chosen) == 1:
         return chosen[0]
     return min(chosen, key=lambda t: _objective(hw, spec, t))
