@@ -48,9 +48,14 @@ for their ops (count = elements; ops per element in PASS_OPS):
                          map's own store is its consumer's)
     bias_add (array)     a layer's bias added to each output in the output pipeline
     bias_grad (array)    its gradient: dY's column sums, by adders beside what writes or reads dY
-    optimizer_read       SGD with momentum on FP32 masters: read the weight gradient (where its
-    optimizer_write      GEMM left it), master weights and momentum; write masters, momentum and
-    weight_update        the 8-bit weight codes of the next forward pass
+    optimizer_read       SGD with momentum on the stored state: read the weight gradient (where
+    optimizer_write      its GEMM left it), the stored weights and momentum; write them back and
+    weight_update        the 8-bit weight codes of the next GEMMs (`schedule.update_events`)
+    state_decode,        the stored formats' work beyond fp32 (`fqtsim.quantizers.storage`): integer
+    state_peak,          codes times their scales; a row's or block's peak before its scale is set;
+    state_requant,       a value requantized to an integer code (int16 weights, int8 momentum,
+    state_round,         int8 weights' per-tensor codes for grad_input); a value rounded to bf16;
+    state_rng, kahan     stochastic rounding's random numbers; Kahan's compensation (three adds)
 Between the GEMMs (see `fqtsim.simulation.between`; count = elements, per channel or row where
 said, or compares for maxpool; a memory row's bytes are everything its pass reads there):
     norm_stats           BN/LayerNorm batch statistics: sum and sum of squares (array: beside the
@@ -119,6 +124,12 @@ PASS_OPS = {
     "inverse_transform": {"mul": 3, "add": 2, "requant": 1},
     "inverse_rows": {"mul": 3, "add": 2},       # T^-1 in the pipeline; the write-back requantizes
     "weight_update": {"mul": 3, "add": 3, "requant": 1},   # decay, momentum, step; new codes
+    "state_decode": {"mul": 1},                 # an integer code times its scale
+    "state_peak": {"minmax": 1},                # per value, its row's or block's peak
+    "state_requant": {"requant": 1},
+    "state_round": {"add": 1},                  # bf16: half or 16 random bits added, then truncated
+    "state_rng": {"rng": 1},
+    "kahan": {"add": 3},                        # y = u - c, s - w, (s - w) - y
     "wide_scale": {"mul": 1},                   # raw sums times their scales: fp32/bf16 storage
     "bias_add": {"add": 1},
     "bias_grad": {"add": 1},
@@ -249,7 +260,8 @@ EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code
           "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im",
           "wide_scale", "writeback", "wide_output", "inverse_transform", "inverse_rows",
           "inverse_codes", "bias_add", "bias_grad", "optimizer_read", "optimizer_write",
-          "weight_update",
+          "weight_update", "state_decode", "state_peak", "state_requant", "state_round",
+          "state_rng", "kahan",
           # between the GEMMs
           "norm_stats", "bn_channel", "bn_norm", "bn_grad_sums", "bn_grad_channel", "bn_grad",
           "ln_row", "ln_norm", "ln_grad_sums", "ln_grad_row", "ln_grad", "relu", "relu_mask",
