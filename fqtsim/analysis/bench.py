@@ -246,7 +246,7 @@ def cost_model_bench(hw_path: str = "hw_configs/npu.yaml", model: str = "resnet5
 
     caches = (mapping.plans, mapping._largest_window, mapping.loop_units, mapping.operand_tiles,
               cost.layout, cost._placed_step, conv.row_tiles, conv.col_tiles,
-              conv._whole_sample, conv._disjoint_prefix)
+              conv._disjoint_prefix)
     given = load_hw(hw_path)
     searched = dataclasses.replace(given, mapping=dataclasses.replace(given.mapping, loop_order=None))
     rows = []

@@ -26,6 +26,7 @@ from fqtsim.hardware.mapping import (Producer, check_gemm, live_wide_elements, n
 from fqtsim.hardware.mapping import fill_drain
 from fqtsim.simulation.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
+from fqtsim.quantizers.storage import FP32_STATE, StateFormats
 from fqtsim.simulation.schedule import (FORWARD_BITS, QuantScheme, as_scheme, output_writeback,
                                         gathers, quantized_shape, rename_wide_output,
                                         scale_events,
@@ -265,11 +266,13 @@ class Device:
             self._price(name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
     def update(self, params: int, name: str, state_at: str = "ddr", sums: int = 1,
-               bias: int = 0):
-        """Record an SGD-with-momentum step of `params` FP32 master weights whose gradient the
-        last GEMM wrote, their state at `state_at`, keeping `sums` sets of the new codes' column
-        sums (see `fqtsim.simulation.schedule.update_events`)."""
-        events = update_events(self.hw, params, self.last_output_level, state_at, sums, bias)
+               bias: int = 0, formats: StateFormats = FP32_STATE, channels: int = 1):
+        """Record an SGD-with-momentum step of `params` weights in `channels` rows whose
+        gradient the last GEMM wrote, their state stored in `formats` at `state_at`, keeping
+        `sums` sets of the new codes' column sums (see
+        `fqtsim.simulation.schedule.update_events`)."""
+        events = update_events(self.hw, params, self.last_output_level, state_at, sums, bias,
+                               formats, channels)
         self._price(name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
     def _price(self, name: str, spec: GemmSpec, events: dict):

@@ -44,10 +44,11 @@ import math
 from dataclasses import dataclass
 
 from fqtsim.hardware.hw import HWConfig
-from fqtsim.simulation.ledger import add
+from fqtsim.simulation.ledger import add, merge
 from fqtsim.hardware.mapping import (Producer, Tiling, as_int, nbytes, produced_by,
                                      wide_store_bits)
 from fqtsim.quantizers import GRADIENT_METHODS
+from fqtsim.quantizers.storage import FP32_STATE, StateFormats
 
 METHODS = GRADIENT_METHODS
 RANGE_POLICIES = ("dynamic", "delayed")
@@ -261,7 +262,6 @@ def correction_events(m: int, n: int, k: int, a_offset: bool, b_offset: bool,
     return events
 
 
-MASTER_BYTES = 4    # FP32 master weight and FP32 momentum per parameter
 FORWARD_BITS = 8    # forward activation and weight codes (per tensor, round to nearest)
 GRAD_WEIGHT_BITS = 8   # Q_bw, the weight-gradient GEMM's quantizer
 
@@ -288,29 +288,86 @@ def weight_gradient_method(quantizer: str) -> str:
 
 
 def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "ddr",
-                  sums: int = 1, bias: int = 0) -> dict:
-    """SGD with momentum on FP32 master weights, for `params` parameters whose gradient the
-    weight-gradient GEMM left at full width in `grad_level`; masters and momentum live at
-    `state_at` (TCM where the step leaves room for them, see `fqtsim.simulation.cost`). The
-    new 8-bit codes go to DDR for the next GEMMs, with `sums` sets of their column sums (one
-    per GEMM that corrects zero points with them: forward, and grad_input where there is one)
-    added as they are written. `bias`: bias parameters updated the same way, their gradient
-    (`bias_events`) read from TCM and the new biases written to DDR at full width, where the
-    output pipeline adds them."""
+                  sums: int = 1, bias: int = 0, formats: StateFormats = FP32_STATE,
+                  channels: int = 1) -> dict:
+    """SGD with momentum on the vector unit for `params` weights in `channels` rows (output
+    channels), whose gradient the weight-gradient GEMM left at full width in `grad_level`: it
+    reads the gradient and the stored weights and momentum (in `formats`, at `state_at`: TCM
+    where the step leaves room for them, see `fqtsim.simulation.cost`), updates them in fp32 and
+    writes them back in their formats (`format_events`: decoding, peaks, rounding, random
+    numbers). The GEMMs load 8-bit weight codes from DDR (`weight_code_sets`: the update writes
+    them, with `sums` sets of their column sums, one per GEMM that corrects zero points with
+    them: forward, and grad_input where there is one). `bias`: bias parameters updated the same
+    way, their gradient (`bias_events`) read from TCM and the new biases written to DDR at
+    their stored width, where the output pipeline adds them (a 1-D tensor: one scale, one
+    momentum block)."""
+    weights, momentum = formats.weights, formats.momentum
+    per_value = weights.buffers + 1   # values moved per parameter: its weight buffers, momentum
     events = {}
     add(events, "optimizer_read", grad_level, params, nbytes(params, wide_store_bits(hw)))
-    add(events, "optimizer_read", state_at, 2 * params, 2 * params * MASTER_BYTES)
-    add(events, "optimizer_write", state_at, 2 * params, 2 * params * MASTER_BYTES)
-    add(events, "optimizer_write", "ddr", params, nbytes(params, FORWARD_BITS))
+    stored = state_bytes(params, formats, channels)
+    add(events, "optimizer_read", state_at, per_value * params, stored)
+    add(events, "optimizer_write", state_at, per_value * params, stored)
+    codes = weight_code_sets(formats, state_at, sums)
+    if codes:
+        add(events, "optimizer_write", "ddr", codes * params, codes * nbytes(params, FORWARD_BITS))
     add(events, "weight_update", "vector", params)
+    merge(events, format_events(formats, params))
+    if weights.scales == "row" and sums > 1:   # grad_input's per-tensor codes of the stored ones
+        add(events, "state_requant", "vector", params)
     add(events, "colsum", "vector", sums * params)
     if bias:
         add(events, "optimizer_read", "tcm", bias, nbytes(bias, wide_store_bits(hw)))
-        add(events, "optimizer_read", state_at, 2 * bias, 2 * bias * MASTER_BYTES)
-        add(events, "optimizer_write", state_at, 2 * bias, 2 * bias * MASTER_BYTES)
-        add(events, "optimizer_write", "ddr", bias, bias * MASTER_BYTES)
+        stored = state_bytes(0, formats, bias=bias)
+        add(events, "optimizer_read", state_at, per_value * bias, stored)
+        add(events, "optimizer_write", state_at, per_value * bias, stored)
+        add(events, "optimizer_write", "ddr", bias, weights.nbytes(bias, compensation=False))
         add(events, "weight_update", "vector", bias)
+        merge(events, format_events(formats, bias))
     return events
+
+
+def weight_code_sets(formats: StateFormats, state_at: str, sums: int) -> int:
+    """8-bit weight code sets the update writes to DDR, where the GEMMs load them: one, read by
+    the forward GEMM and grad_input. int8 weights per channel: the forward GEMM reads the stored
+    codes (a copy only where they live in TCM), and grad_input, whose reduction runs along the
+    channels their scales cover, gets per-tensor codes of them (`sums` > 1: it exists)."""
+    if formats.weights.scales != "row":
+        return 1
+    return (state_at == "tcm") + (sums > 1)
+
+
+def format_events(formats: StateFormats, values: int) -> dict:
+    """The vector unit's work on `values` weights and their momentum beyond fp32 arithmetic:
+    integer codes decoded (times their scales), their groups' peaks found and the new values
+    requantized (int8 weights: the requantization of `weight_update`, their codes being the
+    GEMMs'), bf16 values rounded (bf16-kahan: the value and its compensation, and Kahan's
+    adds), and a random number per value that rounds stochastically."""
+    events = {}
+    for fmt, weight in ((formats.weights, True), (formats.momentum, False)):
+        if fmt.integer:
+            add(events, "state_decode", "vector", values)
+            if not (weight and fmt.scales == "row"):
+                add(events, "state_requant", "vector", values)
+        elif fmt.bits < 32:
+            add(events, "state_round", "vector", values * (2 if fmt.compensated else 1))
+        if fmt.peaked:
+            add(events, "state_peak", "vector", values)
+        if fmt.compensated:
+            add(events, "kahan", "vector", values)
+        if fmt.stochastic:
+            add(events, "state_rng", "vector", values)
+    return events
+
+
+def check_readable(hw: HWConfig, formats: StateFormats, what: str = "weights") -> None:
+    """Refuse stored weight codes the array cannot take: int8 weights are the forward GEMM's
+    operand as they are stored."""
+    if formats.weights.scales == "row" and hw.array.operand_bits < formats.weights.bits:
+        raise ValueError(f"{what} {formats.weights.name}: the forward GEMM reads the stored "
+                         f"{formats.weights.bits}-bit codes as they are, and {hw.name}'s MACs "
+                         f"take codes of at most {hw.array.operand_bits} bits; pick fp32, bf16 "
+                         f"or int16 weights, or a config with wider operands")
 
 
 def bias_events(m: int, n: int, direction: str) -> dict:
@@ -322,6 +379,14 @@ def bias_events(m: int, n: int, direction: str) -> dict:
     return events
 
 
-def state_bytes(params: int) -> int:
-    """Bytes of optimizer state per step: FP32 masters and momentum."""
-    return 2 * params * MASTER_BYTES
+def state_bytes(params: int, formats: StateFormats = FP32_STATE, channels: int = 1,
+                bias: int = 0) -> int:
+    """Bytes of a layer's persistent optimizer state in `formats`: `params` weights in
+    `channels` rows and `bias` biases, each with its momentum (the scales included)."""
+    weights, momentum, block = formats.weights, formats.momentum, formats.block
+    total = 0
+    if params:
+        total += weights.nbytes(params, channels) + momentum.nbytes(params, channels, block)
+    if bias:
+        total += weights.nbytes(bias) + momentum.nbytes(bias, None, block)
+    return total
