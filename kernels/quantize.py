@@ -23,22 +23,25 @@ def group_minmax(x, group):
     """Per-group (min, max) of 2-D float64 x, shaped to broadcast against it, and the number of
     NaN or infinite values (with any, the ranges are meaningless)."""
     n, d = x.shape
-    rows = n if group == ROWS else 1
-    cols = d if group == COLS else 1
-    lo = np.full((rows, cols), np.inf)
-    hi = np.full((rows, cols), -np.inf)
+    lo = np.full((n if group == ROWS else 1, d if group == COLS else 1), np.inf)
+    hi = np.full(lo.shape, -np.inf)
     bad = 0
     for i in range(n):
-        gi = i if group == ROWS else 0
-        for j in range(d):
-            gj = j if group == COLS else 0
-            v = x[i, j]
-            if not math.isfinite(v):
-                bad += 1
-            if v < lo[gi, gj]:
-                lo[gi, gj] = v
-            if v > hi[gi, gj]:
-                hi[gi, gj] = v
+        if group == COLS:
+            for j in range(d):
+                v = x[i, j]
+                bad += not abs(v) < np.inf
+                lo[0, j] = min(lo[0, j], v)
+                hi[0, j] = max(hi[0, j], v)
+        else:
+            gi = i if group == ROWS else 0
+            low, high = lo[gi, 0], hi[gi, 0]
+            for j in range(d):
+                v = x[i, j]
+                bad += not abs(v) < np.inf
+                low = min(low, v)
+                high = max(high, v)
+            lo[gi, 0], hi[gi, 0] = low, high
     return lo, hi, bad
 
 
@@ -54,22 +57,29 @@ def encode(x, lo, hi, scale, u, top, shift, count_clips, out):
     half = u[0, 0]
     for i in range(n):
         gi = i if per_row else 0
-        for j in range(d):
-            gj = j if per_col else 0
-            v = x[i, j]
-            low = lo[gi, gj]
-            y = math.floor((v - low) / scale[gi, gj] + (u[i, j] if draws else half))
-            y = min(max(y, 0.0), top)
-            out[i, j] = int(y) - shift
-            if count_clips and (v < low or v > hi[gi, gj]):
-                clipped += 1
-    return clipped
+        if per_col:
+            for j in range(d):
+                v, low, high = x[i, j], lo[0, j], hi[0, j]
+                y = math.floor((v - low) / scale[0, j] + (u[i, j] if draws else half))
+                out[i, j] = int(min(max(y, 0.0), top)) - shift
+                clipped += (v < low) | (v > high)
+        else:
+            low, high, step = lo[gi, 0], hi[gi, 0], scale[gi, 0]
+            for j in range(d):
+                v = x[i, j]
+                y = math.floor((v - low) / step + (u[i, j] if draws else half))
+                out[i, j] = int(min(max(y, 0.0), top)) - shift
+                clipped += (v < low) | (v > high)
+    return clipped if count_clips else 0
 
 
 @njit(cache=True)
-def _at(v, i, j):
-    """v[i, j] of a (1, 1), (N, 1) or (1, D) array broadcast against an N x D one."""
-    return v[i if v.shape[0] > 1 else 0, j if v.shape[1] > 1 else 0]
+def _row(v, n):
+    """(1, 1) or (1, n) v as a vector of n."""
+    out = np.empty(n)
+    for j in range(n):
+        out[j] = v[0, j if v.shape[1] > 1 else 0]
+    return out
 
 
 @njit(cache=True)
@@ -80,28 +90,34 @@ def dequantize_product(c, a_scale, b_scale, a_offset, b_offset, a_codes, b_codes
     operand has an offset, added in that order (numpy's order: the same float64 result)."""
     m, n = c.shape
     k = a_codes.shape[1]
-    colsum = np.zeros(n, np.int64)
+    sb, ob = _row(b_scale, n), _row(b_offset, n)
+    colterm = np.zeros(n)    # colsum(qb) sb
     if a_affine:
+        colsum = np.zeros(n, np.int64)
         for kk in range(k):
             for j in range(n):
                 colsum[j] += b_codes[kk, j]
-    rowsum = np.zeros(m, np.int64)
-    if b_affine:
-        for i in range(m):
+        for j in range(n):
+            colterm[j] = float(colsum[j]) * sb[j]
+    out = np.empty((m, n))
+    for i in range(m):
+        gi = i if a_scale.shape[0] > 1 else 0
+        sa, oa = a_scale[gi, 0], a_offset[gi, 0]
+        rowterm = 0.0        # sa rowsum(qa)
+        if b_affine:
             total = 0
             for kk in range(k):
                 total += a_codes[i, kk]
-            rowsum[i] = total
-    out = np.empty((m, n))
-    for i in range(m):
+            rowterm = sa * float(total)
+        kterm = k * oa
         for j in range(n):
-            sa, sb = _at(a_scale, i, j), _at(b_scale, i, j)
-            t = sa * (float(c[i, j]) * sb)
+            t = sa * (float(c[i, j]) * sb[j])
             if a_affine:
-                t += _at(a_offset, i, j) * (float(colsum[j]) * sb)
+                t += oa * colterm[j]
             if b_affine:
-                t += (sa * float(rowsum[i])) * _at(b_offset, i, j)
+                t += rowterm * ob[j]
             if a_affine and b_affine:
-                t += (k * _at(a_offset, i, j)) * _at(b_offset, i, j)
+                t += kterm * ob[j]
             out[i, j] = t
     return out
+

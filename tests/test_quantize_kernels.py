@@ -58,3 +58,48 @@ def test_dequantize_product_equals_numpy(m, n, k, a_rows, b_cols, a_affine, b_af
         want += k * oa * ob
     got = dequantize_product(c, sa, sb, oa, ob, qa, qb, a_affine, b_affine)
     np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9),
+       st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+       st.integers(0, 2), st.integers(0, 2), st.booleans(), st.integers(0, 2**31))
+def test_unfold_codes_equals_torch_unfold(n, c, h, w, kh, kw, sh, sw, ph, pw, signed, seed):
+    import torch
+    from torch.nn import functional as F
+
+    from kernels.conv import unfold_codes
+
+    if h + 2 * ph < kh or w + 2 * pw < kw:
+        return
+    rng = np.random.default_rng(seed)
+    dtype = np.int8 if signed else np.uint8
+    info = np.iinfo(dtype)
+    codes = rng.integers(info.min, info.max + 1, (n, c, h, w)).astype(dtype)
+    fill = dtype(rng.integers(info.min, info.max + 1))
+    padded = F.pad(torch.from_numpy(codes.astype(np.float64)), (pw, pw, ph, ph), value=float(fill))
+    cols = F.unfold(padded, (kh, kw), stride=(sh, sw))
+    want = cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy().astype(dtype)
+    out = np.empty(want.shape, dtype)
+    unfold_codes(codes, (kh, kw), (sh, sw), (ph, pw), fill, out)
+    np.testing.assert_array_equal(out, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9),
+       st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+       st.integers(0, 2), st.integers(0, 2), st.integers(0, 2**31))
+def test_fold_rows_equals_torch_fold(n, c, h, w, kh, kw, sh, sw, ph, pw, seed):
+    import torch
+    from torch.nn import functional as F
+
+    from kernels.conv import fold_rows
+
+    if h + 2 * ph < kh or w + 2 * pw < kw:
+        return
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    rows = np.random.default_rng(seed).integers(-1000, 1000, (n * oh * ow, c * kh * kw)) / 8.0
+    cols = torch.from_numpy(rows).reshape(n, oh * ow, -1).transpose(1, 2)
+    want = F.fold(cols, (h, w), (kh, kw), padding=(ph, pw), stride=(sh, sw)).numpy()
+    got = fold_rows(rows, n, c, h, w, (kh, kw), (sh, sw), (ph, pw))
+    np.testing.assert_array_equal(got, want)   # sums of multiples of 1/8: exact in any order
