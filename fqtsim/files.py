@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import contextlib
 import os
 import shutil
 import tempfile
@@ -92,7 +93,9 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException as e:
-        os.unlink(tmp)
+        # gone already if Ctrl-C landed after the rename: the file is whole, the interrupt stands
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         if isinstance(e, OSError):   # a full disk: the write names no file
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
