@@ -11,9 +11,9 @@ the way. Temporaries carry ".fqtsim-" in their names, so no user file is taken f
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
-import contextlib
 import os
 import shutil
 import tempfile
