@@ -12,6 +12,7 @@ hw_configs/npu.yaml is the shipped one when the current directory has no such fi
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 
 import pandas as pd
 
+from fqtsim.quantizers.storage import DEFAULT_BLOCK, MOMENTUM_FORMATS, WEIGHT_FORMATS
 from fqtsim.simulation.schedule import METHODS, RANGE_POLICIES
 from fqtsim.simulation.workloads import WORKLOADS
 from fqtsim.training.train import Interrupted, RunConfig
@@ -134,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                       dest="range_policy", metavar="R",
                       help="range policies with --quantizer: dynamic (default) and/or delayed")
     cost.add_argument("--grad-bits", type=bits, default=8, help="gradient code bits with --quantizer")
+    cost.add_argument("--weights", nargs="+", choices=list(WEIGHT_FORMATS), metavar="W",
+                      help=f"with --model: how the weights are stored ({' '.join(WEIGHT_FORMATS)}; "
+                           f"default fp32); with several formats here or in --momentum, one row "
+                           f"per pair: the update's share of the step (PSQ, or each --quantizer)")
+    cost.add_argument("--momentum", nargs="+", choices=list(MOMENTUM_FORMATS), metavar="M",
+                      help=f"with --model: how the momentum is stored "
+                           f"({' '.join(MOMENTUM_FORMATS)}; default fp32)")
+    cost.add_argument("--momentum-block", type=int_in(1), default=DEFAULT_BLOCK,
+                      help="values per scale of int8 momentum")
     cost.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
 
     sub.add_parser("bench", help="emulated integer GEMM time against numpy float32 matmul")
@@ -145,13 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"activation-gradient quantizer: {', '.join(METHODS)} (default psq)")
     run.add_argument("--mode", default=defaults.mode,
                      help="fp32 (no quantization), qat (forward quantized) or fqt (default)")
-    run.add_argument("--model", default=defaults.model, help="mlp (default) or cnn")
+    run.add_argument("--model", default=defaults.model,
+                     help="mlp (default), mlp6 (six layers deep), cnn, or gpt (a transformer "
+                          "language model, on --dataset stdlib-docs)")
     run.add_argument("--dataset", default=defaults.dataset,
-                     help="digits (default), mnist1d or synthetic")
+                     help="digits (default), mnist1d or synthetic (images); stdlib-docs (text: "
+                          "the standard library's docstrings, for --model gpt)")
     run.add_argument("--grad-bits", type=bits, default=defaults.grad_bits,
                      help="activation-gradient bits, 2..8 (default 8)")
     run.add_argument("--range", dest="range_policy", default=defaults.range_policy,
                      help="gradient ranges: dynamic (default) or delayed")
+    run.add_argument("--weights", default=defaults.weights,
+                     help=f"how the weights are stored between steps: {', '.join(WEIGHT_FORMATS)} "
+                          f"(default fp32: FP32 masters)")
+    run.add_argument("--momentum", default=defaults.momentum,
+                     help=f"how the momentum is stored: {', '.join(MOMENTUM_FORMATS)} (default fp32)")
+    run.add_argument("--momentum-block", type=int_in(1), default=defaults.momentum_block,
+                     help="values per scale of int8 momentum; must divide every layer's weights")
     run.add_argument("--epochs", type=int_in(1), default=defaults.epochs, help="training epochs")
     run.add_argument("--batch-size", type=int_in(1), default=defaults.batch_size,
                      help="samples per training step")
@@ -159,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="peak learning rate (one-cycle schedule)")
     run.add_argument("--seed", type=SEED, default=defaults.seed,
                      help="seed of the data split, initialization, batch order and rounding")
+    run.add_argument("--track-variance", type=int_in(0), default=defaults.track_variance,
+                     metavar="N", help="every N epochs (from the first), log each layer's "
+                                       "quantization / sampling variance ratio in metrics.csv "
+                                       "(variance_ratio.<layer>; default 0: off)")
     run.add_argument("--out", help="run directory (default runs/<hw>-<model>-<dataset>-<mode>-seed<seed>); "
                                     "running the same config into it again resumes from its last "
                                     "checkpoint")
@@ -171,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("--dataset", str, [defaults.dataset]),
                                   ("--grad-bits", integer, [defaults.grad_bits]),
                                   ("--range", str, [defaults.range_policy]),
+                                  ("--weights", str, [defaults.weights]),
+                                  ("--momentum", str, [defaults.momentum]),
+                                  ("--momentum-block", integer, [defaults.momentum_block]),
                                   ("--epochs", integer, [defaults.epochs]),
                                   ("--batch-size", integer, [defaults.batch_size]),
                                   ("--lr", float, [defaults.lr]), ("--seed", integer, [defaults.seed])):
@@ -186,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     var = sub.add_parser("variance", help="gradient variance per layer against its bound, PTQ/PSQ/BHQ "
                                           "at 2..8 bits, on the device")
     var.add_argument("--hw", default=defaults.hw, help=_hw_help(defaults.hw))
-    var.add_argument("--model", help="mlp or cnn (default mlp; not with --run, whose model is used)")
+    var.add_argument("--model", help="mlp, mlp6 or cnn (default mlp; not with --run, whose model is used)")
     var.add_argument("--dataset", help="digits, mnist1d or synthetic (default digits; not with --run)")
     var.add_argument("--run", dest="from_run", help="use this fqtsim run directory's trained model "
                                                     "(and its dataset and seed) instead of "
@@ -211,10 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="overhead report (HTML, Markdown, PNG, CSV) from runs "
                                         "and/or the cost model")
     rep.add_argument("runs", nargs="*", help="run directories written by fqtsim run")
-    rep.add_argument("--model", help="cost-model workload: resnet18, resnet50, transformer, mlp, cnn")
+    rep.add_argument("--model", help=f"cost-model workload: {', '.join(WORKLOADS)}")
     rep.add_argument("--batch", type=int_in(1), default=64, help="batch for --model (default 64)")
     rep.add_argument("--hw", action="append", default=[], help="hardware config(s) for --model")
     rep.add_argument("--grad-bits", type=bits, default=8, help="gradient bits for --model")
+    rep.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="fp32", metavar="W",
+                     help=f"stored weights for --model ({', '.join(WEIGHT_FORMATS)})")
+    rep.add_argument("--momentum", choices=list(MOMENTUM_FORMATS), default="fp32", metavar="M",
+                     help=f"stored momentum for --model ({', '.join(MOMENTUM_FORMATS)})")
+    rep.add_argument("--momentum-block", type=int_in(1), default=DEFAULT_BLOCK,
+                     help="values per scale of int8 momentum, for --model")
     rep.add_argument("--out", required=True, help="report directory: new, empty, or an earlier "
                                                   "report (replaced whole)")
     return parser
@@ -356,13 +390,17 @@ def cmd_cost(args) -> int:
     hw = load_hw(args.hw)
     if args.csv is not None:
         claim_file(args.csv, inputs=[resolve_hw(args.hw)])
-    for option, values in (("--quantizer", args.quantizer or []), ("--range", args.range_policy)):
+    for option, values in (("--quantizer", args.quantizer or []), ("--range", args.range_policy),
+                           ("--weights", args.weights or []), ("--momentum", args.momentum or [])):
         if len(set(values)) < len(values):
             raise ValueError(f"{option}: {' '.join(values)} names a value twice; give each once")
     if (args.gemm is None) == (args.model is None):
         raise ValueError("give --gemm MxKxN (one or more) or --model NAME")
     if args.batch is not None and args.model is None:
         raise ValueError("--batch: the samples of a --model step; a --gemm shape has its own M")
+    if (args.weights or args.momentum) and args.model is None:
+        raise ValueError("--weights, --momentum: how a --model step's update stores its state; a "
+                         "--gemm shape has no update")
     if args.model is not None:
         return step_table(hw, args)
     if args.quantizer:
@@ -446,13 +484,46 @@ def step_table(hw, args) -> int:
     from fqtsim.simulation.schedule import QuantScheme
 
     args.batch = args.batch or 64
+    pairs = list(itertools.product(args.weights or ["fp32"], args.momentum or ["fp32"]))
+    if len(pairs) > 1:
+        return formats_table(hw, args, pairs)
+    (weights, momentum), = pairs
     schemes = [QuantScheme(q, r) for q in (args.quantizer or ["ptq", "psq", "bhq"])
                for r in args.range_policy]
     table = fqtsim.simulation.cost.step_overhead(hw, args.model, args.batch, schemes,
-                                                 args.grad_bits)
+                                                 args.grad_bits, weights, momentum,
+                                                 args.momentum_block)
+    stored = f", {weights} weights and {momentum} momentum" if (weights, momentum) != (
+        "fp32", "fp32") else ""
     print(f"{hw.name}: {hw.description}\n\none training step of {args.model} at batch "
-          f"{args.batch}, {args.grad_bits}-bit gradients: extra over delayed PTQ (ranges known "
-          f"before their GEMMs), quantizers riding the passes between the GEMMs (shared) or not")
+          f"{args.batch}, {args.grad_bits}-bit gradients{stored}: extra over delayed PTQ (ranges "
+          f"known before their GEMMs), quantizers riding the passes between the GEMMs (shared) "
+          f"or not")
+    with pd.option_context("display.width", 200):
+        print(table.to_string(index=False, float_format=_figure))
+    print(f"\n{energy_line(hw)}")
+    if args.csv:
+        write_atomic(args.csv, table.to_csv(index=False))
+        print(f"\nwrote {args.csv}")
+    return 0
+
+
+def formats_table(hw, args, pairs) -> int:
+    """`cost --model` with several stored formats: the update per (weights, momentum) pair."""
+    import fqtsim.simulation.cost
+    from fqtsim.files import write_atomic
+
+    tables = []
+    for q in args.quantizer or ["psq"]:
+        for r in args.range_policy:
+            table = fqtsim.simulation.cost.update_costs(hw, args.model, args.batch, pairs, q, r,
+                                                        args.grad_bits, args.momentum_block)
+            tables.append(table.assign(quantizer=q, range=r))
+    table = pd.concat(tables, ignore_index=True)
+    print(f"{hw.name}: {hw.description}\n\none training step of {args.model} at batch "
+          f"{args.batch}, {args.grad_bits}-bit gradients, per stored format of the weights and "
+          f"momentum: where the state lives, its MB, the step's energy and DDR traffic, and the "
+          f"update's share of each")
     with pd.option_context("display.width", 200):
         print(table.to_string(index=False, float_format=_figure))
     print(f"\n{energy_line(hw)}")
@@ -529,8 +600,14 @@ def cmd_run(args) -> int:
 
 def format_summary(s: dict) -> str:
     mode = s["mode"] if s["mode"] != "fqt" else f"fqt, {s['quantizer']} {s['grad_bits']}-bit gradients, {s['range_policy']} ranges"
-    lines = [f"{s['model']} on {s['dataset']}, {mode}, {s['hw']}: {s['steps']} steps in {s['seconds']:.0f} s",
-             f"  test accuracy  {100 * s['accuracy']:.2f} %", f"  test loss      {s['loss']:.4f}"]
+    if (s.get("weights", "fp32"), s.get("momentum", "fp32")) != ("fp32", "fp32"):
+        mode += f", {s['weights']} weights, {s['momentum']} momentum"
+    lines = [f"{s['model']} on {s['dataset']}, {mode}, {s['hw']}: {s['steps']} steps in {s['seconds']:.0f} s"]
+    if "val_loss" in s:   # a language model: per character, on the validation text
+        lines += [f"  val loss       {s['val_loss']:.4f} nats/char ({s['bits_per_char']:.3f} bits/char)",
+                  f"  val accuracy   {100 * s['accuracy']:.2f} % (next character)"]
+    else:
+        lines += [f"  test accuracy  {100 * s['accuracy']:.2f} %", f"  test loss      {s['loss']:.4f}"]
     for level, moved in s["bytes_by_level"].items():
         lines.append(f"  {level} bytes      {moved:,.0f}")
     for kind, count in s["ops"].items():
@@ -545,7 +622,9 @@ def cmd_report(args) -> int:
     from fqtsim.analysis.report import build_report
 
     out = build_report(args.out, args.runs, args.model, args.batch, args.hw, args.grad_bits,
-                       command="fqtsim " + shlex.join(args.argv))
+                       command="fqtsim " + shlex.join(args.argv),
+                       stored={"weights": args.weights, "momentum": args.momentum,
+                               "momentum_block": args.momentum_block})
     print(f"wrote {out}/report.html and report.md, with PNG plots and CSV tables")
     return 0
 

@@ -12,7 +12,7 @@ from fqtsim.simulation import workloads
 from fqtsim.simulation.ledger import PASS_MEMORY, PASS_OPS, GemmSpec, price
 from fqtsim.simulation.schedule import QuantScheme, input_events
 from fqtsim.simulation.workloads import Layer, Op
-from fqtsim.training.models import build
+from fqtsim.training.models import MLP_DEPTHS, build, mlp_widths
 
 HW = fqtsim.load_hw("npu")
 WIDE = wide_store_bits(HW)   # 32: npu stores wide tensors as raw int32 sums
@@ -306,11 +306,14 @@ def test_layers_default_to_no_ops_and_take_kinds_as_strings():
         Op("dropout")
 
 
-@pytest.mark.parametrize("model", ["cnn", "mlp"])
+@pytest.mark.parametrize("model", ["cnn", "mlp", "mlp6"])
 def test_workload_ops_match_the_torch_models(model):
     torch_model = build(model, (1, 8, 8), 10)
-    layers = workloads.cnn((1, 8, 8)) if model == "cnn" else workloads.mlp(64, 10)
+    layers = workloads.cnn((1, 8, 8)) if model == "cnn" else workloads.mlp(
+        64, 10, hidden=tuple(mlp_widths(MLP_DEPTHS[model])))
     mods = Counter(type(m).__name__ for m in torch_model.modules())
+    assert [layer.name for layer in layers] == [name for name, m in torch_model.named_modules()
+                                                if isinstance(m, (nn.Linear, nn.Conv2d))]
     ops = kinds(layers)
     assert ops["bn"] == mods["BatchNorm2d"] and ops["relu"] == mods["ReLU"]
     assert ops["softmax_ce"] == 1 and layers[-1].between == (Op("softmax_ce"),)   # the loss

@@ -25,6 +25,8 @@ def test_cost_prints_table_and_writes_csv(tmp_path, capsys):
     (["cost", "--gemm", "12x0x3"], "'12x0x3' is not MxKxN"),
     (["cost", "--gemm", "4x4x4", "--hw", "missing.yaml"], "missing.yaml: cannot read"),
     (["cost", "--gemm", "4x4x4", "--a-bits", "9"], "expected an integer in 2..8"),
+    (["run", "--track-variance", "-1"], "expected an integer >= 0"),
+    (["run", "--mode", "qat", "--track-variance", "2"], "only --mode fqt has"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expect, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -121,7 +121,7 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch, capsys):
 KILLED_RUN = """
 import os, signal, sys
 import fqtsim.training.train as t
-take, save = t._take, t._save_checkpoint
+take, save = t.take_step, t._save_checkpoint
 def take_then_die(device, step):
     if {where!r} == "mid-epoch" and step == {steps_per_epoch} + 1:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -130,7 +130,7 @@ def save_then_die(path, model, optimizer, scheduler, sim, order_rng, epoch, *res
     if {where!r} == "at checkpoint" and epoch == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return save(path, model, optimizer, scheduler, sim, order_rng, epoch, *rest)
-t._take, t._save_checkpoint = take_then_die, save_then_die
+t.take_step, t._save_checkpoint = take_then_die, save_then_die
 t.train(t.RunConfig(**{config}), progress=False)
 """
 
@@ -138,6 +138,7 @@ t.train(t.RunConfig(**{config}), progress=False)
 @pytest.mark.parametrize("mode, model, policy, quantizer, where", [
     ("fqt", "mlp", "dynamic", "psq", "mid-epoch"), ("fqt", "cnn", "delayed", "bhq", "mid-epoch"),
     ("fqt", "mlp", "delayed", "ptq", "at checkpoint"), ("qat", "cnn", "dynamic", "psq", "mid-epoch"),
+    ("fqt", "cnn", "predicted", "psq", "mid-epoch"), ("fqt", "mlp", "predicted", "bhq", "at checkpoint"),
     ("fp32", "mlp", "dynamic", "psq", "at checkpoint")])
 def test_a_killed_run_resumes_to_the_same_results(mode, model, policy, quantizer, where, tmp_path):
     config = dict(hw=NPU, mode=mode, model=model, dataset="synthetic", epochs=3, batch_size=200,
@@ -244,7 +245,7 @@ def test_a_restart_stopped_in_its_first_epoch_keeps_the_earlier_run(finished_run
 
     def interrupt(device, step):
         raise KeyboardInterrupt
-    monkeypatch.setattr(t, "_take", interrupt)
+    monkeypatch.setattr(t, "take_step", interrupt)
     with pytest.raises(t.Interrupted, match="holds the earlier run as it was"):
         train(RunConfig(hw=NPU, dataset="synthetic", epochs=2, batch_size=200, quantizer="bhq",
                         out=str(finished_run)), progress=False, restart=True)

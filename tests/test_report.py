@@ -34,7 +34,8 @@ def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for mode, quantizer in (("fp32", "psq"), ("fqt", "bhq")):
         train(RunConfig(hw=NPU, mode=mode, quantizer=quantizer, dataset="synthetic", epochs=1,
-                        batch_size=200, out=str(root / mode)), progress=False)
+                        batch_size=200, track_variance=int(mode == "fqt"), out=str(root / mode)),
+              progress=False)
     return [root / "fp32", root / "fqt"]
 
 
@@ -43,7 +44,8 @@ def test_report_from_runs_and_cost_model(tmp_path, two_runs, capsys):
     assert main(["report", *map(str, two_runs), "--model", "cnn", "--batch", "16", "--hw", NPU,
                  "--hw", str(acc16_yaml(tmp_path)), "--out", str(out)]) == 0
     files = {p.name for p in out.iterdir()}
-    assert {"report.html", "report.md", "runs.csv", "runs_curves.png", "cnn_schemes.csv",
+    assert {"report.html", "report.md", "runs.csv", "runs_curves.png", "runs_variance_ratio.png",
+            "cnn_schemes.csv",
             "cnn_tcm_sweep.png", "cnn_quantizer_energy.png", "cnn_energy_sensitivity.png",
             "cnn_energy_sensitivity_npu.csv", "cnn_accumulator_bounds.csv"} <= files
     page = (out / "report.html").read_text()
@@ -51,9 +53,9 @@ def test_report_from_runs_and_cost_model(tmp_path, two_runs, capsys):
     md = (out / "report.md").read_text()
     assert "Regenerate: `fqtsim report" in md and "delayed ranges remove" in md
     schemes = pd.read_csv(out / "cnn_schemes.csv")
-    assert len(schemes) == 12 and set(schemes.hw) == {"npu", "npu-acc16"}
+    assert len(schemes) == 18 and set(schemes.hw) == {"npu", "npu-acc16"}   # 3 x 3 per config
     assert (schemes.query("quantizer == 'bhq' and range == 'dynamic'")["sort + transform_mJ"] > 0).all()
-    assert (schemes.query("range == 'delayed' and quantizer != 'bhq'")["wide write-back_mJ"] == 0).all()
+    assert (schemes.query("range != 'dynamic' and quantizer != 'bhq'")["wide write-back_mJ"] == 0).all()
     parts = schemes[[f"{p}_mJ" for p in QUANTIZER_PARTS]].sum(axis=1)
     assert np.allclose(schemes.quantizer_mJ, parts, rtol=1e-12)
     assert (schemes["leakage_mJ"] > 0).all()

@@ -143,6 +143,7 @@ def test_narrow_accumulators_change_what_training_sees(tmp_path):
     ("grad_bits", 1, "--grad-bits: got 1"),
     ("epochs", 0, "--epochs: got 0"),
     ("batch_size", 0, "--batch-size: got 0"),
+    ("track_variance", -1, "--track-variance: got -1"),
 ])
 def test_bad_run_options(field, value, expect):
     with pytest.raises(ValueError, match=expect):
@@ -244,6 +245,33 @@ def test_a_delayed_run_starts_dynamic_and_each_step_equals_its_closed_form(tmp_p
     _step_equals(ledger, 3, fqtsim.cost.training_step(hw, layers, 100, "psq", "delayed"))
 
 
+@pytest.mark.parametrize("model, quantizer", [("mlp", "psq"), ("cnn", "bhq"), ("mlp", "ptq")])
+def test_a_predicted_run_fits_then_predicts_and_each_step_equals_its_closed_form(tmp_path, model,
+                                                                                  quantizer):
+    """grad_input's ranges are predicted per sample from the loss once two steps are fitted
+    (the forward and Q_bw ranges come from history, as delayed); the step then costs what the
+    closed form says, and the run reports how well the ranges were predicted."""
+    import fqtsim.cost
+    from fqtsim.simulation import workloads
+
+    summary = train(RunConfig(hw=NPU, model=model, dataset="synthetic", quantizer=quantizer,
+                              range_policy="predicted", epochs=1, batch_size=100,
+                              out=str(tmp_path / "r")), progress=False)
+    ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
+    layers = workloads.mlp() if model == "mlp" else workloads.cnn((1, 8, 8))
+    hw = load_hw(NPU)
+    _step_equals(ledger, 0, fqtsim.cost.training_step(hw, layers, 100, quantizer, "dynamic"))
+    _step_equals(ledger, 3, fqtsim.cost.training_step(hw, layers, 100, quantizer, "predicted"))
+    assert (ledger[ledger.step == 3].event == "range_predict").any()
+    assert not (ledger[(ledger.step == 3) & (ledger.gemm == "grad_input")].event == "wide_write").any() \
+        or quantizer == "bhq"   # BHQ still writes dY wide to build its transform
+    predictions = summary["range_predictions"]
+    assert set(predictions) == {f"{name}.grad_input" for name in
+                                ([layer.name for layer in layers][1:])}
+    for report in predictions.values():
+        assert 0 <= report["clip_rate"] < 0.05 and report["rms_log_error"] > 0
+
+
 def test_the_state_home_is_decided_at_the_batches_the_run_takes(tmp_path):
     """--batch-size 96 splits 800 samples into 9 batches of 89 and 88: the device keeps the
     optimizer state where a step of 89 samples does."""
@@ -305,6 +333,7 @@ def test_a_conv_input_is_quantized_once_as_a_map_and_unfolded_as_its_rows_would_
     from torch.nn import functional as F
     from fqtsim.quantizers import DelayedRange, quantize_activation
     from fqtsim.simulation.device import Device
+    from fqtsim.hardware.conv import Im2col
     from fqtsim.training.fqt import FQTConfig, FQTConv2d, Simulator
 
     sim = Simulator(Device(load_hw(NPU)), FQTConfig("fqt", "psq", range_policy="delayed"))
@@ -313,7 +342,7 @@ def test_a_conv_input_is_quantized_once_as_a_map_and_unfolded_as_its_rows_would_
     rng = np.random.default_rng(0)
     for step, spread in enumerate((1.0, 1.5)):
         x = torch.from_numpy(rng.standard_normal((4, 3, 8, 8)) * spread + 0.5)
-        conv.input_map = x
+        conv.im2col = Im2col(4, 3, 8, 8, 3, 2, 1)
         rows = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(4 * 16, -1).numpy()
         fmap = x.numpy()
         q, scheme, naught = sim.quantize_input("3", fmap.reshape(-1, 8), zero=True)
@@ -332,3 +361,41 @@ def test_a_conv_input_is_quantized_once_as_a_map_and_unfolded_as_its_rows_would_
         assert unfolded.codes.dtype == ref.codes.dtype
         np.testing.assert_array_equal(unfolded.scale, ref.scale)
         np.testing.assert_array_equal(unfolded.offset, ref.offset)
+
+
+def test_tracking_the_variance_ratio_changes_nothing_else_and_resumes_exactly(tmp_path, monkeypatch):
+    import fqtsim.training.train as t
+    def config(name, track_variance=2):   # measured after epochs 1 and 3
+        return RunConfig(hw=NPU, dataset="synthetic", epochs=3, batch_size=100, grad_bits=4,
+                         quantizer="ptq", track_variance=track_variance, out=str(tmp_path / name))
+    train(config("whole"), progress=False)
+    train(config("plain", track_variance=0), progress=False)
+    for name in ("ledger.csv", "model.pt"):   # the run itself is as it is untracked
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    metrics = pd.read_csv(tmp_path / "whole" / "metrics.csv")
+    ratios = metrics.filter(like="variance_ratio.")
+    assert list(ratios) == ["variance_ratio.1", "variance_ratio.3", "variance_ratio.5"]
+    pd.testing.assert_frame_equal(metrics.drop(columns=list(ratios)),
+                                  pd.read_csv(tmp_path / "plain" / "metrics.csv"))
+    measured = ratios.notna().all(axis=1)
+    last_steps = metrics.groupby("epoch").step.max()
+    assert list(metrics.step[measured]) == list(last_steps[[0, 2]])
+    assert (ratios[measured] > 0).all().all() and ratios[~measured].isna().all().all()
+
+    save = t._save_checkpoint
+    def save_then_stop(path, *args):   # Ctrl-C just after epoch 2's checkpoint
+        save(path, *args)
+        if args[5] == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(t, "_save_checkpoint", save_then_stop)
+    with pytest.raises(t.Interrupted):
+        train(config("resumed"), progress=False)
+    monkeypatch.undo()
+    train(config("resumed"), progress=False)   # measures epoch 3 on resuming
+    for name in ("ledger.csv", "metrics.csv", "model.pt"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    with pytest.raises(ValueError, match="only --mode fqt has"):
+        RunConfig(mode="qat", track_variance=1)
+    with pytest.raises(ValueError, match="needs two batches of 600"):
+        train(RunConfig(hw=NPU, dataset="synthetic", batch_size=600, track_variance=1,
+                        out=str(tmp_path / "big")), progress=False)

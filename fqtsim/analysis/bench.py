@@ -166,24 +166,24 @@ def format_bench(df: pd.DataFrame) -> str:
 
 
 def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digits", 32),
-                     ("cnn", "digits", 32)), steps: int = 60, rounds: int = 3,
-                     quantizer: str = "psq", progress: bool = True) -> pd.DataFrame:
+                     ("cnn", "digits", 32), ("gpt", "stdlib-docs", 16)), steps: int = 60,
+                     rounds: int = 3, quantizer: str = "psq",
+                     progress: bool = True) -> pd.DataFrame:
     """One training step (forward, backward, SGD update) of FQT on the device against the same
-    model's fp32 torch step, same batch, timed alternately in this process.
+    model's fp32 torch step, same batch (gpt: 16 sequences of 64 characters), timed alternately
+    in this process; gpt's blocks take a tenth of `steps`.
 
     ratio = fqt step time / fp32 step time (lower is better).
     """
     import torch
-    from torch.nn import functional as F
 
     from fqtsim.training.data import load
-    from fqtsim.simulation import workloads
     from fqtsim.simulation.device import Device
     from fqtsim.training.fqt import FQTConfig, Simulator, convert
     from fqtsim.hardware.hw import load_hw
     from fqtsim.training.models import build
     from fqtsim.training.optim import SGD
-    from fqtsim.training.train import step_totals, take_step
+    from fqtsim.training.train import RunConfig, _layers, _loss, step_totals, take_step
 
     hw = load_hw(hw_path)
     rows = []
@@ -198,14 +198,13 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
         for mode in ("fp32", "fqt"):
             torch.manual_seed(0)
             model = build(model_name, data.image_shape, data.classes)
-            sim = Simulator(Device(hw), FQTConfig(mode, quantizer), layers=(
-                workloads.cnn(data.image_shape, data.classes) if model_name == "cnn" else
-                workloads.mlp(int(np.prod(data.image_shape)), data.classes)))   # as a run does
+            layers = _layers(RunConfig(model=model_name, dataset=dataset), data)   # as a run does
+            sim = Simulator(Device(hw), FQTConfig(mode, quantizer), layers=layers)
             convert(model, sim)
             optimizer = SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
             def step(model=model, optimizer=optimizer, device=sim.device):
-                loss = F.cross_entropy(model(x), y)
+                loss = _loss(model(x), y)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -215,13 +214,14 @@ def train_step_bench(hw_path: str = "hw_configs/npu.yaml", cases=(("mlp", "digit
                 step()                                 # compile, warm up
             runners[mode] = step
         best = {"fp32": float("inf"), "fqt": float("inf")}
+        block = max(1, steps // 10) if model_name == "gpt" else steps   # its steps are long
         for _ in range(rounds):
             for mode, step in runners.items():
                 time.sleep(_SETTLE_S)
                 t0 = time.perf_counter()
-                for _ in range(steps):
+                for _ in range(block):
                     step()
-                best[mode] = min(best[mode], (time.perf_counter() - t0) / steps)
+                best[mode] = min(best[mode], (time.perf_counter() - t0) / block)
                 bar.update()
         if progress and bar.disable:
             log.info(f"bench step: {model_name} on {dataset} done, "

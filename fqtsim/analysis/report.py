@@ -21,7 +21,8 @@ import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fqtsim.simulation.cost  # noqa: E402
-from fqtsim.simulation.schedule import BASELINE, QuantScheme  # noqa: E402
+from fqtsim.simulation.schedule import BASELINE, RANGE_POLICIES, QuantScheme  # noqa: E402
+from fqtsim.quantizers.storage import DEFAULT_BLOCK, FP32_STATE  # noqa: E402
 from fqtsim.files import claim_dir, replace_dir  # noqa: E402
 from fqtsim.hardware import energy, overflow  # noqa: E402
 from fqtsim.hardware.hw import (HWConfig, at_technology, derive, load_hw, resolve_hw,  # noqa: E402
@@ -40,7 +41,7 @@ PASSES = {
                          "inverse_codes"],
     "requantization": ["requant_pass", "code_write", "sr_rng"],
     "zero-point": ["colsum", "rowsum", "zero_point"],
-    "optimizer": ["optimizer_read", "optimizer_write", "weight_update"],
+    "optimizer": ["optimizer_read", "optimizer_write", "weight_update", "state_", "kahan"],
     "between layers": ["norm_stats", "bn_", "ln_", "relu", "residual_", "maxpool", "pool_index",
                        "avgpool", "softmax", "ce_row", "gelu", "pass_write"],
     "stalls": ["stall"], "leakage": ["static"], "counted": ["overflow", "clip"],
@@ -57,10 +58,16 @@ PASS_COLORS = {"compute": "#1f77b4", "operand loads": "#aec7e8", "partial sums":
 QUANTIZER_PASSES = ["wide write-back", "range pass", "sort + transform", "requantization", "zero-point"]
 # ... and the leakage over the cycles those passes add (static power x their share of the time)
 QUANTIZER_PARTS = [*QUANTIZER_PASSES, "leakage"]
-SCHEMES = [(q, r) for q in ("ptq", "psq", "bhq") for r in ("dynamic", "delayed")]
+SCHEMES = [(q, r) for q in ("ptq", "psq", "bhq") for r in RANGE_POLICIES]
+# Stored formats compared, (weights, momentum): each against FP32 masters, then bf16 and 8 bits
+# throughout
+COMPARED_FORMATS = [(w, "fp32") for w in ("fp32", "bf16-sr", "bf16-rn", "bf16-kahan", "int16-sr",
+                                          "int8-sr", "int8-rn")] + \
+    [("fp32", "bf16"), ("fp32", "int8"), ("bf16-sr", "bf16"), ("int8-sr", "int8")]
 # Curves that coincide stay visible: each gets its own line style and marker
 STYLES = [(ls, mk) for mk in "osD^vPX" for ls in ("-", "--", "-.", ":")][::5]
 NO_DEVICE = "(no device work)"
+RATIO = "variance_ratio."   # metrics.csv columns of `fqtsim run --track-variance`, per layer
 
 
 def pass_of(event: str) -> str:
@@ -115,6 +122,8 @@ def runs_section(run_dirs: list[Path], out: Path) -> Section:
                        "totals over all training steps, the share of device energy in the "
                        "gradient quantizer's passes and in the optimizer, and any warning."))
     sec.plots.append(_curves(runs, out))
+    if any(c.startswith(RATIO) for r in runs for c in r.metrics.columns):
+        sec.plots.append(_variance_ratios(runs, out))
 
     steps = {r.label: r.summary["steps"] for r in runs}
     passes = pd.concat({r.label: by_pass(r.ledger) / steps[r.label] if len(r.ledger) else
@@ -185,6 +194,32 @@ def _curves(runs: list[Run], out: Path) -> tuple[str, str]:
                                                 "smoothed over 20 steps." + note)
 
 
+def _variance_ratios(runs: list[Run], out: Path) -> tuple[str, str]:
+    """Per layer, the quantization / sampling variance ratio that `--track-variance` logged."""
+    names = sorted({c[len(RATIO):] for r in runs for c in r.metrics.columns if c.startswith(RATIO)},
+                   key=lambda n: (pd.to_numeric(n, errors="coerce"), n))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 2, 3.4), squeeze=False,
+                             sharey=True)   # one scale: the layers compare at a glance
+    for ax, name in zip(axes[0], names):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        for i, r in enumerate(runs):
+            if RATIO + name not in r.metrics:
+                continue
+            ls, marker = STYLES[i % len(STYLES)]
+            tracked = r.metrics.dropna(subset=[RATIO + name])
+            ax.plot(tracked.epoch + 1, tracked[RATIO + name], linestyle=ls, marker=marker,
+                    markerfacecolor="none", label=r.label)
+        ax.axhline(1.0, color="grey", lw=2, alpha=0.6)
+        ax.set(yscale="log", xlabel="epoch", title=f"layer {name}")
+    axes[0][0].set_ylabel("quantization / sampling variance")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return _save(fig, out, "runs_variance_ratio.png"), (
+        "Each layer's expected quantization variance of its weight gradient over the minibatch "
+        "sampling variance, measured at the end of the epochs shown (`fqtsim run "
+        "--track-variance`). Above the grey line at 1, the gradient quantizers add more noise "
+        "than sampling a batch does.")
+
+
 def _coinciding(curves: dict, rtol: float) -> list[tuple[str, str]]:
     """Pairs of equally long curves that agree within `rtol` everywhere."""
     names = list(curves)
@@ -193,14 +228,19 @@ def _coinciding(curves: dict, rtol: float) -> list[tuple[str, str]]:
 
 
 def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
-                     grad_bits: int = 8) -> Section:
-    """From the cost model: every scheme on every config, the share of each pass, a TCM sweep."""
-    sec = Section(f"{model}, batch {batch}, from the cost model")
+                     grad_bits: int = 8, stored: dict | None = None) -> Section:
+    """From the cost model: every scheme on every config, the share of each pass, a TCM sweep,
+    the update per stored format. `stored`: the weights' and momentum's formats of the steps
+    (`fqtsim.cost.training_step`'s weights, momentum, momentum_block; FP32 masters if None)."""
+    stored = stored or {}
+    named = "" if FP32_STATE.names() | stored == FP32_STATE.names() else \
+        f", {stored.get('weights', 'fp32')} weights, {stored.get('momentum', 'fp32')} momentum"
+    sec = Section(f"{model}, batch {batch}{named}, from the cost model")
     rows, per_layer = [], []
     log.info(f"report: cost model of {model}, {len(SCHEMES)} schemes on {len(hws)} configs")
     jobs = [(hw, q, r) for hw in hws for q, r in SCHEMES]
     for hw, q, r in tqdm(jobs, desc=f"{model} schemes", disable=None, leave=False):
-        ledger = fqtsim.simulation.cost.training_step(hw, model, batch, q, r, grad_bits)
+        ledger = fqtsim.simulation.cost.training_step(hw, model, batch, q, r, grad_bits, **stored)
         passes, overhead = by_pass(ledger), quantizer_energy(ledger)
         rows.append({"hw": hw.name, "quantizer": q, "range": r,
                      "energy_mJ": ledger.energy_pj.sum() / 1e9, "cycles_G": ledger.cycles.sum() / 1e9,
@@ -234,7 +274,8 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
     sec.tables.append((f"{model}_layers_psq_dynamic", layers[["hw", *layers.columns[:-1]]],
                        f"Per layer of {model}, one training step with dynamic PSQ: energy, bytes "
                        f"moved (all levels) and cycles, on each config."))
-    plans = pd.concat([fqtsim.simulation.cost.mappings(hw, model, batch, "psq", "dynamic", grad_bits)
+    plans = pd.concat([fqtsim.simulation.cost.mappings(hw, model, batch, "psq", "dynamic", grad_bits,
+                                                       **stored)
                        .assign(hw=hw.name) for hw in hws], ignore_index=True)
     sec.tables.append((f"{model}_mapping", plans[["hw", *plans.columns[:-1]]],
                        f"How each GEMM of {model} (dynamic PSQ) is laid onto each config: its shape "
@@ -256,7 +297,7 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
 
     sharing = fqtsim.simulation.cost.step_overhead(
         hws[0], model, batch, [QuantScheme(q, r) for q in ("psq", "bhq")
-                               for r in ("dynamic", "delayed")], grad_bits)
+                               for r in RANGE_POLICIES], grad_bits, **stored)
     sec.tables.append((f"{model}_sharing_{hws[0].name}", sharing,
                        f"One training step of {model} on {hws[0].name} with the gradient and "
                        f"activation quantizers riding the passes of the ops between the GEMMs "
@@ -265,7 +306,7 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
                        f"sharing."))
     sec.text.append(_sharing_reading(sharing, hws[0].name))
 
-    sweep = tcm_sweep(hws[0], model, batch, grad_bits)
+    sweep = tcm_sweep(hws[0], model, batch, grad_bits, stored=stored)
     sec.tables.append((f"{model}_tcm_sweep_{hws[0].name}", sweep,
                        f"DDR traffic and energy of one training step on {hws[0].name} with the "
                        f"TCM size changed, for four schemes (SRAM energy per byte, and the "
@@ -275,7 +316,7 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
                     f"{sweep.tcm_kib.min():,.0f} KiB to {sweep.tcm_kib.max():,.0f} KiB; a drop marks "
                     f"layers whose wide gradient (or wide output) now stays on chip.")
 
-    sensitivity = energy_sensitivity(hws[0], model, batch, grad_bits)
+    sensitivity = energy_sensitivity(hws[0], model, batch, grad_bits, stored=stored)
     sec.text.append(_sensitivity_reading(sensitivity, hws[0].name))
     sec.tables.append((f"{model}_energy_sensitivity_{hws[0].name}", sensitivity,
                        f"What dynamic PSQ and BHQ add per training step of {model} on "
@@ -285,6 +326,19 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
                        f"with every figure the config takes from a technology table taken from "
                        f"each node's ({', '.join(energy.TECHNOLOGIES)})."))
     sec.plots.append(_sensitivity_plot(sensitivity, model, hws[0].name, out))
+    formats = fqtsim.simulation.cost.update_costs(
+        hws[0], model, batch, COMPARED_FORMATS, "psq", "dynamic", grad_bits,
+        stored.get("momentum_block", DEFAULT_BLOCK))
+    sec.tables.append((f"{model}_stored_formats_{hws[0].name}", formats,
+                       f"One training step of {model} on {hws[0].name} (dynamic PSQ) per stored "
+                       f"format of the weights and momentum (fqtsim.quantizers.storage): where "
+                       f"the state lives and its size, the step's energy and DDR traffic, and "
+                       f"the update's share of each."))
+    fp32, low = formats.iloc[0], formats.iloc[-1]
+    sec.text.append(f"Stored formats on {hws[0].name}: with FP32 masters the update is "
+                    f"{fp32['update_%']:.1f}% of the step's energy and {fp32['update_ddr_%']:.1f}% "
+                    f"of its DDR bytes; with {low.weights} weights and {low.momentum} momentum "
+                    f"{low['update_%']:.1f}% and {low['update_ddr_%']:.1f}%.")
     bounds, warnings = accumulator_bounds(hws, model, batch, grad_bits)
     sec.tables.append((f"{model}_accumulator_bounds", bounds,
                        f"Worst-case accumulator sums of each kind of GEMM of a {model} training "
@@ -305,7 +359,7 @@ SENSITIVITY_KNOBS = {"DDR pJ/B": "ddr", "SRAM pJ/B": "sram", "MAC pJ": "mac", "s
 
 
 def energy_sensitivity(hw: HWConfig, model: str, batch: int, grad_bits: int = 8,
-                       factors=SENSITIVITY_FACTORS) -> pd.DataFrame:
+                       factors=SENSITIVITY_FACTORS, stored: dict | None = None) -> pd.DataFrame:
     """What dynamic PSQ and BHQ add to a training step, as the scheme table counts it (over the
     same step with gradient ranges known beforehand: delayed PTQ), and its share of the step,
     with each of DDR, SRAM, MAC and static figures scaled by `factors` one at a time, and with
@@ -320,7 +374,7 @@ def energy_sensitivity(hw: HWConfig, model: str, batch: int, grad_bits: int = 8,
                                             leave=False):
         row = {"varied": knob, "factor": factor, "technology": tech or hw.technology or "-"}
         step = lambda q, r: fqtsim.simulation.cost.training_step(  # noqa: E731
-            variant, model, batch, q, r, grad_bits).energy_pj.sum() / 1e9
+            variant, model, batch, q, r, grad_bits, **(stored or {})).energy_pj.sum() / 1e9
         known = step(BASELINE.method, BASELINE.range_policy)
         for q in ("psq", "bhq"):
             total = step(q, "dynamic")
@@ -409,14 +463,15 @@ def _sweep_plot(sweep: pd.DataFrame, model: str, hw_name: str, out: Path) -> tup
 
 
 def tcm_sweep(hw: HWConfig, model: str, batch: int, grad_bits: int = 8,
-              sizes_kib=tuple(2 ** i for i in range(6, 19))) -> pd.DataFrame:
+              sizes_kib=tuple(2 ** i for i in range(6, 19)), stored: dict | None = None) -> pd.DataFrame:
     jobs = [(size, q, r) for size in sizes_kib
             for q, r in (("ptq", "dynamic"), ("psq", "dynamic"), ("bhq", "dynamic"), ("psq", "delayed"))]
     log.info(f"report: TCM sweep of {model} on {hw.name}, {len(jobs)} cost-model steps")
     rows = []
     for size, q, r in tqdm(jobs, desc="TCM sweep", disable=None, leave=False):
         variant = derive(dataclasses.replace(hw, tcm=dataclasses.replace(hw.tcm, size_kib=float(size))))
-        ledger = fqtsim.simulation.cost.training_step(variant, model, batch, q, r, grad_bits)
+        ledger = fqtsim.simulation.cost.training_step(variant, model, batch, q, r, grad_bits,
+                                                      **(stored or {}))
         rows.append({"tcm_kib": size, "quantizer": q, "range": r,
                      "ddr_GB": ledger.loc[ledger.level == "ddr", "bytes"].sum() / 1e9,
                      "energy_mJ": ledger.energy_pj.sum() / 1e9})
@@ -481,9 +536,11 @@ def _save(fig, out: Path, name: str) -> str:
 
 
 def build_report(out: str | Path, runs=(), model: str | None = None, batch: int = 64,
-                 hw_paths=(), grad_bits: int = 8, command: str = "") -> Path:
+                 hw_paths=(), grad_bits: int = 8, command: str = "",
+                 stored: dict | None = None) -> Path:
     """Write the report for `runs` (run directories) and/or the cost model of `model` on each
-    of `hw_paths`, into `out` (replaced whole if it is an earlier report; see
+    of `hw_paths` (its steps' weights and momentum stored as `stored` says: see
+    `analytic_section`), into `out` (replaced whole if it is an earlier report; see
     `fqtsim.files.claim_dir`)."""
     if not runs and not model:
         raise ValueError("nothing to report: give run directories and/or --model with --hw")
@@ -497,7 +554,7 @@ def build_report(out: str | Path, runs=(), model: str | None = None, batch: int 
         if runs:
             sections.append(runs_section([Path(r) for r in runs], tmp))
         if model:
-            sections.append(analytic_section(model, batch, hws, tmp, grad_bits))
+            sections.append(analytic_section(model, batch, hws, tmp, grad_bits, stored))
         log.info(f"report: writing {out}")
         write(sections, tmp, command)
 

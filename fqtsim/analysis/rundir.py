@@ -90,8 +90,11 @@ def _run_command(d: Path) -> str:
         c = json.loads((d / "config.json").read_text())
         options = [("hw", "hw"), ("mode", "mode"), ("model", "model"), ("dataset", "dataset"),
                    ("quantizer", "quantizer"), ("grad-bits", "grad_bits"), ("range", "range_policy"),
+                   ("weights", "weights"), ("momentum", "momentum"),
+                   ("momentum-block", "momentum_block"),
                    ("epochs", "epochs"), ("batch-size", "batch_size"), ("lr", "lr"), ("seed", "seed")]
-        return shlex.join(["fqtsim", "run", *[f"--{o}={c[k]}" for o, k in options], f"--out={d}"])
+        return shlex.join(["fqtsim", "run", *[f"--{o}={c[k]}" for o, k in options if k in c],
+                           f"--out={d}"])
     except (OSError, ValueError, KeyError):
         return f"the `fqtsim run ... --out {d}` command that started it"
 
@@ -119,6 +122,8 @@ LABEL_FIELDS = {
     "hw": lambda s, c: Path(s["hw"]).stem, "mode": lambda s, c: s["mode"],
     "quantizer": lambda s, c: f"{s['quantizer']}{s['grad_bits']}" if s["mode"] == "fqt" else None,
     "range": lambda s, c: s["range_policy"] if s["mode"] == "fqt" else None,
+    "weights": lambda s, c: f"{s.get('weights', 'fp32')} weights",
+    "momentum": lambda s, c: f"{s.get('momentum', 'fp32')} momentum",
     "seed": lambda s, c: f"seed {s['seed']}",
     "lr": lambda s, c: f"lr {c['lr']}" if "lr" in c else None,
     "epochs": lambda s, c: f"{c['epochs']} epoch{'s' * (c['epochs'] != 1)}" if "epochs" in c else None,

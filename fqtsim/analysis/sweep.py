@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 OPTIONS = [f.name for f in fields(RunConfig) if f.name != "out"]
 # Table columns, in this order: always the first seven, the others where they vary
 GROUP = ["model", "dataset", "hw", "mode", "quantizer", "grad_bits", "range_policy",
-         "epochs", "batch_size", "lr"]
+         "weights", "momentum", "momentum_block", "epochs", "batch_size", "lr"]
 ALWAYS = GROUP[:7]
+STORED = ("weights", "momentum", "momentum_block")   # the optimizer state's formats
 ONE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "MKL_NUM_THREADS": "1"}
 CONNECT_TIMEOUT = 10   # seconds to reach a Dask scheduler (Dask's own default is 30)
@@ -63,6 +64,8 @@ def grid(**options) -> list[RunConfig]:
         if cfg.mode != "fqt":   # the gradient quantizer does not enter fp32 or QAT training
             cfg = replace(cfg, quantizer=RunConfig.quantizer, grad_bits=RunConfig.grad_bits,
                           range_policy=RunConfig.range_policy)
+        if cfg.formats.momentum.scales != "block":   # only int8 momentum has blocks
+            cfg = replace(cfg, momentum_block=RunConfig.momentum_block)
         points.setdefault(point_id(cfg), cfg)
     return list(points.values())
 
@@ -70,7 +73,10 @@ def grid(**options) -> list[RunConfig]:
 def resolved(cfg: RunConfig) -> dict:
     """Everything a point's results depend on: its options, with the hw file as an absolute
     path and its content's hash (files of the same name in two folders are two configs)."""
-    config = {k: v for k, v in asdict(cfg).items() if k != "out"} | {"lr": float(cfg.lr)}
+    # options at their defaults that older points did not have are left out: their ids stay
+    config = {k: v for k, v in asdict(cfg).items() if k != "out"
+              and not (k in (*STORED, "track_variance") and v == getattr(RunConfig, k))} \
+        | {"lr": float(cfg.lr)}
     hw = resolve_hw(cfg.hw).expanduser().absolute()   # a shipped name resolves as train resolves it
     try:
         digest = hashlib.sha256(hw.read_bytes()).hexdigest()
@@ -83,6 +89,8 @@ def point_id(cfg: RunConfig) -> str:
     """A readable prefix, then a hash of the resolved config (unique where the prefix is not)."""
     digest = hashlib.sha256(json.dumps(resolved(cfg), sort_keys=True).encode()).hexdigest()[:10]
     scheme = f"-{cfg.quantizer}{cfg.grad_bits}-{cfg.range_policy}" if cfg.mode == "fqt" else ""
+    if not cfg.formats.masters:
+        scheme += f"-{cfg.weights}-{cfg.momentum}"
     return (f"{Path(cfg.hw).stem}-{cfg.model}-{cfg.dataset}-{cfg.mode}{scheme}"
             f"-e{cfg.epochs}-b{cfg.batch_size}-lr{float(cfg.lr)!r}-s{cfg.seed}-{digest}")
 
@@ -331,6 +339,8 @@ def collect(points: dict[str, RunConfig], out: Path, errors: dict | None = None)
             row |= {"status": "done", "accuracy": s["accuracy"], "loss": s["loss"],
                     "energy_pj": s["energy_pj"], "cycles": s["cycles"],
                     "ddr_bytes": s["bytes_by_level"].get("ddr", 0.0),
+                    "update_energy_pj": s.get("update_energy_pj", 0.0),
+                    "update_ddr_bytes": s.get("update_ddr_bytes", 0.0),
                     "overflows": s["overflows"], "clips": s["clips"]}
         else:
             error = (errors or {}).get(pid)   # none yet: the point is queued or running
@@ -348,7 +358,8 @@ def collect(points: dict[str, RunConfig], out: Path, errors: dict | None = None)
 def accuracy_table(results: pd.DataFrame) -> pd.DataFrame:
     """Final test accuracy (%) as mean and std over seeds, per combination of every other
     option that varies in the grid (hw as the path given: two files never merge)."""
-    group = [c for c in GROUP if c in ALWAYS or results[c].nunique(dropna=False) > 1]
+    group = [c for c in GROUP if c in ALWAYS or c in results   # older results: no formats
+             and results[c].nunique(dropna=False) > 1]
     done = results[results.status == "done"]
     if not len(done):
         return pd.DataFrame(columns=group + ["seeds", "accuracy_mean", "accuracy_std"])

@@ -1,25 +1,41 @@
-"""Gradient variance on the integer device, against its closed-form bound.
+"""Gradient variance on the integer device: measured, exact, and against the paper's bound.
 
 For a trained model and fixed batches, per layer (the weight gradient):
 - sampling: the minibatch sampling variance of the QAT gradient, E||g_b - E g||^2 over batches;
 - empirical: the quantization variance of FQT, E||g_fqt - g_qat||^2 over repeated backward passes
-  on one batch (the forward pass is deterministic, and FQT is unbiased, so g_qat is its mean);
+  on one batch (the forward pass is deterministic, and FQT is unbiased, so g_qat is its mean),
+  with its Monte-Carlo standard error `empirical_se`;
+- exact: the same expectation computed from each pass's quantizer inputs, sum_e var(e) ||K e||^2
+  with var(e) = scale^2 f (1 - f) (`fqtsim.training.noise`: closed form through Linear and ReLU,
+  Hutchinson probes through BatchNorm and a conv's col2im), averaged over the passes, with the
+  standard error of that average `exact_se`;
 - bound: the quantizers' variance bounds carried to the weight gradient by operator norms, as in
   the paper's variance theorem. The noise a quantizer adds to dY_j reaches dY_l (l < j) through
   every layer between: dX_i = dY_i W_i (norm ||W_i||), the im2col fold of a conv (norm at most
   sqrt(kh kw)), BatchNorm (at most max |gamma| / sigma) and ReLU (at most 1). Noises of different
   quantizers are zero-mean given their input, so their variances add:
       Var[dW_l] <= ||X_l||^2 (sum_{j>l} G_lj^2 V_j + U_l),   G_lj = prod_{i=l+1..j} ||W_i|| fold_i a_i
-  with V_j the bound of Q_ba on dY_j and U_l of Q_bw on dY_l, each taken on the (noisy) tensor
-  the quantizer actually saw and averaged over the passes. It must hold; bound / empirical is how
-  loose it is.
+  with V_j the bound of Q_ba on dY_j and U_l of Q_bw on dY_l (SR's bin^2 / 4 per element), each
+  taken on the (noisy) tensor the quantizer actually saw and averaged over the passes. It must
+  hold; `tightness` (bound / empirical) and `bound_over_exact` say how loose it is;
+- statistical: the same chain with every spectral norm replaced by its mean-square counterpart,
+  the gain on noise spread evenly and independently over a map's inputs: ||X_l||_F^2 / rows for
+  ||X_l||_2^2, ||W_i||_F^2 / N_i for ||W_i||_2^2, the active fraction for ReLU, the mean of
+  (gamma / sigma)^2 for BatchNorm, the share of im2col entries off the padding for col2im (each
+  lands on one pixel). An estimate of the bound's shape under independence, not a guarantee.
+
+bound / exact splits into three factors, each the step from one quantity to the next:
+  sr_factor    SR's worst case bin^2 / 4 in place of each element's f (1 - f);
+  x_factor     ||X_l||_2^2 ||J e||^2 in place of the actual contraction ||(J e)^T X_l||^2 (the
+               paper's "largest eigenvalue" step; J e the error a quantizer puts into dY_l);
+  norm_factor  the operator norms of the layers between in place of the actual ||J e||.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections import defaultdict
 
 import numpy as np
 import pandas as pd
@@ -28,7 +44,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from fqtsim.training.fqt import FQTConfig, FQTConv2d, FQTLinear, Simulator
+from fqtsim.training.fqt import FQTConfig, FQTConv2d, Simulator
+from fqtsim.training.noise import (HUTCHINSON_PROBES, Forward, expected_variance, layers,
+                                   sampling_variance, weight_gradients)
 from fqtsim.quantizers import variance_bound
 from fqtsim.simulation.schedule import GRAD_WEIGHT_BITS, weight_gradient_method
 
@@ -38,72 +56,84 @@ log = logging.getLogger(__name__)
 DEFAULTS = {"model": "mlp", "dataset": "digits", "epochs": 3, "seed": 0}
 
 
-@dataclass
-class _Layer:
-    module: nn.Module
-    between: list       # modules between the previous FQT layer's output and this layer's input
-
-
-def _layers(model: nn.Sequential) -> list[_Layer]:
-    layers, between = [], []
-    for module in model:
-        if isinstance(module, (FQTLinear, FQTConv2d)):
-            layers.append(_Layer(module, between))
-            between = []
-        else:
-            between.append(module)
-    return layers
-
-
-def _jacobian_norm(module: nn.Module, bn_sigma: dict) -> float:
-    """An upper bound on the operator norm of a float module's backward map."""
-    if isinstance(module, (nn.ReLU, nn.Flatten, nn.Identity)):
-        return 1.0
+def _op_gains(module: nn.Module, forward: Forward) -> tuple[float, float]:
+    """(operator norm, mean-square gain) of a float op's backward map, at this forward pass."""
+    if isinstance(module, (nn.Flatten, nn.Identity)):
+        return 1.0, 1.0
+    if isinstance(module, nn.ReLU):
+        return 1.0, float((forward.inputs[module] > 0).double().mean())
     if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
         gamma = module.weight.detach().abs().double() if module.affine else 1.0
-        return float((gamma / bn_sigma[module]).max())
+        ratio = gamma / forward.bn_sigma(module)
+        return float(ratio.max()), float((ratio**2).mean())
     raise ValueError(f"variance bound: no Jacobian norm for {type(module).__name__}; "
                      f"supported between FQT layers: ReLU, Flatten, BatchNorm")
 
 
-def _fold(module) -> float:
-    """Operator-norm bound of col2im: each input pixel gets at most kh * kw contributions."""
-    return math.sqrt(math.prod(module.kernel_size)) if isinstance(module, FQTConv2d) else 1.0
+def _fold_gains(module) -> tuple[float, float]:
+    """col2im's (operator norm, mean-square gain): each input pixel gets at most kh * kw
+    contributions; each im2col entry lands on one pixel, unless it lies on the padding."""
+    if not isinstance(module, FQTConv2d):
+        return 1.0, 1.0
+    g = module.im2col
+    kept = F.unfold(torch.ones(1, g.channels, g.in_h, g.in_w, dtype=torch.float64), g.kernel,
+                    padding=g.padding, stride=g.stride).mean()
+    return math.sqrt(math.prod(g.kernel)), float(kept)
 
 
-def _weight_grads(model, sim, x, y) -> dict:
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    sim.device.take()
-    return {layer.module.name: layer.module.weight.grad.double().numpy().copy()
-            for layer in _layers(model)}
+def _norms(model_layers, probe: dict, forward: Forward) -> dict:
+    """The norms both bounds take, from one pass (the forward pass is the same every draw):
+    per layer, ||X||_2^2 and ||X||_F^2 / rows, and the spectral and mean-square gains of the map
+    from its dY to the dY of the layer below."""
+    out = {}
+    for layer in model_layers:
+        x, w = probe[layer.name]["x"], probe[layer.name]["w"]
+        ops = [_op_gains(m, forward) for m in layer.between] + [_fold_gains(layer.module)]
+        out[layer.name] = {
+            "x_spectral": np.linalg.norm(x, 2) ** 2, "x_mean_square": (x**2).sum() / len(x),
+            "gain": np.linalg.norm(w, 2) * math.prod(op for op, _ in ops),
+            "gain_mean_square": (w**2).sum() / len(w) * math.prod(ms for _, ms in ops)}
+    return out
+
+
+def _carried(model_layers, idx: int, norms: dict, v_ba: dict, u_bw: dict, spectral: bool) -> float:
+    """A bound on layer idx's weight-gradient variance: the quantizers' bounds carried to it with
+    operator norms (`spectral`) or mean-square gains."""
+    gain, x_gain = ("gain", "x_spectral") if spectral else ("gain_mean_square", "x_mean_square")
+    name = model_layers[idx].name
+    carried, g = 0.0, 1.0
+    for j in range(idx + 1, len(model_layers)):
+        above = model_layers[j].name
+        g *= norms[above][gain] ** (2 if spectral else 1)   # mean-square gains are squares already
+        carried += g * np.mean(v_ba[above])
+    return float(norms[name][x_gain] * (carried + np.mean(u_bw[name])))
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def _mean_se(values: list) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
 
 
 def measure(model: nn.Sequential, sim: Simulator, batches: list, quantizers=("ptq", "psq", "bhq"),
-            bits=range(2, 9), draws: int = 32, progress: bool = True) -> pd.DataFrame:
+            bits=range(2, 9), draws: int = 32, progress: bool = True, seed: int = 0,
+            probes: int = HUTCHINSON_PROBES) -> pd.DataFrame:
     """The table described above for an FQT-converted `model` (its layers share `sim`).
 
-    `progress`: a bar over the backward passes on a terminal, else a log line per
-    (quantizer, bits) point."""
-    layers = _layers(model)
-    bn_sigma = {}
-
-    def remember_sigma(module, inputs, _):   # BatchNorm's batch statistics in train mode
-        x = inputs[0].detach().double()
-        dims = [0] + list(range(2, x.dim()))
-        bn_sigma[module] = torch.sqrt(x.var(dim=dims, unbiased=False) + module.eps)
-    hooks = [m.register_forward_hook(remember_sigma) for m in model.modules()
-             if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    `seed`: of the Hutchinson probes (stochastic rounding draws from `sim`'s stream); `probes`:
+    per quantizer and pass where the map to a layer is probed. `progress`: a bar over the
+    backward passes on a terminal, else a log line per (quantizer, bits) point."""
+    model_layers = layers(model)
+    forward = Forward(model)
+    probe_rng = np.random.default_rng(seed)
     try:
         model.train()
-        sim.config = FQTConfig("qat")
-        per_batch = [_weight_grads(model, sim, x, y) for x, y in batches]
-        mean = {name: np.mean([g[name] for g in per_batch], axis=0) for name in per_batch[0]}
-        sampling = {name: float(np.mean([((g[name] - mean[name]) ** 2).sum() for g in per_batch]))
-                    for name in mean}
+        sampling = sampling_variance(model, sim, batches)
         x, y = batches[0]
-        reference = _weight_grads(model, sim, x, y)
-        rows, norms = [], {}   # the forward pass is the same every draw: so are ||X|| and ||W||
+        reference = weight_gradients(model, sim, x, y)
+        rows, norms = [], None
         points = [(quantizer, b) for quantizer in quantizers for b in bits]
         bar = tqdm(total=len(points) * draws, desc="variance", unit="pass",
                    disable=None if progress else True)   # None: on a terminal only
@@ -111,35 +141,44 @@ def measure(model: nn.Sequential, sim: Simulator, batches: list, quantizers=("pt
         for point, (quantizer, b) in enumerate(points, start=1):
             sim.config = FQTConfig("fqt", quantizer, b)
             bar.set_postfix_str(f"{quantizer} {b}-bit")
-            errors, v_ba, u_bw = {}, {}, {}
+            seen = defaultdict(lambda: defaultdict(list))   # layer -> quantity -> per pass
             for _ in range(draws):
                 bar.update()
                 sim.probe = {}
-                grads = _weight_grads(model, sim, x, y)
-                for layer in layers:
-                    name, seen = layer.module.name, sim.probe[layer.module.name]
-                    errors.setdefault(name, []).append(((grads[name] - reference[name]) ** 2).sum())
-                    grouped = seen["dy"].reshape(-1, seen["rows_per_sample"] * seen["dy"].shape[1])
-                    v_ba.setdefault(name, []).append(variance_bound(grouped, quantizer, b))
-                    u_bw.setdefault(name, []).append(variance_bound(
-                        seen["dy"].T, weight_gradient_method(quantizer), GRAD_WEIGHT_BITS))
-                    if name not in norms:
-                        norms[name] = (np.linalg.norm(seen["x"], 2), np.linalg.norm(seen["w"], 2))
-            # gain[i]: how noise in dY_i reaches dY_{i-1}
-            gain = [norms[l.module.name][1] * _fold(l.module)
-                    * math.prod(_jacobian_norm(m, bn_sigma) for m in l.between) for l in layers]
-            for idx, layer in enumerate(layers):
-                name = layer.module.name
-                carried, g = 0.0, 1.0
-                for j in range(idx + 1, len(layers)):
-                    g *= gain[j]
-                    carried += g ** 2 * np.mean(v_ba[layers[j].module.name])
-                bound = norms[name][0] ** 2 * (carried + np.mean(u_bw[name]))
-                empirical = float(np.mean(errors[name]))
-                rows.append({"layer": name, "quantizer": quantizer, "bits": b,
-                             "empirical": empirical, "bound": float(bound),
-                             "tightness": float(bound) / empirical if empirical else math.inf,
-                             "sampling": sampling[name], "draws": draws})
+                grads = weight_gradients(model, sim, x, y)
+                terms = expected_variance(model_layers, sim.probe, forward, probe_rng, probes)
+                norms = norms or _norms(model_layers, sim.probe, forward)
+                for layer in model_layers:
+                    name, kept, mine = layer.name, sim.probe[layer.name], seen[layer.name]
+                    mine["error"].append(((grads[name] - reference[name]) ** 2).sum())
+                    for quantity in ("exact", "worst", "spectral"):
+                        mine[quantity].append(getattr(terms[name], quantity))
+                    if "grad_input" in kept:   # Q_ba (on dY grouped per sample, as it ranges)
+                        dy = kept["grad_input"][0]
+                        grouped = dy.reshape(-1, kept["rows_per_sample"] * dy.shape[1])
+                        mine["v_ba"].append(variance_bound(grouped, quantizer, b))
+                    mine["u_bw"].append(variance_bound(kept["grad_weight"][0],
+                                                       weight_gradient_method(quantizer),
+                                                       GRAD_WEIGHT_BITS))
+            v_ba = {name: s["v_ba"] for name, s in seen.items()}
+            u_bw = {name: s["u_bw"] for name, s in seen.items()}
+            for idx, layer in enumerate(model_layers):
+                mine = seen[layer.name]
+                bound = _carried(model_layers, idx, norms, v_ba, u_bw, spectral=True)
+                statistical = _carried(model_layers, idx, norms, v_ba, u_bw, spectral=False)
+                empirical, empirical_se = _mean_se(mine["error"])
+                exact, exact_se = _mean_se(mine["exact"])
+                worst, spectral = np.mean(mine["worst"]), np.mean(mine["spectral"])
+                rows.append({"layer": layer.name, "quantizer": quantizer, "bits": b,
+                             "sampling": sampling[layer.name], "empirical": empirical,
+                             "empirical_se": empirical_se, "exact": exact, "exact_se": exact_se,
+                             "bound": bound, "statistical": statistical,
+                             "tightness": _ratio(bound, empirical),
+                             "bound_over_exact": _ratio(bound, exact),
+                             "empirical_over_exact": _ratio(empirical, exact),
+                             "sr_factor": _ratio(worst, exact),
+                             "x_factor": _ratio(spectral, worst),
+                             "norm_factor": _ratio(bound, spectral), "draws": draws})
             if progress and bar.disable:
                 log.info(f"variance: {point}/{len(points)} {quantizer} {b}-bit done, "
                          f"{time.perf_counter() - started:.0f} s")
@@ -147,12 +186,12 @@ def measure(model: nn.Sequential, sim: Simulator, batches: list, quantizers=("pt
         return pd.DataFrame(rows)
     finally:
         sim.probe = None
-        for hook in hooks:
-            hook.remove()
+        forward.remove()
 
 
 def plot(table: pd.DataFrame, path):
-    """Variance against bits per layer: empirical (solid), bound (dashed), QAT sampling (grey)."""
+    """Variance against bits per layer: measured (solid), exact (crosses), bound (dashed),
+    statistical (dotted), QAT sampling (grey)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -164,13 +203,17 @@ def plot(table: pd.DataFrame, path):
         for i, (quantizer, group) in enumerate(part.groupby("quantizer", sort=False)):
             color = f"C{i}"
             ax.plot(group.bits, group.empirical, "o-", color=color, label=f"{quantizer} measured")
+            ax.plot(group.bits, group.exact, "x", color="black", ms=7,
+                    label="exact" if i == 0 else None)
             ax.plot(group.bits, group.bound, "--", color=color, label=f"{quantizer} bound")
+            ax.plot(group.bits, group.statistical, ":", color=color,
+                    label=f"{quantizer} statistical")
         ax.axhline(part.sampling.iloc[0], color="grey", lw=2, alpha=0.6, label="QAT sampling")
         ax.set(yscale="log", xlabel="gradient bits", title=f"layer {name}")
     axes[0][0].set_ylabel("variance of the weight gradient")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))   # off the data
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    fig.savefig(path, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
 
 
@@ -219,6 +262,9 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset:
         model, dataset, epochs, seed = (v if v is not None else DEFAULTS[k] for k, v in given.items())
     if model not in MODELS:
         raise ValueError(f"--model: got {model!r}; expected one of {', '.join(MODELS)}")
+    if model == "gpt":   # its products of activations keep no probe for the noise model
+        raise ValueError("--model gpt: the variance analysis covers the image models "
+                         "(mlp, mlp6, cnn)")
     if dataset not in DATASETS:
         raise ValueError(f"--dataset: got {dataset!r}; expected one of {', '.join(DATASETS)}")
     for option, value, least in (("--batches", batches, 2), ("--draws", draws, 2),
@@ -254,7 +300,7 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset:
     order = np.random.default_rng(seed).permutation(len(data.y_train))
     fixed = [(torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]))
              for idx in np.split(order[:batches * batch_size], batches)]
-    table = measure(net, sim, fixed, quantizers, bits, draws, progress=progress)
+    table = measure(net, sim, fixed, quantizers, bits, draws, progress=progress, seed=seed)
     table.insert(0, "model", model)
     write_atomic(out / "variance.csv", table.to_csv(index=False))
     png = io.BytesIO()

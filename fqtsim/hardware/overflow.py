@@ -130,9 +130,11 @@ FQT_GEMMS = (("output", "activation", "weight", "the layer's inputs (k)"),
 
 def training_bounds(hw, layers, batch: int, grad_bits: int = 8) -> list[tuple[str, Bound]]:
     """The worst case of each kind of GEMM of an FQT training step of `layers` (objects with k, n
-    and rows, e.g. fqtsim.simulation.workloads.Layer) at `batch` samples on `hw`, at the longest
-    K of that kind: [(gemm name, Bound)]."""
+    and rows, e.g. fqtsim.simulation.workloads.Layer, whose `kind` and `per_sample` are heeded
+    where they have them: an embedding runs no GEMM, a per-sample GEMM sums one sample's rows)
+    at `batch` samples on `hw`, at the longest K of that kind: [(gemm name, Bound)]."""
     forward_bits = weight_grad_bits = 8
+    layers = [layer for layer in layers if getattr(layer, "kind", "gemm") == "gemm"]
     out = []
     for name, a, b, _ in FQT_GEMMS:
         if name == "output":
@@ -140,7 +142,8 @@ def training_bounds(hw, layers, batch: int, grad_bits: int = 8) -> list[tuple[st
         elif name == "grad_input":
             k, a_bits = max(layer.n for layer in layers), grad_bits
         else:
-            k, a_bits = max(batch * layer.rows for layer in layers), weight_grad_bits
+            k, a_bits = max(layer.rows * (1 if getattr(layer, "per_sample", False) else batch)
+                            for layer in layers), weight_grad_bits
         out.append((name, gemm_bound(hw, k, a_bits, 8, "affine",
                                      "symmetric" if b == "weight" else "affine")))
     return out

@@ -54,6 +54,7 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
         return replace(q, codes=q.codes.reshape(m, d),
                        scale=np.repeat(q.scale, rows_per_sample, axis=0),
                        offset=np.repeat(q.offset, rows_per_sample, axis=0),
+                       ranges=np.repeat(q.ranges, rows_per_sample, axis=0),
                        transform=None if q.transform is None else SampleRows(q.transform, rows_per_sample))
     if method != "bhq":
         return quantize_affine(x, bits, _GROUPS[method], stochastic=True, rng=rng, lo=lo, hi=hi)

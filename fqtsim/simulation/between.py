@@ -106,7 +106,7 @@ from fqtsim.hardware.mapping import Producer, by_columns, nbytes, wide_store_bit
 from fqtsim.simulation.ledger import GemmSpec, add, merge, pass_memory_cycles, price
 from fqtsim.simulation.schedule import (FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme,
                                         activation_scheme, input_events, range_level,
-                                        weight_gradient_method)
+                                        unpredicted, weight_gradient_method)
 from fqtsim.simulation.workloads import Layer, Op
 
 MEMORY = ("tcm", "ddr")
@@ -656,24 +656,26 @@ def _layer(hw, layer: Layer, batch: int, *, bits, grad_bits, code_bits, where, b
     if pairs and fwd.out is not None and fwd.quantized:
         n = fwd.out[0]   # per tensor: any split of its elements into rows and columns
         scheme = activation_scheme(activation_policy, Producer(0 if fwd.kept else budget, 1))
-        fq = input_events(hw, None, scheme, n // shape.samples, shape.samples, FORWARD_BITS)
+        groups = shape.samples if layer.per_sample else 1   # a tensor per sample and repeat
+        fq = _scaled(input_events(hw, None, scheme, n // shape.samples, shape.samples // groups,
+                                  FORWARD_BITS), groups)
         fwd = forward(hw, ops, shape, bits=bits, where=where, out_level=_wide_level(fq))
     bwd = backward(hw, ops, shape, bits=bits, grad_bits=grad_bits, where=where)
     bq = None
-    if pairs and bwd.out is not None:
-        # dY (M x N per repeat) quantized for grad_input (per row) and grad_weight (per column)
-        m, k = batch * layer.rows, layer.n
+    if pairs and bwd.out is not None and layer.kind == "gemm":   # an embedding's is scattered
+        # dY (M x N per GEMM) quantized for grad_input (per row) and grad_weight (per column)
+        (m, times), k = layer.gemms(batch), layer.n
         producer = Producer(0 if bwd.kept else budget, 1)   # a vector pass: a sample at a time
         bq, wide_at = {}, None
         if not first:
-            scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows,
+            scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.group_rows,
                                  producer=producer)
             bq = input_events(hw, None, scheme, m, k, code_bits)
             wide_at = _wide_level(bq)
-        scheme = QuantScheme(weight_gradient_method(quantizer), range_policy, shared_at=wide_at,
-                             producer=by_columns(producer))
+        scheme = QuantScheme(weight_gradient_method(quantizer), unpredicted(range_policy),
+                             shared_at=wide_at, producer=by_columns(producer))
         merge(bq, input_events(hw, None, scheme, k, m, GRAD_WEIGHT_BITS))
-        bq = _scaled(bq, layer.repeat)
+        bq = _scaled(bq, times)
         bwd = backward(hw, ops, shape, bits=bits, grad_bits=grad_bits, where=where,
                        out_level=_wide_level(bq))
     return fwd, fq, bwd, bq
@@ -755,7 +757,8 @@ class Around:
     quantizes nothing). `dz_read`: the grad_input GEMM above writes this layer's dZ for a pass.
     `dy_coded`: this layer's gradient codes are the backward chain's. `x_wide`, `dy_wide`:
     those codes were made from a copy stored at full width (which rounds to the wide format),
-    not straight from the pass."""
+    not straight from the pass. `dx_level`: where the backward chain's last pass writes the
+    gradient of its layer's output (an embedding's scatter reads it there)."""
     forward: dict
     backward: dict
     y_read: bool
@@ -764,6 +767,7 @@ class Around:
     dy_coded: bool
     x_wide: bool = False
     dy_wide: bool = False
+    dx_level: str | None = None
 
 
 NONE = Around({}, {}, False, False, False, False)
@@ -791,10 +795,12 @@ def around(hw: HWConfig, layer: Layer, batch: int, *, first: bool, quantizer: st
             n, bits, level = chain.read   # its compute (in the time a pass would take to write it)
             add(events, "writeback", level, n, nbytes(n, bits),
                 pass_memory_cycles(hw, level, "write", nbytes(n, bits)))
-            if hw.pipeline.wide_format != "accumulator":
+            sums = chain is bwd or layer.kind == "gemm"   # an embedding's lookup sums nothing
+            if hw.pipeline.wide_format != "accumulator" and sums:
                 add(events, "wide_scale", "array", n)
         chains.append(events)
     return Around(chains[0], chains[1], fwd.read is not None, fq is not None,
                   bwd.read is not None, bq is not None,
                   x_wide=fq is not None and _has(chains[0], "wide_write"),
-                  dy_wide=bq is not None and _has(chains[1], "wide_write"))
+                  dy_wide=bq is not None and _has(chains[1], "wide_write"),
+                  dx_level=None if bwd.out is None else bwd.out[2])

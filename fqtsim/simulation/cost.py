@@ -31,9 +31,10 @@ from fqtsim.simulation.schedule import (QuantScheme, as_scheme, correction_event
                                         BASELINE, activation_consumer, activation_scheme,
                                         gathers, quantized_shape, scale_events,
                                         bias_events, state_bytes, update_events,
-                                        wide_gradient_level,
-                                        FORWARD_BITS,
+                                        unpredicted, wide_gradient_level,
+                                        FORWARD_BITS, check_readable,
                                         GRAD_WEIGHT_BITS, weight_gradient_method)
+from fqtsim.quantizers.storage import DEFAULT_BLOCK, FP32_STATE, check_blocks, state_formats
 
 
 def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int = 8,
@@ -443,7 +444,9 @@ def overhead(hw: HWConfig, m: int, n: int, k: int, schemes, *, grad_bits: int = 
     return pd.DataFrame(rows)
 
 
-def step_overhead(hw: HWConfig, model, batch: int, schemes, grad_bits: int = 8) -> pd.DataFrame:
+def step_overhead(hw: HWConfig, model, batch: int, schemes, grad_bits: int = 8,
+                  weights: str = "fp32", momentum: str = "fp32",
+                  momentum_block: int = DEFAULT_BLOCK) -> pd.DataFrame:
     """What each gradient-quantizer scheme costs a whole training step of `model` over the
     same step with delayed PTQ (gradient and activation ranges known before their GEMMs: the
     random numbers, requantizations and code writes every scheme pays), with the quantizers
@@ -452,8 +455,10 @@ def step_overhead(hw: HWConfig, model, batch: int, schemes, grad_bits: int = 8) 
     One row per scheme and sharing: the step's energy (mJ) and cycles, and the extra energy
     and cycles over the baseline (absolute, and as a share of the step), and how much of the
     extra energy is the forward pass's (`extra_forward_mJ`: a run's range policy holds for its
-    activations too, so dynamic ranges cost there as well)."""
+    activations too, so dynamic ranges cost there as well). `weights`, `momentum`,
+    `momentum_block`: the stored state, as for `training_step`."""
     hw = as_hw(hw)
+    stored = {"weights": weights, "momentum": momentum, "momentum_block": momentum_block}
     if isinstance(schemes, (str, QuantScheme)) or not isinstance(schemes, Iterable):
         schemes = [schemes]
     schemes = [as_scheme(s, "schemes") for s in schemes]
@@ -461,12 +466,12 @@ def step_overhead(hw: HWConfig, model, batch: int, schemes, grad_bits: int = 8) 
     for shared in (True, False):
         variant = replace(hw, pipeline=replace(hw.pipeline, share_passes=shared))
         base = training_step(variant, model, batch, BASELINE.method, BASELINE.range_policy,
-                             grad_bits)
+                             grad_bits, **stored)
         base_pj, base_cycles = base.energy_pj.sum(), base.cycles.sum()
         base_forward = _forward_pj(base)
         for scheme in schemes:
             step = training_step(variant, model, batch, scheme.method, scheme.range_policy,
-                                 grad_bits)
+                                 grad_bits, **stored)
             pj, cycles = step.energy_pj.sum(), step.cycles.sum()
             rows.append({"quantizer": scheme.method, "range": scheme.range_policy,
                          "shared": shared, "step_mJ": pj / 1e9, "extra_mJ": (pj - base_pj) / 1e9,
@@ -477,30 +482,65 @@ def step_overhead(hw: HWConfig, model, batch: int, schemes, grad_bits: int = 8) 
     return pd.DataFrame(rows)
 
 
+def update_costs(hw: HWConfig, model, batch: int, formats, quantizer: str = "psq",
+                 range_policy: str = "dynamic", grad_bits: int = 8,
+                 momentum_block: int = DEFAULT_BLOCK) -> pd.DataFrame:
+    """One training step of `model` per stored-state format in `formats` ((weights, momentum)
+    name pairs): where the state lives and its bytes, the step's energy (mJ), DDR bytes (MB)
+    and cycles, and the update's share of the energy and of the DDR bytes."""
+    from fqtsim.simulation.workloads import workload
+
+    layers = workload(model) if isinstance(model, str) else list(model)
+    rows = []
+    for weights, momentum in formats:
+        stored = state_formats(weights, momentum, momentum_block)
+        step, _, _, home = _training_step(hw, layers, batch, quantizer, range_policy, grad_bits,
+                                          stored)
+        update = step[step.gemm == "update"]
+        pj, ddr = step.energy_pj.sum(), step.loc[step.level == "ddr", "bytes"].sum()
+        update_ddr = update.loc[update.level == "ddr", "bytes"].sum()
+        rows.append({"weights": weights, "momentum": momentum, "state_at": home,
+                     "state_MB": sum(state_bytes(layer.weights, stored, layer.n, layer.bias)
+                                     for layer in layers) / 1e6,
+                     "step_mJ": pj / 1e9, "update_mJ": update.energy_pj.sum() / 1e9,
+                     "update_%": 100 * update.energy_pj.sum() / pj, "ddr_MB": ddr / 1e6,
+                     "update_ddr_MB": update_ddr / 1e6,
+                     "update_ddr_%": 100 * update_ddr / ddr if ddr else 0.0,
+                     "cycles_M": step.cycles.sum() / 1e6})
+    return pd.DataFrame(rows)
+
+
 def _forward_pj(step: pd.DataFrame) -> float:
     """Energy of a step's forward pass: its output GEMMs and the ops between them."""
     return step.loc[step.gemm.isin(["output", "between"]), "energy_pj"].sum()
 
 
 def training_step(hw: HWConfig, model, batch: int, quantizer: str = "psq",
-                  range_policy: str = "dynamic", grad_bits: int = 8) -> pd.DataFrame:
+                  range_policy: str = "dynamic", grad_bits: int = 8, weights: str = "fp32",
+                  momentum: str = "fp32", momentum_block: int = DEFAULT_BLOCK) -> pd.DataFrame:
     """Every event of one FQT training step, layer by layer (the `layer` column), as
     `fqtsim.training.fqt` runs it: the forward GEMM on 8-bit codes, its input quantized from the
     layer below's output under `range_policy`; grad_input with the gradient quantized by
     `quantizer` at `grad_bits` (all but the first layer), handed off at full width to the next
     quantizer down or to the pass of an op between them (a conv layer's folded onto its input
     by col2im); grad_weight with the 8-bit per-tensor (PTQ) or per-feature quantizer sharing the
-    wide gradient; the SGD update of FP32 masters (in TCM or DDR: `state_home`); and the ops
-    between the GEMMs (`between`, `between_grad`: `fqtsim.simulation.between`), with the
-    quantizers that ride their passes. With `pipeline.overlap` the vector passes' cycles hidden
-    under independent GEMMs are taken out (`fqtsim.simulation.overlap`).
+    wide gradient; the SGD update of the weights and momentum stored as `weights` and
+    `momentum` (`fqtsim.quantizers.storage`; int8 momentum in blocks of `momentum_block`), in
+    TCM or DDR (`state_home`); and the ops between the GEMMs (`between`, `between_grad`:
+    `fqtsim.simulation.between`), with the quantizers that ride their passes. With
+    `pipeline.overlap` the vector passes' cycles hidden under independent GEMMs are taken out
+    (`fqtsim.simulation.overlap`). A transformer's products of two activations (`Layer.per_sample`)
+    run as one GEMM per sample and head, their B operand quantized from the wide output of the
+    layer it comes from (`b_source`) with their forward GEMM, dB handed off as dA is; its
+    embeddings' lookup, gradient scatter and update are `fqtsim.simulation.embedding`'s.
 
     `model`: a name from `fqtsim.simulation.workloads` or a list of its `Layer`s.
     """
-    return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[0].copy()
+    formats = state_formats(weights, momentum, momentum_block)
+    return _training_step(hw, model, batch, quantizer, range_policy, grad_bits, formats)[0].copy()
 
 
-def _training_step(hw, model, batch, quantizer, range_policy, grad_bits):
+def _training_step(hw, model, batch, quantizer, range_policy, grad_bits, formats=FP32_STATE):
     """training_step's ledger and the mapping of each of its GEMMs, with the optimizer state
     where `state_home` puts it."""
     from fqtsim.simulation.workloads import Layer, workload
@@ -511,22 +551,27 @@ def _training_step(hw, model, batch, quantizer, range_policy, grad_bits):
             not all(isinstance(layer, Layer) for layer in layers):
         raise TypeError(f"model: got {model!r}; expected a workload name or a non-empty list of "
                         f"fqtsim.simulation.workloads.Layer")
+    if any(layer.kind == "embedding" for layer in layers[1:]):
+        raise ValueError("model: an embedding layer can only be the first (it reads the data)")
     if (size := as_int(batch)) is None or size < 1:
         raise ValueError(f"batch: got {batch!r}; expected an integer >= 1")
     QuantScheme(quantizer, range_policy)   # refuse a bad quantizer or range before any work
-    return _placed_step(hw, tuple(layers), size, quantizer, range_policy, grad_bits)
+    check_blocks({layer.name: layer.weights for layer in layers if layer.weights}, formats)
+    check_readable(hw, formats)
+    return _placed_step(hw, tuple(layers), size, quantizer, range_policy, grad_bits, formats)
 
 
 @functools.lru_cache(maxsize=256)
-def _placed_step(hw, layers, batch, quantizer, range_policy, grad_bits):
+def _placed_step(hw, layers, batch, quantizer, range_policy, grad_bits, formats=FP32_STATE):
     """(ledger, mappings, the config the GEMMs ran on, where the optimizer state lives): state
     in DDR, or in TCM set aside from what the GEMMs tile, whichever the objective prefers."""
-    options = [(*_step(hw, layers, batch, quantizer, range_policy, grad_bits, "ddr"), hw, "ddr")]
-    aside = _without_state(hw, layers)
+    options = [(*_step(hw, layers, batch, quantizer, range_policy, grad_bits, "ddr", formats),
+                hw, "ddr")]
+    aside = _without_state(hw, layers, formats)
     if aside is not None:
         try:
-            options.append((*_step(aside, layers, batch, quantizer, range_policy, grad_bits, "tcm"),
-                            aside, "tcm"))
+            options.append((*_step(aside, layers, batch, quantizer, range_policy, grad_bits, "tcm",
+                                   formats), aside, "tcm"))
         except ValueError:   # the GEMMs do not fit beside it
             pass
     objective = hw.mapping.objective
@@ -536,10 +581,10 @@ def _placed_step(hw, layers, batch, quantizer, range_policy, grad_bits):
     return min(options, key=score)
 
 
-def _without_state(hw: HWConfig, layers) -> HWConfig | None:
-    """The config with the step's optimizer state set aside in TCM (None where it cannot be:
-    no room, or the partitions take what it would need)."""
-    state = state_bytes(sum(layer.weights + layer.bias for layer in layers))
+def _without_state(hw: HWConfig, layers, formats=FP32_STATE) -> HWConfig | None:
+    """The config with the step's optimizer state (in `formats`) set aside in TCM (None where it
+    cannot be: no room, or the partitions take what it would need)."""
+    state = sum(state_bytes(layer.weights, formats, layer.n, layer.bias) for layer in layers)
     left = hw.tcm.size_bytes - state
     parts = hw.tcm.partitions
     if state == 0 or left <= 0 or (parts is not None and left < sum(parts.sizes_bytes)):
@@ -548,18 +593,22 @@ def _without_state(hw: HWConfig, layers) -> HWConfig | None:
 
 
 def state_home(hw: HWConfig, layers, batch: int, quantizer: str = "psq",
-               range_policy: str = "dynamic", grad_bits: int = 8) -> tuple[HWConfig, str]:
-    """Where a training step keeps its FP32 masters and momentum, and the config its GEMMs
-    then run on: ("tcm", the config with that state's bytes set aside from what the GEMMs
-    tile) where it fits and the whole step costs no more by `mapping.objective`; else ("ddr",
-    the config as given). A device that trains with this config and state home charges what
-    `training_step` does."""
-    *_, used, home = _training_step(hw, layers, batch, quantizer, range_policy, grad_bits)
+               range_policy: str = "dynamic", grad_bits: int = 8, weights: str = "fp32",
+               momentum: str = "fp32",
+               momentum_block: int = DEFAULT_BLOCK) -> tuple[HWConfig, str]:
+    """Where a training step keeps its weights and momentum (stored as `weights`, `momentum`:
+    see `training_step`), and the config its GEMMs then run on: ("tcm", the config with that
+    state's bytes set aside from what the GEMMs tile) where it fits and the whole step costs no
+    more by `mapping.objective`; else ("ddr", the config as given). A device that trains with
+    this config and state home charges what `training_step` does."""
+    formats = state_formats(weights, momentum, momentum_block)
+    *_, used, home = _training_step(hw, layers, batch, quantizer, range_policy, grad_bits, formats)
     return used, home
 
 
-def _step(hw, layers, batch, quantizer, range_policy, grad_bits, state_at):
-    """One step's ledger and mappings on `hw` with the optimizer state at `state_at`."""
+def _step(hw, layers, batch, quantizer, range_policy, grad_bits, state_at, formats=FP32_STATE):
+    """One step's ledger and mappings on `hw` with the optimizer state (in `formats`) at
+    `state_at`."""
     from fqtsim.simulation.between import around
 
     windows = [None if layer.im2col is None else replace(layer.im2col, samples=batch)
@@ -572,20 +621,24 @@ def _step(hw, layers, batch, quantizer, range_policy, grad_bits, state_at):
     producers, grad_inputs = [loss_producer(hw)] * len(layers), {}
     for i in range(len(layers) - 1, 0, -1):
         layer = layers[i]
-        scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.rows,
+        scheme = QuantScheme(quantizer, range_policy, rows_per_sample=layer.group_rows,
                              producer=producers[i], coded=ops[i].dy_coded)
         below = ops[i - 1]
-        dx = _priced(hw, batch * layer.rows, layer.k, layer.n, grad_bits, FORWARD_BITS,
-                     writeback="handoff", a_quant=scheme, col2im=windows[i],
+        dx = _priced(hw, layer.gemms(batch)[0], layer.k, layer.n, grad_bits, FORWARD_BITS,
+                     writeback="handoff", a_quant=scheme, b_offset=not layer.weights,
+                     col2im=windows[i],
                      consumer=None if below.dz_read or below.dy_coded else
                      (quantizer, range_policy, grad_bits),
                      b_sums_known=bool(layer.weights), name="grad_input")
         grad_inputs[i] = dx
-        producers[i - 1] = produced_by(_tiling(dx[1]), layer.k, layer.rows)
+        producers[i - 1] = produced_by(_tiling(dx[1]), layer.k, layer.group_rows)
     outputs = _forward(hw, layers, batch, range_policy, windows, ops)
     rows, plans = [], []
     for i, layer in enumerate(layers):
-        m = batch * layer.rows
+        if layer.kind == "embedding":
+            rows += _embedding_rows(hw, layer, batch, ops[i], state_at, formats)
+            continue
+        m, times = layer.gemms(batch)
         win, producer = windows[i], producers[i]
         gemms = [("output", _with_bias(hw, outputs[i], layer, m, "forward",
                                        GemmSpec(FORWARD_BITS, FORWARD_BITS)))]
@@ -593,8 +646,9 @@ def _step(hw, layers, batch, quantizer, range_policy, grad_bits, state_at):
         if i > 0:
             gemms.append(("grad_input", grad_inputs[i]))
             wide_at = _level(grad_inputs[i][2], "wide_write")
-        scheme = QuantScheme(weight_gradient_method(quantizer), range_policy, shared_at=wide_at,
-                             producer=by_columns(producer), coded=ops[i].dy_coded)
+        scheme = QuantScheme(weight_gradient_method(quantizer), unpredicted(range_policy),
+                             shared_at=wide_at, producer=by_columns(producer),
+                             coded=ops[i].dy_coded)
         dw = _priced(hw, layer.n, layer.k, m, GRAD_WEIGHT_BITS, FORWARD_BITS,
                      writeback="materialized" if layer.weights else "handoff", a_quant=scheme,
                      b_offset=True, b_im2col=win, name="grad_weight")
@@ -602,17 +656,30 @@ def _step(hw, layers, batch, quantizer, range_policy, grad_bits, state_at):
                                                 GemmSpec(GRAD_WEIGHT_BITS, FORWARD_BITS))))
         if layer.weights:
             events = update_events(hw, layer.weights, _level(dw[2], "writeback"), state_at,
-                                   sums=2 if i > 0 else 1, bias=layer.bias)
+                                   sums=2 if i > 0 else 1, bias=layer.bias, formats=formats,
+                                   channels=layer.n)
             gemms.append(("update", (price(hw, "update", GemmSpec(FORWARD_BITS, FORWARD_BITS), events),
                                      None, events)))
         for name, (priced, mapping, _) in gemms:
             if mapping is not None:
                 plans.append({"layer": layer.name, "gemm": name, **mapping})
-            times = layer.repeat
             rows += [(layer.name, g, e, lvl, c * times, b * times, pj * times, cy * times)
                      for g, e, lvl, c, b, pj, cy in priced]
         rows += [(layer.name, *r) for r in between_rows(hw, ops[i])]
     return overlapped(hw, pd.DataFrame(rows, columns=["layer", *COLUMNS])), pd.DataFrame(plans)
+
+
+def _embedding_rows(hw, layer, batch: int, ops, state_at: str, formats) -> list[tuple]:
+    """Ledger rows of an embedding layer (`fqtsim.simulation.embedding`): its lookup as its
+    output, the scatter of its gradient as its grad_weight, the tables' update, and its chain."""
+    from fqtsim.simulation import embedding
+
+    spec = GemmSpec(FORWARD_BITS, FORWARD_BITS)
+    parts = (("output", embedding.gather(hw, layer, batch, state_at, formats)),
+             ("grad_weight", embedding.scatter(hw, layer, batch, ops.dx_level)),
+             ("update", embedding.update(hw, layer, state_at, formats)))
+    return [(layer.name, *row) for name, events in parts for row in price(hw, name, spec, events)] \
+        + [(layer.name, *r) for r in between_rows(hw, ops)]
 
 
 def _with_bias(hw, gemm: tuple, layer, m: int, direction: str, spec: GemmSpec) -> tuple:
@@ -644,21 +711,43 @@ def _forward(hw, layers, batch, range_policy, windows, ops=None) -> list:
     from fqtsim.simulation.between import NONE
 
     ops = ops or [NONE] * len(layers)
-    outputs, producer = [], None
+    outputs, producer, handoffs = [], None, {}
     for i, layer in enumerate(layers):
+        if layer.kind == "embedding":   # a lookup, no GEMM: its chain writes the next codes
+            outputs.append(None)
+            continue
         top = i == len(layers) - 1
         scheme = None if i == 0 else activation_scheme(range_policy, producer,
                                                        coded=ops[i - 1].x_coded)
         to_quantizer = not top and not ops[i].y_read
-        out = _priced(hw, batch * layer.rows, layer.n, layer.k, FORWARD_BITS, FORWARD_BITS,
+        out = _priced(hw, layer.gemms(batch)[0], layer.n, layer.k, FORWARD_BITS, FORWARD_BITS,
                       writeback="fused" if top and not ops[i].y_read else "handoff",
                       a_quant=scheme, a_offset=True, b_offset=not layer.weights,
                       a_im2col=windows[i],
                       consumer=activation_consumer(range_policy) if to_quantizer else None,
                       b_sums_known=bool(layer.weights), name="output")
+        if layer.b_source is not None:   # B quantized from the wide output of its source
+            out = _with_events(hw, out, _operand_events(hw, layer, range_policy,
+                                                       handoffs[layer.b_source]))
         outputs.append(out)
-        producer = produced_by(_tiling(out[1]), layer.n, layer.rows)
+        producer = handoffs[layer.name] = produced_by(_tiling(out[1]), layer.n, layer.group_rows)
     return outputs
+
+
+def _operand_events(hw: HWConfig, layer, range_policy: str, producer) -> dict:
+    """Raw events of quantizing a weightless layer's B operand (K x N per GEMM) from the wide
+    output of `layer.b_source`, which `producer` wrote: 8-bit, per tensor, to nearest, as
+    its A operand is; charged with its forward GEMM."""
+    return input_events(hw, None, activation_scheme(range_policy, producer), layer.k, layer.n,
+                        FORWARD_BITS)
+
+
+def _with_events(hw, gemm: tuple, more: dict) -> tuple:
+    """A priced forward GEMM (rows, mapping, events) with `more` raw events priced with it."""
+    rows, mapping, events = gemm
+    events = {key: list(row) for key, row in events.items()}
+    merge(events, more)
+    return price(hw, rows[0][0], GemmSpec(FORWARD_BITS, FORWARD_BITS), events), mapping, events
 
 
 def _level(events: dict, event: str) -> str | None:
@@ -667,12 +756,14 @@ def _level(events: dict, event: str) -> str | None:
 
 
 def mappings(hw: HWConfig, model, batch: int, quantizer: str = "psq",
-             range_policy: str = "dynamic", grad_bits: int = 8) -> pd.DataFrame:
+             range_policy: str = "dynamic", grad_bits: int = 8, weights: str = "fp32",
+             momentum: str = "fp32", momentum_block: int = DEFAULT_BLOCK) -> pd.DataFrame:
     """How each GEMM of a training step is laid onto the device (arguments as for
     `training_step`): one row per layer and GEMM with its shape (A is M x K), loop order, TCM
     tiles, which operands are held whole, the TCM the tiles take and leave, and where the output
     goes."""
-    return _training_step(hw, model, batch, quantizer, range_policy, grad_bits)[1].copy()
+    formats = state_formats(weights, momentum, momentum_block)
+    return _training_step(hw, model, batch, quantizer, range_policy, grad_bits, formats)[1].copy()
 
 
 def _tiling(mp: dict) -> Tiling:
@@ -685,15 +776,18 @@ def _tiling(mp: dict) -> Tiling:
 
 def check_training(hw: HWConfig, layers, batches, quantizer: str = "psq",
                    range_policy: str = "dynamic", grad_bits: int = 8, backward: bool = True,
-                   what: str = "hw", hint: str = "a smaller --batch-size") -> None:
+                   what: str = "hw", hint: str = "a smaller --batch-size",
+                   formats=FP32_STATE) -> None:
     """Plan every GEMM of a training step of `layers` at each batch size in `batches` (the
     training batches and the evaluation pass) and raise one ValueError, naming the config and
-    what to change, if any of them cannot run on `hw` (tiles that cannot fit TCM, operand widths
-    the MACs do not take). `backward`: False for QAT (forward GEMMs on the device only)."""
+    what to change, if any of them cannot run on `hw` (tiles that cannot fit TCM beside the
+    optimizer state stored in `formats`, operand widths the MACs do not take). `backward`:
+    False for QAT (forward GEMMs on the device only)."""
     for batch in sorted(set(batches), reverse=True):
         try:
             if backward:
-                training_step(hw, layers, batch, quantizer, range_policy, grad_bits)
+                training_step(hw, layers, batch, quantizer, range_policy, grad_bits,
+                              **formats.names())
             else:
                 _forward(hw, list(layers), batch, range_policy,
                          [None if layer.im2col is None else replace(layer.im2col, samples=batch)

@@ -24,6 +24,7 @@ from fqtsim.hardware.mapping import (Producer, check_gemm, live_wide_elements, n
                                      parks_psums, phase_stalls, produced_by, stored_output_bits,
                                      wide_bits, wide_level)
 from fqtsim.hardware.mapping import fill_drain
+from fqtsim.hardware.overflow import gemm_bound
 from fqtsim.simulation.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
 from fqtsim.quantizers.storage import FP32_STATE, StateFormats
@@ -88,6 +89,16 @@ class Device:
         rows, self._rows = self._rows, []
         return rows
 
+    def _merge_since(self, mark: int):
+        """One row per (name, event, level) of the rows recorded since `mark`, their counts,
+        bytes, energy and cycles summed."""
+        merged: dict[tuple, list] = {}
+        for name, event, level, *values in self._rows[mark:]:
+            row = merged.setdefault((name, event, level), [0, 0.0, 0.0, 0.0])
+            for i, value in enumerate(values):
+                row[i] += value
+        self._rows[mark:] = [(*key, *values) for key, values in merged.items()]
+
     def gemm(self, a: np.ndarray, b: np.ndarray, *, a_bits: int = 8, b_bits: int = 8,
              out_bits: int = 8, writeback: str = "fused", scope: str = "tensor",
              a_im2col=None, b_im2col=None, col2im=None, name: str | None = None) -> np.ndarray:
@@ -116,6 +127,52 @@ class Device:
         keeps (`update`); `also`: raw events of work riding this GEMM's pipeline (a bias:
         `fqtsim.simulation.schedule.bias_events`), priced with it.
         """
+        return self._matmul(a, b, None, scheme=scheme, out_bits=out_bits, writeback=writeback,
+                            a_im2col=a_im2col, b_im2col=b_im2col, col2im=col2im,
+                            consumer=consumer, b_sums_known=b_sums_known, also=also, name=name)
+
+    def matmul_batch(self, a: list, b: list, *, scheme: QuantScheme | None = None,
+                     writeback: str = "fused", consumer: tuple | None = None,
+                     also: dict | None = None, name: str | None = None) -> np.ndarray:
+        """`matmul` of each pair a[g] @ b[g] of G pairs of one shape (attention's products, a
+        GEMM per sequence and head), stacked (G x M x N). The ledger gets one entry per event:
+        one GEMM's rows times G, the data's counts (overflows, clips, BHQ's blocks) summed over
+        the pairs, as `fqtsim.cost` charges one GEMM times G. Where no sum can overflow the
+        accumulator (`fqtsim.hardware.overflow`) the integer products are computed at once."""
+        if not a or len(a) != len(b):
+            raise ValueError(f"a, b: got {len(a)} and {len(b)} operands; expected pairs, at least one")
+        if len({(x.codes.shape, w.codes.shape) for x, w in zip(a, b)}) != 1:
+            raise ValueError("a, b: the pairs of a batch must all have one shape")
+        products = [None] * len(a)
+        k = a[0].codes.shape[1]
+        bound = gemm_bound(self.hw, k, a[0].bits, b[0].bits, "affine", "affine")
+        exact = not bound.can_overflow and max(map(abs, bound.total)) < 2**53   # in float64
+        if exact:
+            products = np.matmul(np.stack([x.codes for x in a]).astype(np.float64),
+                                 np.stack([w.codes for w in b]).astype(np.float64)).astype(np.int64)
+        # no overflows and the same passes for every pair: the first pair's rows, times G
+        scheme = as_scheme(scheme, "scheme")
+        once = exact and (scheme is None or scheme.method != "bhq")
+        mark = len(self._rows)
+        out = np.stack([self._matmul(x, w, c, scheme=scheme, writeback=writeback,
+                                     consumer=consumer, also=also, name=name,
+                                     record=not once or g == 0)
+                        for g, (x, w, c) in enumerate(zip(a, b, products))])
+        if once:
+            clips, times = sum(x.clipped for x in a), len(a)
+            self._rows[mark:] = [
+                (label, event, level, clips if event == "clip" else count * times,
+                 size * times, pj * times, cycles * times)
+                for label, event, level, count, size, pj, cycles in self._rows[mark:]]
+        else:
+            self._merge_since(mark)
+        return out
+
+    def _matmul(self, a, b, product, *, scheme, out_bits=8, writeback, a_im2col=None,
+                b_im2col=None, col2im=None, consumer, b_sums_known=False, also, name,
+                record=True):
+        """`matmul`, with the integer product `product` of the codes given (None: computed);
+        `record`: False, its batch records its rows (`matmul_batch`)."""
         for label, q in (("a", a), ("b", b)):
             if not isinstance(q, Quantized):
                 raise TypeError(f"{label}: got {type(q).__name__}; expected a Quantized operand "
@@ -124,7 +181,8 @@ class Device:
         _check_realizable(a, b, scheme)
         c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, writeback, "tensor", name,
                       a_quant=scheme, qa=a, qb=b, windows=(a_im2col, b_im2col, col2im),
-                      consumer=consumer, b_sums_known=bool(b_sums_known), also=also)
+                      consumer=consumer, b_sums_known=bool(b_sums_known), also=also,
+                      product=product, record=record)
         # codes stand for offset + scale * q: rank-1 corrections with the other's sums
         out = dequantize_product(c, *(np.asarray(v, np.float64).reshape(np.shape(v) or (1, 1))
                                       for v in (a.scale, b.scale, a.offset, b.offset)),
@@ -139,7 +197,7 @@ class Device:
 
     def _run(self, a, b, a_bits, b_bits, out_bits, writeback, scope, name, a_quant=None,
              qa=None, qb=None, windows=(None, None, None), consumer=None, b_sums_known=False,
-             also=None):
+             also=None, product=None, record=True):
         for label, x in (("a", a), ("b", b)):
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"{label}: got a {type(x).__name__}; expected a numpy array of "
@@ -160,14 +218,19 @@ class Device:
         _check_codes("a", a, call.a_bits)
         _check_codes("b", b, call.b_bits)
         acc = self.hw.accumulator
-        c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
-                             spill_every=acc.spill_every, psum_bits=acc.psum_bits)
+        if product is None:
+            c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
+                                 spill_every=acc.spill_every, psum_bits=acc.psum_bits)
+        else:   # computed with its batch (`matmul_batch`), where no sum can overflow
+            c, counts = product, {"macs": call.macs, "overflows": 0, "spills": call.spills}
         if call.macs != counts["macs"] or (acc.spill_every and call.spills != counts["spills"]):
             raise AssertionError("loop-nest walk and kernel disagree on MACs or spills")
         name = name if name is not None else f"gemm{self._gemms}"
         self._gemms += 1
         clipped = qa.clipped if qa is not None else 0
-        if a_quant is not None and a_quant.method == "bhq":   # data-dependent blocks: count them
+        if not record:
+            pass
+        elif a_quant is not None and a_quant.method == "bhq":   # data-dependent blocks: count them
             events = {event: list(totals) for event, totals in call.events.items()}
             add(events, "overflow", "array", counts["overflows"])
             shape = quantized_shape(call.m, call.k, windows[0])

@@ -56,6 +56,11 @@ for their ops (count = elements; ops per element in PASS_OPS):
     state_requant,       a value requantized to an integer code (int16 weights, int8 momentum,
     state_round,         int8 weights' per-tensor codes for grad_input); a value rounded to bf16;
     state_rng, kahan     stochastic rounding's random numbers; Kahan's compensation (three adds)
+Embeddings (see `fqtsim.simulation.embedding`; count = elements):
+    embed_gather         token ids and their table rows read for the lookup
+    embed_scatter        backward: dX read and each element added into its token's and its
+                         position's gradient (vector: 2 adds per element)
+    embed_grad           those gradient entries, each read and written at full width
 Between the GEMMs (see `fqtsim.simulation.between`; count = elements, per channel or row where
 said, or compares for maxpool; a memory row's bytes are everything its pass reads there):
     norm_stats           BN/LayerNorm batch statistics: sum and sum of squares (array: beside the
@@ -113,6 +118,8 @@ class GemmSpec:
 # Vector-unit ops per element of each pass, by op kind of the config's vector table.
 PASS_OPS = {
     "range_pass": {"minmax": 1},
+    "range_predict": {"mul": 4, "add": 4},      # per sample: two log-linear bounds (log2 and
+                                                # exp2 by exponent and a mul-add)
     "sort": {"compare": 1},
     "transform": {"mul": 3, "add": 2},          # v^T x, x - 2 v (.), row scale
     "requant_pass": {"requant": 1},
@@ -133,6 +140,7 @@ PASS_OPS = {
     "wide_scale": {"mul": 1},                   # raw sums times their scales: fp32/bf16 storage
     "bias_add": {"add": 1},
     "bias_grad": {"add": 1},
+    "embed_scatter": {"add": 1},
     # between the GEMMs (fqtsim.simulation.between, whose docstring counts each)
     "norm_stats": {"add": 2, "mul": 1},         # sum, square, sum of squares
     "bn_channel": {"mul": 18, "add": 11},       # per channel
@@ -174,6 +182,7 @@ PASS_MEMORY.update({event: "read" for event in (
     "avgpool_grad", "softmax_max", "softmax", "softmax_out", "softmax_grad_sums", "softmax_grad",
     "gelu_grad")})
 PASS_MEMORY.update({"relu_mask": "write", "pool_index": "write", "pass_write": "write"})
+PASS_MEMORY.update({"embed_gather": "read", "embed_scatter": "read", "embed_grad": "write"})
 
 
 def pass_transfer_pj(hw: HWConfig, level: str, direction: str) -> float:
@@ -205,6 +214,8 @@ def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float
     if event == "col2im":   # each entry read, added to and written back
         written = count * container_bits(wide_bits(hw)) / 8
         return written * tcm.write_pj_per_byte + (nbytes - written) * tcm.read_pj_per_byte
+    if event == "embed_grad":   # half of its bytes read, half written back
+        return nbytes / 2 * (pass_transfer_pj(hw, level, "read") + pass_transfer_pj(hw, level, "write"))
     if event in PASS_MEMORY:
         return nbytes * pass_transfer_pj(hw, level, PASS_MEMORY[event])
     if event == "mac":
@@ -255,13 +266,13 @@ def static_pj(hw: HWConfig, cycles: float) -> float:
     return hw.energy.static_mw * cycles / hw.array.clock_mhz * 1e3
 
 
-EVENTS = ("wide_write", "range_pass", "sort", "transform", "requant_pass", "code_write",
+EVENTS = ("wide_write", "range_pass", "range_predict", "sort", "transform", "requant_pass", "code_write",
           "sr_rng", "clip", "mac", "overflow", "requantize", "load_a", "load_b", "read_a",
           "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im",
           "wide_scale", "writeback", "wide_output", "inverse_transform", "inverse_rows",
           "inverse_codes", "bias_add", "bias_grad", "optimizer_read", "optimizer_write",
           "weight_update", "state_decode", "state_peak", "state_requant", "state_round",
-          "state_rng", "kahan",
+          "state_rng", "kahan", "embed_gather", "embed_scatter", "embed_grad",
           # between the GEMMs
           "norm_stats", "bn_channel", "bn_norm", "bn_grad_sums", "bn_grad_channel", "bn_grad",
           "ln_row", "ln_norm", "ln_grad_sums", "ln_grad_row", "ln_grad", "relu", "relu_mask",

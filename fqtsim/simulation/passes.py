@@ -55,9 +55,11 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
     rows, cols = q.codes.shape if shape is None else shape
     elements = rows * cols
     if scheme.coded:   # charged by the pass that wrote the codes; its clips are the device's
-        if scheme.range_policy == "delayed":
+        if scheme.range_policy != "dynamic":
             add(events, "clip", "array", q.clipped)
         return events
+    if scheme.range_policy == "predicted":
+        add(events, "range_predict", "vector", rows // scheme.rows_per_sample)
     if not scheme.materializes:
         if scheme.stochastic:
             add(events, "sr_rng", "array", elements)
@@ -90,14 +92,14 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
             if scheme.range_policy == "dynamic":
                 add(events, "wide_write", level, size, nbytes(size, width))
                 add(events, "range_pass", "vector", size)
-        codes_from_transform = scheme.range_policy == "delayed"
+        codes_from_transform = scheme.range_policy != "dynamic"
     if not codes_from_transform and scheme.shared_at is None:
         add(events, "requant_pass", level, elements, wide)
     add(events, "requant_pass", "vector", elements)
     if scheme.stochastic:
         add(events, "sr_rng", "vector", elements)
     add(events, "code_write", "ddr", elements, nbytes(elements, q.bits))
-    if scheme.range_policy == "delayed":
+    if scheme.range_policy != "dynamic":
         add(events, "clip", "array", q.clipped)
     return events
 

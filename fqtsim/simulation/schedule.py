@@ -21,7 +21,9 @@ dynamic ranges (the range depends on the data itself, as in the paper):
                   the transformed rows and a second wide_write; delayed: requantize straight out
     requant_pass  read, one requantization per element (and a random number: sr_rng)
     code_write    b-bit codes to DDR, where the GEMM loads A from
-delayed ranges (known before the producer's GEMM, from a history of past ranges): PTQ and PSQ
+delayed ranges (known before the producer's GEMM, from a history of past ranges) and predicted
+ones (per sample, from the loss gradient's norms: range_predict, two log-linear bounds per
+sample on the vector unit; `fqtsim.quantizers.ranges.PredictedRange`): PTQ and PSQ
 requantize in the producer's output pipeline (sr_rng, requantize) and write only codes; values
 outside the range are clipped (counted by the device). BHQ still needs the wide tensor, one range
 pass and the sort to build its transform, but requantizes on the way out of the transform pass.
@@ -51,7 +53,7 @@ from fqtsim.quantizers import GRADIENT_METHODS
 from fqtsim.quantizers.storage import FP32_STATE, StateFormats
 
 METHODS = GRADIENT_METHODS
-RANGE_POLICIES = ("dynamic", "delayed")
+RANGE_POLICIES = ("dynamic", "delayed", "predicted")
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ class QuantScheme:
         if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"quantizer: got {self.method!r}; expected one of {', '.join(METHODS)}")
         if not isinstance(self.range_policy, str) or self.range_policy not in RANGE_POLICIES:
-            raise ValueError(f"range policy: got {self.range_policy!r}; expected "
-                             f"{' or '.join(RANGE_POLICIES)}")
+            raise ValueError(f"range policy: got {self.range_policy!r}; expected one of "
+                             f"{', '.join(RANGE_POLICIES)}")
         if self.shared_at not in (None, "tcm", "ddr"):
             raise ValueError(f"shared_at: got {self.shared_at!r}; expected None, 'tcm' or 'ddr'")
         rows = self.rows_per_sample
@@ -185,6 +187,8 @@ def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: i
     elements = m * k
     if scheme.coded:
         return events
+    if scheme.range_policy == "predicted":   # each sample's bounds, from its loss gradient
+        add(events, "range_predict", "vector", m // scheme.rows_per_sample)
     if not scheme.materializes:   # requantized in the producer's output pipeline
         if scheme.stochastic:
             add(events, "sr_rng", "array", elements)
@@ -266,15 +270,22 @@ FORWARD_BITS = 8    # forward activation and weight codes (per tensor, round to 
 GRAD_WEIGHT_BITS = 8   # Q_bw, the weight-gradient GEMM's quantizer
 
 
+def unpredicted(range_policy: str) -> str:
+    """The policy of a quantizer whose groups are not samples (the forward activations' tensor,
+    Q_bw's output features) under the run's `range_policy`: ranges are predicted per sample from
+    the loss, so those take ranges from their history instead (delayed)."""
+    return "delayed" if range_policy == "predicted" else range_policy
+
+
 def activation_scheme(policy: str, producer: Producer | None = None,
                       coded: bool = False) -> QuantScheme:
     """The forward activation quantizer: per tensor, to nearest, under the run's range policy."""
-    return QuantScheme("ptq", policy, stochastic=False, producer=producer, coded=coded)
+    return QuantScheme("ptq", unpredicted(policy), stochastic=False, producer=producer, coded=coded)
 
 
 def activation_consumer(policy: str) -> tuple:
     """(method, policy, bits) of the activation quantizer, as a GEMM's `consumer`."""
-    return "ptq", policy, FORWARD_BITS
+    return "ptq", unpredicted(policy), FORWARD_BITS
 
 
 # The like-for-like baseline a scheme's extra cost is measured against: ranges known before their
@@ -289,7 +300,7 @@ def weight_gradient_method(quantizer: str) -> str:
 
 def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "ddr",
                   sums: int = 1, bias: int = 0, formats: StateFormats = FP32_STATE,
-                  channels: int = 1) -> dict:
+                  channels: int = 1, codes: bool = True) -> dict:
     """SGD with momentum on the vector unit for `params` weights in `channels` rows (output
     channels), whose gradient the weight-gradient GEMM left at full width in `grad_level`: it
     reads the gradient and the stored weights and momentum (in `formats`, at `state_at`: TCM
@@ -300,7 +311,8 @@ def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "d
     them: forward, and grad_input where there is one). `bias`: bias parameters updated the same
     way, their gradient (`bias_events`) read from TCM and the new biases written to DDR at
     their stored width, where the output pipeline adds them (a 1-D tensor: one scale, one
-    momentum block)."""
+    momentum block). `codes`: False for a table no GEMM reads (an embedding, looked up as
+    stored): no codes, no column sums."""
     weights, momentum = formats.weights, formats.momentum
     per_value = weights.buffers + 1   # values moved per parameter: its weight buffers, momentum
     events = {}
@@ -308,14 +320,15 @@ def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "d
     stored = state_bytes(params, formats, channels)
     add(events, "optimizer_read", state_at, per_value * params, stored)
     add(events, "optimizer_write", state_at, per_value * params, stored)
-    codes = weight_code_sets(formats, state_at, sums)
-    if codes:
-        add(events, "optimizer_write", "ddr", codes * params, codes * nbytes(params, FORWARD_BITS))
+    sets = weight_code_sets(formats, state_at, sums) if codes else 0
+    if sets:
+        add(events, "optimizer_write", "ddr", sets * params, sets * nbytes(params, FORWARD_BITS))
     add(events, "weight_update", "vector", params)
     merge(events, format_events(formats, params))
-    if weights.scales == "row" and sums > 1:   # grad_input's per-tensor codes of the stored ones
+    if weights.scales == "row" and sums > 1 and codes:   # grad_input's per-tensor codes of them
         add(events, "state_requant", "vector", params)
-    add(events, "colsum", "vector", sums * params)
+    if codes:
+        add(events, "colsum", "vector", sums * params)
     if bias:
         add(events, "optimizer_read", "tcm", bias, nbytes(bias, wide_store_bits(hw)))
         stored = state_bytes(0, formats, bias=bias)

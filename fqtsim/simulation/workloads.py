@@ -4,7 +4,8 @@ Every layer is one GEMM per sample group: a conv layer is its im2col GEMM (the i
 built on chip from the feature map, see `fqtsim.hardware.conv`), a linear layer a GEMM with one row per
 sample (or per token), attention's score and context products batched GEMMs.
 
-    Layer(name, rows, k, n, repeat, weights, im2col, between, bias)
+    Layer(name, rows, k, n, repeat, weights, im2col, between, bias, per_sample, sample_rows,
+          b_source, kind)
       rows     GEMM rows per sample (output positions Ho*Wo of a conv, tokens of a sequence)
       k, n     forward GEMM: (batch*rows x k) @ (k x n)
       repeat   independent GEMMs of that shape per sample (attention heads); 1 elsewhere
@@ -15,6 +16,14 @@ sample (or per token), attention's score and context products batched GEMMs.
                `fqtsim.simulation.between`. Their tensor is the GEMM's output, (batch x repeat)
                samples of n channels at rows positions, until a pool changes its positions.
       bias     bias parameters (one per output feature; 0: none)
+      per_sample  the GEMM runs once per sample and repeat, (rows x k) @ (k x n), its B operand
+               the sample's own activation (attention's Q K^T and P V per sequence and head)
+      sample_rows  rows of dY that a per-sample gradient quantizer (PSQ, BHQ) ranges together
+               (None: `rows`, a whole sample, as a conv's positions; 1: each token row alone)
+      b_source a weightless layer's B operand: the layer whose output it is, quantized on the
+               device from that output (8-bit, per tensor), as the A operand is
+      kind     "gemm"; or "embedding": a token and position lookup (k tokens, rows positions, n
+               wide) with no GEMM, priced by `fqtsim.simulation.embedding`
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ from dataclasses import dataclass, replace
 from fqtsim.hardware.conv import Im2col
 
 OPS = ("bn", "relu", "add", "maxpool", "avgpool", "softmax_ce", "layernorm", "softmax", "gelu")
+KINDS = ("gemm", "embedding")
 
 
 @dataclass(frozen=True)
@@ -58,10 +68,30 @@ class Layer:
     im2col: Im2col | None = None
     between: tuple = ()
     bias: int = 0
+    per_sample: bool = False
+    sample_rows: int | None = None
+    b_source: str | None = None
+    kind: str = "gemm"
 
     def __post_init__(self):   # kinds as plain strings are ops with no options
         object.__setattr__(self, "between", tuple(
             op if isinstance(op, Op) else Op(op) for op in self.between))
+        if self.kind not in KINDS:
+            raise ValueError(f"layer kind: got {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.b_source is not None and self.weights:
+            raise ValueError(f"{self.name}: a B operand from {self.b_source!r} has no weights")
+
+    @property
+    def group_rows(self) -> int:
+        """Rows of dY per group of a per-sample gradient quantizer (`sample_rows`)."""
+        return self.rows if self.sample_rows is None else self.sample_rows
+
+    def gemms(self, batch: int) -> tuple[int, int]:
+        """(M, times): the forward GEMM's rows and how many such GEMMs a step of `batch` samples
+        runs (per sample and repeat for a per-sample layer, else per repeat)."""
+        if self.per_sample:
+            return self.rows, batch * self.repeat
+        return batch * self.rows, self.repeat
 
 
 def conv(name: str, cin: int, cout: int, kernel: int, in_h: int, in_w: int | None = None,
@@ -72,9 +102,12 @@ def conv(name: str, cin: int, cout: int, kernel: int, in_h: int, in_w: int | Non
     return Layer(name, win.positions, win.cols, cout, weights=win.cols * cout, im2col=win)
 
 
-def linear(name: str, fin: int, fout: int, rows: int = 1, between: tuple = ()) -> Layer:
-    """A linear layer with a bias (as nn.Linear's default); convolutions here have none."""
-    return Layer(name, rows, fin, fout, weights=fin * fout, between=between, bias=fout)
+def linear(name: str, fin: int, fout: int, rows: int = 1, between: tuple = (),
+           tokens: bool = False, bias: bool = True) -> Layer:
+    """A linear layer, with a bias by default (as nn.Linear's); convolutions here have none.
+    `tokens`: its rows are a sequence's tokens, each a group of its own for PSQ and BHQ."""
+    return Layer(name, rows, fin, fout, weights=fin * fout, between=between,
+                 bias=fout if bias else 0, sample_rows=1 if tokens else None)
 
 
 def _with(layer: Layer, *ops) -> Layer:
@@ -130,25 +163,87 @@ def resnet(depth: int, image: int = 224, classes: int = 1000) -> list[Layer]:
 
 
 def transformer_block(seq: int = 512, width: int = 768, heads: int = 12) -> list[Layer]:
-    """One pre-norm encoder block: QKV, attention scores and context per head, output projection,
-    and a 4x MLP; between them softmax over the scores, the residual adds and LayerNorms, GELU.
-    As a repeated unit the block ends with the next block's first LayerNorm (after fc2's add)."""
+    """One pre-norm block: QKV, attention scores and context per sequence and head, output
+    projection, and a 4x MLP; between them softmax over the scores, the residual adds and
+    LayerNorms, GELU. As a repeated unit the block ends with the next block's first LayerNorm
+    (after fc2's add)."""
+    return _block("", seq, width, heads)
+
+
+def _block(prefix: str, seq: int, width: int, heads: int) -> list[Layer]:
+    """A block's layers named `prefix` + qkv, scores, context, proj, mlp.fc1, mlp.fc2; every row
+    a token (PSQ and BHQ range each token row alone), Q K^T and P V one GEMM per sequence and
+    head whose B operand (K^T, V) the device quantizes from qkv's output."""
     if width % heads:
         raise ValueError(f"transformer: width {width} is not a multiple of heads {heads}")
     head = width // heads
-    return [linear("qkv", width, 3 * width, seq),
-            Layer("scores", seq, head, seq, repeat=heads,          # Q K^T per head
-                  between=("softmax",)),
-            Layer("context", seq, seq, head, repeat=heads),       # softmax(S) V per head
-            linear("proj", width, width, seq, between=("add", "layernorm")),
-            linear("mlp.fc1", width, 4 * width, seq, between=("gelu",)),
-            linear("mlp.fc2", 4 * width, width, seq, between=("add", "layernorm"))]
+    qkv = f"{prefix}qkv"
+    attention = dict(repeat=heads, per_sample=True, sample_rows=1, b_source=qkv)
+    return [linear(qkv, width, 3 * width, seq, tokens=True),
+            Layer(f"{prefix}scores", seq, head, seq, between=("softmax",), **attention),  # Q K^T
+            Layer(f"{prefix}context", seq, seq, head, **attention),                     # P V
+            linear(f"{prefix}proj", width, width, seq, between=("add", "layernorm"), tokens=True),
+            linear(f"{prefix}mlp.fc1", width, 4 * width, seq, between=("gelu",), tokens=True),
+            linear(f"{prefix}mlp.fc2", 4 * width, width, seq, between=("add", "layernorm"),
+                   tokens=True)]
 
 
-def mlp(inputs: int = 64, classes: int = 10) -> list[Layer]:
-    """The MLP that `fqtsim run` trains (see `fqtsim.training.models`)."""
-    return [linear("1", inputs, 128, between=("relu",)), linear("3", 128, 64, between=("relu",)),
-            linear("5", 64, classes, between=("softmax_ce",))]
+def embedding(name: str, vocab: int, context: int, width: int, tied: bool = False) -> Layer:
+    """Token and position embeddings: a lookup of each token's row, plus its position's (the
+    add), then the first block's LayerNorm. `tied`: the token table is the head's weight (its
+    update is the head's), so this layer trains the positions only."""
+    tables = context if tied else vocab + context
+    return Layer(name, context, vocab, width, weights=tables * width, sample_rows=1,
+                 between=("add", "layernorm"), kind="embedding")
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """A decoder-only transformer's shape; the defaults are the model `fqtsim run --model gpt`
+    trains (`fqtsim.training.gpt`), with the vocabulary of its corpus."""
+    vocab: int = 96
+    context: int = 64
+    width: int = 64     # small enough that a grid of FQT runs fits in half an hour on 2 cores
+    heads: int = 4
+    blocks: int = 2
+
+    def __post_init__(self):
+        for field, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"gpt {field}: got {value!r}; expected an integer >= 1")
+        if self.width % self.heads:
+            raise ValueError(f"gpt: width {self.width} is not a multiple of heads {self.heads}")
+
+
+GPT2 = GPTShape(vocab=50257, context=1024, width=768, heads=12, blocks=12)
+
+
+def gpt(shape: GPTShape = GPTShape(), tied: bool = False) -> list[Layer]:
+    """A decoder-only transformer, layer names as `fqtsim.training.gpt` names its modules:
+    embeddings, `blocks` pre-norm blocks (h.0. ...), the final LayerNorm (the last fc2's chain)
+    and the head over the vocabulary (no bias) with the softmax cross-entropy at every
+    position."""
+    layers = [embedding("embed", shape.vocab, shape.context, shape.width, tied)]
+    for i in range(shape.blocks):
+        layers += _block(f"h.{i}.", shape.context, shape.width, shape.heads)
+    return layers + [linear("head", shape.width, shape.vocab, shape.context,
+                            between=("softmax_ce",), tokens=True, bias=False)]
+
+
+def gpt2() -> list[Layer]:
+    """GPT-2 small: 12 blocks of width 768 with 12 heads over 1024 tokens, a 50,257-token
+    vocabulary, the head tied to the token table: 124.4M parameters, LayerNorms' aside."""
+    return gpt(GPT2, tied=True)
+
+
+def mlp(inputs: int = 64, classes: int = 10, hidden: tuple = (128, 64)) -> list[Layer]:
+    """An MLP that `fqtsim run` trains (see `fqtsim.training.models`; `hidden`: its widths),
+    its Linear layers named as its nn.Sequential names them: 1, 3, 5, ... (after a Flatten,
+    every other module is a ReLU)."""
+    widths = [inputs, *hidden, classes]
+    return [linear(str(2 * i + 1), fin, fout,
+                   between=("relu",) if i < len(hidden) else ("softmax_ce",))
+            for i, (fin, fout) in enumerate(zip(widths, widths[1:]))]
 
 
 def cnn(image: tuple = (1, 8, 8), classes: int = 10) -> list[Layer]:
@@ -160,7 +255,7 @@ def cnn(image: tuple = (1, 8, 8), classes: int = 10) -> list[Layer]:
 
 
 WORKLOADS = {"resnet18": lambda: resnet(18), "resnet50": lambda: resnet(50),
-             "transformer": transformer_block, "mlp": mlp, "cnn": cnn}
+             "transformer": transformer_block, "gpt": gpt, "gpt2": gpt2, "mlp": mlp, "cnn": cnn}
 
 
 def workload(name: str) -> list[Layer]:

@@ -4,9 +4,15 @@
     mnist1d    MNIST-1D (the mnist1d package's make_dataset, generated locally): 4,000 signals
                of length 40, 10 classes; never its download path
     synthetic  Gaussian class clusters in 64 dimensions (8x8), for fast tests
+    stdlib-docs  text: the standard library's docstrings (`fqtsim.training.corpus`), as
+               sequences of 64 characters whose targets are the next characters (a language
+               model's task: `task` "lm")
 
-Each returns a `Dataset` of float32 inputs shaped for the model (`flat` for an MLP, `image` as
-N x C x H x W for a CNN) and int64 labels, split into train and test by the seed.
+Each image set returns a `Dataset` of float32 inputs shaped for the model (`flat` for an MLP,
+`image` as N x C x H x W for a CNN) and int64 labels, split into train and test by the seed. The
+text set's samples are int64 token ids (N x 64) with int64 targets of the same shape; its split
+is fixed (the corpus's validation documents are its test set, whatever the seed), and its
+windows are drawn once, from a fixed seed.
 """
 from __future__ import annotations
 
@@ -14,7 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DATASETS = ("digits", "mnist1d", "synthetic")
+DATASETS = ("digits", "mnist1d", "synthetic", "stdlib-docs")
+TEXT = {"context": 64, "train": 1024, "test": 256}   # stdlib-docs: characters per window, windows
+
+
+def task(name: str) -> str:
+    """What dataset `name` asks of a model: "lm" (next-token prediction) or "classify"."""
+    return "lm" if name == "stdlib-docs" else "classify"
 
 
 @dataclass(frozen=True)
@@ -24,8 +36,9 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    image_shape: tuple   # (C, H, W) of one sample
-    classes: int
+    image_shape: tuple   # (C, H, W) of one sample; a text's: (tokens,)
+    classes: int         # a text's: the vocabulary (each target is one of its tokens)
+    task: str = "classify"   # or "lm": next-token prediction at every position
 
     def as_images(self) -> "Dataset":
         shape = (-1, *self.image_shape)
@@ -34,7 +47,10 @@ class Dataset:
 
 
 def load(name: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
-    """Load `name` with flat inputs; the train/test split is a permutation fixed by `seed`."""
+    """Load `name` with flat inputs; the train/test split is a permutation fixed by `seed` (a
+    text's is fixed)."""
+    if name == "stdlib-docs":
+        return _text(name)
     if name == "digits":
         x, y = _digits()
         x, shape = x / 16.0, (1, 8, 8)
@@ -52,6 +68,16 @@ def load(name: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     train, test = order[:cut], order[cut:]
     return Dataset(name, x[train], y[train].astype(np.int64), x[test], y[test].astype(np.int64),
                    shape, int(y.max()) + 1)
+
+
+def _text(name: str) -> Dataset:
+    from fqtsim.training import corpus
+
+    train, validation = (corpus.encode(t) for t in corpus.stdlib_docs())
+    context = TEXT["context"]
+    x_train, y_train = corpus.windows(train, context, TEXT["train"], seed=0)
+    x_test, y_test = corpus.windows(validation, context, TEXT["test"], seed=1)
+    return Dataset(name, x_train, y_train, x_test, y_test, (context,), len(corpus.VOCAB), "lm")
 
 
 def _digits():

@@ -4,14 +4,18 @@ For a layer y = x W^T (a conv layer is the same on its im2col matrix, one row pe
 output position), with x~, W~ the 8-bit forward-quantized input and weight:
 
     output       y  = x~ W~^T                 8-bit activations (per tensor, round to nearest)
-                                              x 8-bit symmetric weights (per tensor)
+                                              x 8-bit symmetric weights (per tensor; int8
+                                              stored weights: their codes, per channel)
     grad_input   dx = Q_ba(dy) W~             Q_ba: PTQ, PSQ or BHQ at grad_bits, stochastic
     grad_weight  dW = Q_bw(dy)^T x~           Q_bw: 8-bit, per tensor with PTQ, per output
                                               feature (column of dy) with PSQ and BHQ
 
 Modes: `fp32` leaves the model alone; `qat` runs the forward GEMM on the device and the backward
-in float (straight-through); `fqt` runs all three on the device. Weights stay FP32 masters that
-the optimizer updates; BatchNorm, ReLU and pooling stay float.
+in float (straight-through); `fqt` runs all three on the device. The weights are what the
+optimizer stores (`fqtsim.training.optim`: FP32 masters, bf16, int16 or int8); where it stores
+int8 codes per output channel the forward GEMM reads those codes as they are (`stored_codes`),
+and grad_input, whose reduction runs along the channels, per-tensor codes of them. BatchNorm,
+ReLU and pooling stay float.
 
 A conv layer's im2col matrix is charged as the device builds it, from the feature map in DDR
 (`fqtsim.hardware.conv`), and grad_input's im2col-shaped output as folded back onto the input (col2im).
@@ -23,7 +27,7 @@ the GEMMs (BatchNorm, ReLU, the loss's softmax: the layers' `between` lists, whi
 workload layers give the Simulator), the device charges them as `fqtsim.simulation.between`
 does (`between`, `between_grad` rows): the GEMMs hand their outputs to the ops' passes, and where
 a pass writes a GEMM's operand its quantizer rides it and the GEMM charges none. The weight
-update of FP32 masters (the optimizer itself runs in torch) is charged as `update`, with the
+update (computed by the optimizer) is charged as `update`, from the state's formats, with the
 state where `fqtsim.cost.state_home` puts it. Forward activations follow the run's range policy
 in numerics and in cost alike: each layer's output GEMM hands its output off at full width to the
 next layer's input quantizer (dynamic: written wide, ranged, requantized; delayed: requantized in
@@ -37,17 +41,21 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fqtsim.hardware.conv import Im2col
+from kernels.conv import fold_rows, unfold_codes
 from fqtsim.simulation.between import NONE, around
 from fqtsim.simulation.device import Device, round_wide
 from fqtsim.hardware.mapping import Producer, by_columns, loss_producer
 from fqtsim.quantizers import (DelayedRange, Quantized, check_bits, quantize_activation,
                                quantize_gradient, quantize_weight)
+from fqtsim.quantizers.affine import group_range
+from fqtsim.quantizers.bhq import block_householder
+from fqtsim.quantizers.ranges import PredictedRange
+from fqtsim.quantizers.storage import FP32_STATE, StateFormats
 from fqtsim.simulation.schedule import (FORWARD_BITS, GRAD_WEIGHT_BITS, QuantScheme,
                                         activation_consumer, activation_scheme, bias_events,
-                                        weight_gradient_method)
+                                        unpredicted, weight_gradient_method)
 
 MODES = ("fp32", "qat", "fqt")
 
@@ -72,7 +80,7 @@ class Simulator:
     stream for stochastic rounding and the delayed-range histories."""
 
     def __init__(self, device: Device, config: FQTConfig, seed: int = 0, state_at: str = "ddr",
-                 layers=()):
+                 layers=(), formats: StateFormats = FP32_STATE, stored_codes=None):
         self.device = device
         # the model's layers as fqtsim.simulation.workloads describes them: the ops between
         # the GEMMs, charged as the cost model charges them (none: the GEMMs alone)
@@ -80,31 +88,74 @@ class Simulator:
         self.order: list[str] = []       # converted layers, bottom up
         self._arounds: dict = {}
         self.state_at = state_at   # where the optimizer state lives (fqtsim.cost.state_home)
+        self.formats = formats     # how it is stored (fqtsim.quantizers.storage)
+        # a weight parameter -> its stored codes, which the forward GEMM reads as they are
+        # (the optimizer's `codes`: int8 weights), or None: the GEMM takes codes of its values
+        self.stored_codes = stored_codes or (lambda param: None)
         self.config = config
         self.rng = np.random.default_rng(seed)
         self._histories: dict[str, DelayedRange] = {}
-        self.probe: dict | None = None   # set to a dict to keep each layer's backward operands
+        self._predictors: dict[str, PredictedRange] = {}
+        self.loss_norms: np.ndarray | None = None   # this step's ||p_i - y_i||, from the loss
+        # set to a dict to keep each layer's backward operands and its gradient quantizers'
+        # (input, output) pairs, under "grad_input" and "grad_weight"
+        self.probe: dict | None = None
         self.top: str | None = None      # the last converted layer, whose gradient the loss writes
         self.bottom: str | None = None   # the first, whose input codes come from the data
+        # layer -> what its forward GEMM handed its output on as (the producer of a later
+        # layer's B operand: fqtsim.training.attention)
+        self.handoffs: dict[str, Producer] = {}
 
     def state(self) -> dict:
         """What a checkpoint needs to continue the run exactly: the random stream, the range
         histories and where the device left its last outputs."""
         return {"rng": self.rng.bit_generator.state,
                 "histories": {k: h.state() for k, h in self._histories.items()},
+                "predictors": {k: p.state() for k, p in self._predictors.items()},
                 "device": self.device.state()}
 
     def restore(self, state: dict):
         self.rng.bit_generator.state = state["rng"]
         self._histories = {k: DelayedRange.from_state(h) for k, h in state["histories"].items()}
+        self._predictors = {k: PredictedRange.from_state(p)
+                            for k, p in state.get("predictors", {}).items()}
         self.device.restore(state["device"])
 
     def _policy(self, key: str) -> str:
-        """The range policy the quantizer of tensor `key` runs with this step."""
+        """The range policy the quantizer of tensor `key` runs with this step: predicted ranges
+        for the per-sample quantizers of grad_input once their predictor has been fitted (and
+        the loss has given this step's norms), ranges from history for the others, else
+        dynamic."""
+        if self.config.range_policy == "predicted" and _by_sample(key):
+            predictor = self._predictors.get(key)
+            ready = predictor is not None and predictor.ready and self.loss_norms is not None
+            return "predicted" if ready else "dynamic"
         history = self._histories.get(key)
-        delayed = self.config.range_policy == "delayed" and history is not None \
+        delayed = unpredicted(self.config.range_policy) == "delayed" and history is not None \
             and history.bounds() is not None
         return "delayed" if delayed else "dynamic"
+
+    def policy(self, key: str) -> str:
+        """The range policy the quantizer of tensor `key` runs with this step (before its
+        history observes this step's range)."""
+        return self._policy(key)
+
+    def delayed_bounds(self, key: str) -> dict:
+        """{'lo', 'hi'} of tensor `key`'s range this step from its history where the run's ranges
+        are delayed and it has one; else {} (the data's own ranges)."""
+        if unpredicted(self.config.range_policy) != "delayed":
+            return {}
+        bounds = self._histories.setdefault(key, DelayedRange()).bounds()
+        return {} if bounds is None else dict(zip(("lo", "hi"), bounds))
+
+    def observe(self, key: str, lo: float, hi: float):
+        """Tensor `key`'s range this step, for its delayed history (nothing under other policies)."""
+        if unpredicted(self.config.range_policy) == "delayed":
+            self._histories.setdefault(key, DelayedRange()).observe(lo, hi)
+
+    def prediction_report(self) -> dict:
+        """Per predicted quantizer, how well its ranges were predicted (`PredictedRange.report`)."""
+        return {key: p.report() for key, p in self._predictors.items()}
 
     def around(self, layer: str, batch: int):
         """`layer`'s ops between the GEMMs at `batch` samples (`between.Around`), with the
@@ -173,7 +224,7 @@ class Simulator:
             q, naught = quantize({})
             return q, None, naught
         bounds, policy = {}, "dynamic"
-        if self.config.range_policy == "delayed":
+        if unpredicted(self.config.range_policy) == "delayed":
             history = self._histories.setdefault(f"{layer}.input", DelayedRange())
             if history.bounds() is not None:
                 bounds, policy = dict(zip(("lo", "hi"), history.bounds())), "delayed"
@@ -187,51 +238,89 @@ class Simulator:
                  coded: bool = False):
         """Quantize gradient `x` under the run's range policy; returns (codes, scheme used).
 
-        Delayed ranges come from this tensor's history; before it has any, the step is dynamic.
+        Delayed ranges come from this tensor's history; predicted ones (grad_input's) from this
+        step's loss norms; before either has anything to go on, the step is dynamic.
         """
-        bounds, policy = {}, "dynamic"
-        history = None
-        if self.config.range_policy == "delayed":
+        bounds, policy = {}, self._policy(key)
+        history = predictor = predicted = None
+        if self.config.range_policy == "predicted" and _by_sample(key):
+            predictor = self._predictors.setdefault(key, PredictedRange())
+            if policy == "predicted":
+                predicted = predictor.bounds(self.loss_norms)
+                bounds = _group_bounds(predicted, x, method, rows_per_sample)
+        elif unpredicted(self.config.range_policy) == "delayed":
             history = self._histories.setdefault(key, DelayedRange())
-            if history.bounds() is not None:
+            if policy == "delayed":
                 lo, hi = history.bounds()
-                bounds, policy = {"lo": lo, "hi": hi}, "delayed"
+                bounds = {"lo": lo, "hi": hi}
         q = quantize_gradient(x, method, bits, self.rng, rows_per_sample=rows_per_sample, **bounds)
+        if predictor is not None and self.loss_norms is not None:   # the pipeline's row bounds
+            lo, hi = group_range(x.reshape(len(self.loss_norms), -1), "rows")
+            predictor.observe(self.loss_norms, lo, hi, predicted, q.clipped, x.size)
+        if self.probe is not None:   # for variance analysis: what each quantizer saw and made
+            layer, _, gemm = key.rpartition(".")
+            self.probe.setdefault(layer, {})[gemm] = (x, q)
         if history is not None:
             history.observe(*q.observed)
         return q, QuantScheme(method, policy, shared_at=shared_at, rows_per_sample=rows_per_sample,
                               producer=producer, coded=coded)
 
 
+def _by_sample(key: str) -> bool:
+    """Whether quantizer `key` groups by sample (grad_input's, of dY's rows): the ones a
+    predicted range policy predicts."""
+    return key.endswith(".grad_input")
+
+
+def _group_bounds(sample: tuple, x: np.ndarray, method: str, rows_per_sample: int) -> dict:
+    """A quantizer's lo/hi from predicted per-sample bounds (N x 1 each): per sample for PSQ,
+    their extremes for PTQ; for BHQ, the bounds its transform T (built, as the quantizer builds
+    it, from x's rows) carries them to: row l of T x lies in sum_i T_li [lo_i, hi_i]."""
+    lo, hi = sample
+    if method == "psq":
+        return {"lo": lo, "hi": hi}
+    if method == "ptq":
+        return {"lo": float(lo.min()), "hi": float(hi.max())}
+    rows = x.reshape(len(lo), -1)
+    row_lo, row_hi = group_range(rows, "rows")
+    t = block_householder((row_hi - row_lo).ravel()).apply(np.eye(len(lo)))
+    ends = np.stack([t * lo.T, t * hi.T])   # T_li lo_i and T_li hi_i
+    return {"lo": ends.min(axis=0).sum(axis=1, keepdims=True),
+            "hi": ends.max(axis=0).sum(axis=1, keepdims=True)}
+
+
 class _FQTMatmul(torch.autograd.Function):
-    """y = x @ w^T for x (M x K), w (N x K), with the GEMMs of the layer's mode on the device."""
+    """y = x @ w^T for x (M x K), w (N x K), with the GEMMs of the layer's mode on the device; for
+    a conv, x is its input map and the GEMMs run on its im2col rows (y: one row per position)."""
 
     @staticmethod
     def forward(ctx, x, w, layer):
         sim = layer.sim
-        batch = x.shape[0] // layer.rows_per_sample
+        batch = x.shape[0] if layer.im2col is not None else x.shape[0] // layer.rows_per_sample
         below = sim.around(sim.below(layer.name), batch)
-        x64 = x.detach().double().numpy()
-        if below.x_wide:   # the pass between stored it at full width before quantizing
-            x64 = sim.wide(x64)
-        if layer.input_map is None:
+        if layer.im2col is None:
+            x64 = x.detach().double().numpy()
+            if below.x_wide:   # the pass between stored it at full width before quantizing
+                x64 = sim.wide(x64)
             qx, scheme, _ = sim.quantize_input(layer.name, x64, below.x_coded)
         else:   # a conv: the hardware quantizes the input map once, then builds im2col rows
-            fmap = layer.input_map.detach().double().numpy()
+            fmap = x.detach().double().numpy()
             if below.x_wide:
                 fmap = sim.wide(fmap)
             qmap, scheme, naught = sim.quantize_input(layer.name, fmap.reshape(-1, fmap.shape[-1]),
                                                       below.x_coded, zero=layer.padded)
             qx = layer.unfold_codes(qmap, naught)
-        qw = quantize_weight(w.detach().double().numpy(), FORWARD_BITS)
+        qw = quantize_weight(w.detach().double().numpy(), FORWARD_BITS)   # grad_input's
+        stored = sim.stored_codes(layer.weight)
         ops = sim.around(layer.name, batch)
         top = layer.name == sim.top   # its codes go to the loss; the others' to a quantizer
         to_quantizer = not top and not ops.y_read   # else a pass between the GEMMs reads it
-        bias = None if layer.bias is None else bias_events(x.shape[0], w.shape[0], "forward")
-        y = sim.device.matmul(qx, qw.T, scheme=scheme, also=bias,
+        bias = None if layer.bias is None else bias_events(qx.codes.shape[0], w.shape[0], "forward")
+        y = sim.device.matmul(qx, (qw if stored is None else stored).T, scheme=scheme, also=bias,
                               writeback="fused" if top and not ops.y_read else "handoff",
                               consumer=sim.consumer(layer.name, "forward") if to_quantizer else None,
                               a_im2col=layer.im2col, b_sums_known=True, name=f"{layer.name}.output")
+        sim.handoffs[layer.name] = sim.device.last_handoff
         sim.device.record(ops.forward, f"{layer.name}.between")
         ctx.qx, ctx.qw, ctx.layer, ctx.im2col = qx, qw, layer, layer.im2col
         return torch.from_numpy(y).to(x.dtype)
@@ -243,11 +332,15 @@ class _FQTMatmul(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         if config.mode == "qat":  # straight-through: float backward with the quantized operands
             x_q, w_q = (torch.from_numpy(q.dequantize()).to(dy.dtype) for q in (qx, qw))
-            return (dy @ w_q if need_dx else None), dy.t() @ x_q, None
+            dx = _fold((dy @ w_q).double().numpy(), ctx.im2col) if need_dx else None
+            return None if dx is None else torch.from_numpy(dx).to(dy.dtype), dy.t() @ x_q, None
         dy64 = dy.detach().double().numpy()
+        if layer.name == sim.top:   # the loss gradient: each sample's (p_i - y_i) / batch
+            samples = dy64.shape[0] // layer.rows_per_sample
+            sim.loss_norms = np.linalg.norm(dy64.reshape(samples, -1), axis=1) * samples
         if sim.probe is not None:   # for variance analysis: what this layer's backward saw
             sim.probe[layer.name] = {"dy": dy64, "x": qx.dequantize(), "w": qw.dequantize(),
-                                     "rows_per_sample": layer.rows_per_sample}
+                                     "rows_per_sample": layer.group_rows}
         dx, wide_at = None, None
         producer = sim.producer(layer.name)
         batch = dy64.shape[0] // layer.rows_per_sample
@@ -258,7 +351,7 @@ class _FQTMatmul(torch.autograd.Function):
         if need_dx:
             below = sim.around(sim.below(layer.name), batch)
             q, scheme = sim.quantize(f"{layer.name}.grad_input", dy64, config.quantizer,
-                                     config.grad_bits, layer.rows_per_sample, producer=producer,
+                                     config.grad_bits, layer.group_rows, producer=producer,
                                      coded=ops.dy_coded)
             to_quantizer = not (below.dz_read or below.dy_coded)
             out = sim.device.matmul(q, qw, scheme=scheme, writeback="handoff",
@@ -266,7 +359,7 @@ class _FQTMatmul(torch.autograd.Function):
                                     name=f"{layer.name}.grad_input",
                                     consumer=sim.consumer(layer.name, "backward")
                                     if to_quantizer else None)
-            dx = torch.from_numpy(out).to(dy.dtype)
+            dx = torch.from_numpy(_fold(out, ctx.im2col)).to(dy.dtype)
             wide_at = sim.device.last_gradient_level if scheme.materializes else None
         q, scheme = sim.quantize(f"{layer.name}.grad_weight", dy64.T,
                                  weight_gradient_method(config.quantizer), GRAD_WEIGHT_BITS,
@@ -278,15 +371,18 @@ class _FQTMatmul(torch.autograd.Function):
                                also=bias_events(dy64.shape[0], dy64.shape[1], "backward")
                                if bias else None)
         sim.device.update(qw.codes.size, name=f"{layer.name}.update", state_at=sim.state_at,
-                          sums=2 if need_dx else 1, bias=bias)
+                          sums=2 if need_dx else 1, bias=bias, formats=sim.formats,
+                          channels=qw.codes.shape[0])
         return dx, torch.from_numpy(dw).to(dy.dtype), None
 
 
 class FQTLinear(nn.Module):
-    """nn.Linear with its GEMMs on the simulated device; shares the original parameters."""
-    rows_per_sample = 1
+    """nn.Linear with its GEMMs on the simulated device; shares the original parameters. An
+    input of sequences (batch x tokens x features) is one GEMM row per token, each token a
+    group of its own for PSQ and BHQ."""
+    rows_per_sample = 1   # GEMM rows per sample: the tokens of the last input's sequences
+    group_rows = 1        # rows a per-sample gradient quantizer ranges together
     im2col = None
-    input_map = None
 
     def __init__(self, linear: nn.Linear, sim: Simulator, name: str):
         super().__init__()
@@ -294,14 +390,17 @@ class FQTLinear(nn.Module):
         self.sim, self.name = sim, name
 
     def forward(self, x):
-        y = _FQTMatmul.apply(x, self.weight, self)
+        self.rows_per_sample = x.shape[1] if x.dim() == 3 else 1
+        y = _FQTMatmul.apply(x.reshape(-1, x.shape[-1]), self.weight, self)   # (M, in) -> (M, out)
+        y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
 class FQTConv2d(nn.Module):
-    """nn.Conv2d as im2col + an FQT GEMM; shares the original parameters. The numerics unfold
-    the input in torch; the device charges the im2col matrix as built on chip from the feature
-    map (`im2col`, the last batch's geometry) and grad_input's fold back onto it (col2im)."""
+    """nn.Conv2d as im2col + an FQT GEMM; shares the original parameters. As the hardware does,
+    the input map is quantized once and its codes unfolded into im2col rows, and grad_input's
+    rows are folded back onto the map (col2im); the device charges the im2col matrix as built
+    on chip from the map (`im2col`, the last batch's geometry) and that fold."""
 
     def __init__(self, conv: nn.Conv2d, sim: Simulator, name: str):
         super().__init__()
@@ -315,17 +414,17 @@ class FQTConv2d(nn.Module):
         self.sim, self.name = sim, name
         self.rows_per_sample = 1
         self.im2col: Im2col | None = None
-        self.input_map = None
+
+    @property
+    def group_rows(self) -> int:   # PSQ and BHQ range a sample's positions together
+        return self.rows_per_sample
 
     def forward(self, x):
         n, c, h, w = x.shape
         self.im2col = Im2col(n, c, h, w, self.kernel_size, self.stride, self.padding)
-        self.input_map = x   # what the hardware quantizes: each element once, not per window
-        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (N, CKK, L)
         oh, ow = self.im2col.out_h, self.im2col.out_w
         self.rows_per_sample = oh * ow
-        rows = cols.transpose(1, 2).reshape(n * oh * ow, -1)            # (N*L, CKK)
-        y = _FQTMatmul.apply(rows, self.weight.reshape(self.weight.shape[0], -1), self)
+        y = _FQTMatmul.apply(x, self.weight.reshape(self.weight.shape[0], -1), self)  # (N*L, out)
         y = y.reshape(n, oh * ow, -1).transpose(1, 2).reshape(n, -1, oh, ow)
         return y if self.bias is None else y + self.bias[None, :, None, None]
 
@@ -336,29 +435,45 @@ class FQTConv2d(nn.Module):
     def unfold_codes(self, q: Quantized, naught) -> Quantized:
         """The im2col rows of the input map's codes `q`, the padding coded as 0.0 (`naught`):
         the codes the rows themselves would have, from one quantization of the map."""
-        n, c, h, w = self.input_map.shape
-        fill = 0.0 if naught is None else float(naught)
-        codes = torch.from_numpy(q.codes.astype(np.float32)).reshape(n, c, h, w) - fill
-        cols = F.unfold(codes, self.kernel_size, padding=self.padding, stride=self.stride) + fill
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
-        return replace(q, codes=rows.astype(q.codes.dtype))
+        g = self.im2col
+        n, c, h, w = g.samples, g.channels, g.in_h, g.in_w
+        rows = np.empty((self.im2col.rows, self.im2col.cols), q.codes.dtype)
+        fill = 0 if naught is None else naught
+        unfold_codes(q.codes.reshape(n, c, h, w), g.kernel, g.stride, g.padding,
+                     q.codes.dtype.type(fill), rows)
+        return replace(q, codes=rows)
+
+
+def _fold(rows: np.ndarray, im2col: Im2col | None) -> np.ndarray:
+    """The gradient of a layer's input from that of its GEMM operand: a conv's im2col rows
+    folded onto its input map (col2im), a Linear's as it is."""
+    if im2col is None:
+        return rows
+    g = im2col
+    return fold_rows(rows, g.samples, g.channels, g.in_h, g.in_w, g.kernel, g.stride, g.padding)
 
 
 def convert(model: nn.Module, sim: Simulator) -> nn.Module:
     """Swap every nn.Linear and nn.Conv2d of `model`, in place, for its FQT twin (a no-op in
-    fp32 mode); other modules stay float. Returns the model."""
+    fp32 mode), and every module that names its own twin (`fqt(sim, name)`: a product of two
+    activations, an embedding; see `fqtsim.training.gpt`); other modules stay float. Returns the
+    model."""
     if sim.config.mode == "fp32":
         return model
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, nn.Linear):
-                setattr(parent, child_name, FQTLinear(child, sim, name))
-            elif isinstance(child, nn.Conv2d):
-                setattr(parent, child_name, FQTConv2d(child, sim, name))
-            else:
-                continue
-            sim.top = name   # modules in forward order (nn.Sequential): the last one is the top
-            sim.bottom = sim.bottom or name
-            sim.order.append(name)
+    # depth first, in the order the modules were defined: forward order (an nn.Sequential, or
+    # a model that defines its modules in the order it runs them); the last one is the top
+    for name, child in list(model.named_modules()):
+        if isinstance(child, nn.Linear):
+            twin = FQTLinear(child, sim, name)
+        elif isinstance(child, nn.Conv2d):
+            twin = FQTConv2d(child, sim, name)
+        elif hasattr(child, "fqt"):
+            twin = child.fqt(sim, name)
+        else:
+            continue
+        parent, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent), child_name, twin)
+        sim.top = name
+        sim.bottom = sim.bottom or name
+        sim.order.append(name)
     return model

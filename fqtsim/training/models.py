@@ -1,10 +1,15 @@
 """The small models trained on the simulated device.
 
-    mlp   Linear-ReLU-Linear-ReLU-Linear on flattened inputs
+    mlp   Linear-ReLU-Linear-ReLU-Linear on flattened inputs (widths 128, 64)
+    mlp6  the same six Linear layers deep (widths 128, 128, 128, 128, 64): where quantization
+          noise accumulates through more layers
     cnn   two 3x3 convolutions (the second strided) with BatchNorm and ReLU, then a Linear
+    gpt   a decoder-only transformer over characters (`fqtsim.training.gpt`), of the shape
+          `workloads.GPTShape` gives, with its text's vocabulary and context
 
-Both take (C, H, W) images; the MLP flattens them. `convert` in `fqtsim.training.fqt` swaps their
-Linear and Conv2d layers for FQT ones.
+All but gpt take (C, H, W) images (the MLPs flatten them) and classify them; gpt takes token ids
+and predicts each next token (`TASKS`). `convert` in `fqtsim.training.fqt` swaps their Linear and
+Conv2d layers (and gpt's products of two activations and its embeddings) for FQT ones.
 """
 from __future__ import annotations
 
@@ -12,14 +17,29 @@ import math
 
 from torch import nn
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "mlp6", "cnn", "gpt")
+TASKS = {"gpt": "lm"}   # what a model's dataset must ask of it (`data.task`); others: "classify"
+MLP_DEPTHS = {"mlp": 3, "mlp6": 6}   # Linear layers
+
+
+def mlp_widths(depth: int) -> list[int]:
+    """The hidden widths of an MLP of `depth` Linear layers."""
+    return [128] * (depth - 2) + [64]
 
 
 def build(name: str, image_shape: tuple, classes: int) -> nn.Module:
+    """Model `name` for samples of `image_shape` ((C, H, W); gpt: (tokens,)) and `classes`
+    outputs (gpt: the vocabulary)."""
+    if name == "gpt":
+        from fqtsim.simulation.workloads import GPTShape
+        from fqtsim.training.gpt import GPT
+        return GPT(GPTShape(vocab=classes, context=image_shape[0]))
     c, h, w = image_shape
-    if name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 128), nn.ReLU(),
-                             nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, classes))
+    if name in MLP_DEPTHS:
+        widths = [c * h * w, *mlp_widths(MLP_DEPTHS[name])]
+        hidden = [m for fin, fout in zip(widths, widths[1:])
+                  for m in (nn.Linear(fin, fout), nn.ReLU())]
+        return nn.Sequential(nn.Flatten(), *hidden, nn.Linear(widths[-1], classes))
     if name == "cnn":
         oh, ow = math.ceil(h / 2), math.ceil(w / 2)   # after the stride-2 conv (padding 1)
         return nn.Sequential(

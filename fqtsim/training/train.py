@@ -1,10 +1,15 @@
 """Training on the simulated device: one readable loop, its steps in order.
 
 `train(RunConfig(...))` loads the hardware and the data, builds the model, converts its layers for
-the mode, and runs SGD with momentum on FP32 master weights. Every step's device events go to the
+the mode, and runs SGD with momentum on the weights and momentum as stored (`--weights`,
+`--momentum`: FP32 masters by default, see `fqtsim.training.optim`). Every step's device events go to the
 ledger (tagged with step, layer and GEMM); the run directory gets the resolved config, per-step
 metrics, the ledger, the trained weights (model.pt) and a summary, each written whole
 (temporary file, then rename).
+
+With `track_variance` N, every N epochs (from the first) metrics.csv gets each layer's expected
+quantization variance over its sampling variance (`variance_ratio.<layer>`, on the epoch's last
+step; `fqtsim.training.noise.track`), which changes nothing else the run does.
 
 Nothing is written before the first epoch ends. After each epoch the run directory gets the
 epoch's ledger (`ledger-parts/`), metrics.csv so far and `checkpoint.pt`: model, optimizer and
@@ -30,17 +35,20 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from fqtsim.training.data import DATASETS, load
+from fqtsim.training.data import DATASETS, load, task
 from fqtsim.simulation.device import Device
 from fqtsim.simulation.ledger import COLUMNS
 from fqtsim.simulation.overlap import overlapped
 from fqtsim.files import (check_path, claim_dir, clear_dir, exclusive, remove_temporaries,
                           write_atomic)
 from fqtsim.training.fqt import MODES, FQTConfig, Simulator, convert
+from fqtsim.training import noise
 from fqtsim.hardware.hw import load_hw, resolve_hw
-from fqtsim.training.models import MODELS, build
+from fqtsim.training.models import MLP_DEPTHS, MODELS, TASKS, build, mlp_widths
 from fqtsim.training.optim import SGD, OneCycle
 from fqtsim.quantizers import NonFiniteError
+from fqtsim.quantizers.storage import (DEFAULT_BLOCK, MOMENTUM_FORMATS, WEIGHT_FORMATS,
+                                       StateFormats, check_blocks, state_formats)
 from fqtsim.simulation.schedule import FORWARD_BITS, GRAD_WEIGHT_BITS, METHODS, RANGE_POLICIES
 
 log = logging.getLogger(__name__)
@@ -56,22 +64,38 @@ class RunConfig:
     dataset: str = "digits"
     grad_bits: int = 8
     range_policy: str = "dynamic"
+    weights: str = "fp32"        # stored formats of the weights and momentum
+    momentum: str = "fp32"       # (fqtsim.quantizers.storage)
+    momentum_block: int = DEFAULT_BLOCK
     epochs: int = 20
     batch_size: int = 32
     lr: float = 0.05
     seed: int = 0
+    track_variance: int = 0   # every N epochs, each layer's quantization/sampling variance (0: off)
     out: str | None = None
 
     def __post_init__(self):
         for option, value, allowed in (("quantizer", self.quantizer, METHODS),
                                        ("mode", self.mode, MODES), ("model", self.model, MODELS),
                                        ("dataset", self.dataset, DATASETS),
-                                       ("range", self.range_policy, RANGE_POLICIES)):
+                                       ("range", self.range_policy, RANGE_POLICIES),
+                                       ("weights", self.weights, WEIGHT_FORMATS),
+                                       ("momentum", self.momentum, MOMENTUM_FORMATS)):
             if value not in allowed:
                 raise ValueError(f"--{option}: got {value!r}; expected one of {', '.join(allowed)}")
+        wanted = TASKS.get(self.model, "classify")
+        if task(self.dataset) != wanted:
+            fits = ", ".join(d for d in DATASETS if task(d) == wanted)
+            raise ValueError(f"--dataset {self.dataset}: --model {self.model} needs "
+                             f"{'text' if wanted == 'lm' else 'images'}: one of {fits}")
+        if self.model == "gpt" and (self.range_policy == "predicted" or self.track_variance):
+            option = "track-variance" if self.track_variance else "range predicted"
+            raise ValueError(f"--{option}: not for --model gpt, whose gradient quantizers range "
+                             f"each token row (a sequence's loss does not bound them)")
         if not 2 <= self.grad_bits <= 8:
             raise ValueError(f"--grad-bits: got {self.grad_bits}; expected an integer in 2..8")
-        for option, value in (("epochs", self.epochs), ("batch-size", self.batch_size)):
+        for option, value in (("epochs", self.epochs), ("batch-size", self.batch_size),
+                              ("momentum-block", self.momentum_block)):
             if value < 1:
                 raise ValueError(f"--{option}: got {value}; expected an integer >= 1")
         if not 0 < self.lr < math.inf:
@@ -79,14 +103,28 @@ class RunConfig:
         top = 2**32 - 1   # numpy and torch take seeds of 0..2^32 - 1 everywhere
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= top:
             raise ValueError(f"--seed: got {self.seed!r}; expected an integer in 0..{top}")
+        if isinstance(self.track_variance, bool) or not isinstance(self.track_variance, int) \
+                or self.track_variance < 0:
+            raise ValueError(f"--track-variance: got {self.track_variance!r}; expected an integer "
+                             f">= 0 (epochs between measurements; 0: off)")
+        if self.track_variance and self.mode != "fqt":
+            raise ValueError(f"--track-variance: measures the gradient quantizers' variance, which "
+                             f"only --mode fqt has; got --mode {self.mode}")
         if self.out is not None:
             check_path(self.out)
+
+    @property
+    def formats(self) -> StateFormats:
+        """How the run stores its weights and momentum."""
+        return state_formats(self.weights, self.momentum, self.momentum_block)
 
     @property
     def run_dir(self) -> Path:
         if self.out is not None:
             return Path(self.out)
         tag = self.mode if self.mode != "fqt" else f"fqt-{self.quantizer}{self.grad_bits}"
+        if not self.formats.masters:
+            tag += f"-{self.weights}-{self.momentum}"
         return Path("runs") / f"{Path(self.hw).stem}-{self.model}-{self.dataset}-{tag}-seed{self.seed}"
 
 
@@ -148,16 +186,20 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
             to_clear = False
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, data.image_shape, data.classes)
+    # the weights as stored from the start (int8: codes), rounded with the update's own stream
+    optimizer = SGD(model.named_parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4,
+                    formats=cfg.formats, rng=np.random.default_rng([cfg.seed, 1]))
     device_hw, state_at = hw, "ddr"
-    if cfg.mode == "fqt":   # masters and momentum in TCM where the step leaves room for them
+    if cfg.mode == "fqt":   # weights and momentum in TCM where the step leaves room for them
         from fqtsim.simulation.cost import state_home
         device_hw, state_at = state_home(hw, _layers(cfg, data), step_batch(cfg, data),
-                                         cfg.quantizer, cfg.range_policy, cfg.grad_bits)
+                                         cfg.quantizer, cfg.range_policy, cfg.grad_bits,
+                                         **cfg.formats.names())
     sim = Simulator(Device(device_hw), FQTConfig(cfg.mode, cfg.quantizer, cfg.grad_bits,
                                                  cfg.range_policy), seed=cfg.seed, state_at=state_at,
-                    layers=_layers(cfg, data) if cfg.mode != "fp32" else ())
+                    layers=_layers(cfg, data) if cfg.mode != "fp32" else (),
+                    formats=cfg.formats, stored_codes=optimizer.codes)
     convert(model, sim)
-    optimizer = SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(data.y_train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = OneCycle(optimizer, cfg.lr, total_steps=total_steps)
@@ -184,6 +226,7 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
                desc=f"{cfg.mode} {cfg.quantizer}{cfg.grad_bits}", unit="step")  # None: a terminal only
     log_epochs = progress and bar.disable   # no bar (a log, not a terminal): a line per epoch
     ledgers = []
+    tracked = _tracked_batches(cfg, data, model) if cfg.track_variance else None
     try:
         for epoch in range(state["epoch"], cfg.epochs):
             model.train()
@@ -193,23 +236,27 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
                 idx = torch.from_numpy(batch)
                 try:
                     logits = model(x_train[idx])
-                    loss = F.cross_entropy(logits, y_train[idx])
+                    loss = _loss(logits, y_train[idx])
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"loss is {loss.item()}")
                     optimizer.zero_grad()
                     loss.backward()
+                    optimizer.step()   # integer weight formats refuse NaN or Inf to store
                 except NonFiniteError as e:
                     raise Diverged(f"NaN or Inf at step {step} (epoch {epoch}): {e}; lower --lr "
                                    f"or raise --grad-bits") from None
-                optimizer.step()
                 scheduler.step()
                 events = take_step(sim.device, step)
                 ledgers += events
                 metrics.append({"step": step, "epoch": epoch, "loss": loss.item(),
-                                "batch_accuracy": (logits.argmax(1) == y_train[idx]).float().mean().item(),
+                                "batch_accuracy": _accuracy(logits, y_train[idx]),
                                 "lr": scheduler.last_lr(), **step_totals(events)})
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
+            if tracked and epoch % cfg.track_variance == 0:   # on the epoch's last step's row
+                metrics[-1].update(_variance_ratios(cfg, model, sim, tracked, epoch))
+            if data.task == "lm":   # a language model's validation loss, each epoch
+                metrics[-1].update(_validation(model, sim, data))
             start_writing()
             _write_config(run_dir, config)
             write_atomic(parts / f"epoch-{epoch:05d}.csv", _frame(ledgers).to_csv(index=False))
@@ -245,30 +292,87 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
     if cfg.mode == "fqt":   # how the device laid out each GEMM of a (largest-batch) training step
         from fqtsim.simulation.cost import mappings
         plans = mappings(hw, _layers(cfg, data), step_batch(cfg, data), cfg.quantizer,
-                         cfg.range_policy, cfg.grad_bits)
+                         cfg.range_policy, cfg.grad_bits, **cfg.formats.names())
         write_atomic(run_dir / "mapping.csv", plans.to_csv(index=False))
     summary = summarize_run(cfg, hw, ledger, metrics, accuracy, test_loss,
                             time.perf_counter() - started)
+    if data.task == "lm":   # nats per character, and bits
+        summary |= {"val_loss": test_loss, "bits_per_char": test_loss / math.log(2)}
+    if cfg.range_policy == "predicted":   # how well each grad_input's ranges were predicted
+        summary["range_predictions"] = sim.prediction_report()
     summary["warnings"] = run_warnings(summary, data.classes, hw)
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))   # last: the run is done
     _clean_checkpoint(run_dir)
     return summary
 
 
+def _loss(logits, targets):
+    """Cross-entropy over every prediction: one per sample, or one per token of a sequence."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+
+def _accuracy(logits, targets) -> float:
+    return (logits.argmax(-1) == targets).float().mean().item()
+
+
+def _validation(model, sim, data) -> dict:
+    """metrics.csv's `val_loss` (nats per token) and `bits_per_char` columns, through the
+    run's forward pass, leaving the simulator as it was (ranges, device) and charging nothing."""
+    saved = sim.state()
+    _, loss = evaluate(model, data)
+    sim.restore(saved)
+    sim.device.take()
+    model.train()
+    return {"val_loss": loss, "bits_per_char": loss / math.log(2)}
+
+
+def _tracked_batches(cfg: RunConfig, data, model) -> list:
+    """The fixed batches `--track-variance` measures on, drawn from a stream of their own (the
+    run's batch order is untouched): up to `noise.TRACK_BATCHES` of the run's batch size. A
+    model whose backward the measurement cannot follow is refused here, before training."""
+    try:
+        noise.layers(model)
+    except ValueError as e:
+        raise ValueError(f"--track-variance: {e}") from None
+    count = min(noise.TRACK_BATCHES, len(data.y_train) // cfg.batch_size)
+    if count < 2:
+        raise ValueError(f"--track-variance: a sampling variance needs two batches of "
+                         f"{cfg.batch_size}; {cfg.dataset} has {len(data.y_train)} training "
+                         f"samples; lower --batch-size")
+    order = np.random.default_rng([cfg.seed, 2]).permutation(len(data.y_train))
+    return [(torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]))
+            for idx in np.split(order[:count * cfg.batch_size], count)]
+
+
+def _variance_ratios(cfg: RunConfig, model, sim, batches: list, epoch: int) -> dict:
+    """metrics.csv's `variance_ratio.<layer>` columns: each layer's expected quantization
+    variance over its sampling variance, now; the draws come from a stream of this epoch's own,
+    so a resumed run measures what an uninterrupted one does."""
+    measured = noise.track(model, sim, batches, cfg.quantizer, cfg.grad_bits,
+                           np.random.default_rng([cfg.seed, 2, epoch]))
+    return {f"variance_ratio.{name}": quantization / sampling if sampling else math.nan
+            for name, (quantization, sampling) in measured.items()}
+
+
 def check_fits(cfg: RunConfig, hw, data):
     """Plan every GEMM the run puts on the device (training steps of each batch size and the
     evaluation pass) before training: a config whose tiles cannot fit, or whose MACs cannot take
-    the operand widths, is refused now, naming --hw and what to change."""
+    the operand widths, is refused now, naming --hw and what to change. A momentum block that
+    does not divide every layer's weights is refused first, naming --momentum-block."""
     from fqtsim.simulation.cost import check_training
 
+    layers = _layers(cfg, data)
+    try:
+        check_blocks({layer.name: layer.weights for layer in layers if layer.weights}, cfg.formats)
+    except ValueError as e:
+        raise ValueError(f"--{e}".replace("momentum block", "momentum-block", 1)) from None
     if cfg.mode == "fp32":   # nothing runs on the device
         return
-    layers = _layers(cfg, data)
     train_rows = len(data.y_train)
     steps = -(-train_rows // cfg.batch_size)
     sizes = {train_rows // steps, -(-train_rows // steps)}   # np.array_split's batch sizes
     check_training(hw, layers, sizes, cfg.quantizer, cfg.range_policy, cfg.grad_bits,
-                   backward=cfg.mode == "fqt", what=f"--hw {cfg.hw}")
+                   backward=cfg.mode == "fqt", what=f"--hw {cfg.hw}", formats=cfg.formats)
     check_training(hw, layers, {len(data.y_test)}, backward=False,
                    what=f"--hw {cfg.hw} (the evaluation pass over the test set)", hint="")
 
@@ -285,7 +389,10 @@ def _layers(cfg: RunConfig, data):
     from fqtsim.simulation import workloads
     if cfg.model == "cnn":
         return workloads.cnn(data.image_shape, data.classes)
-    return workloads.mlp(int(np.prod(data.image_shape)), data.classes)
+    if cfg.model == "gpt":
+        return workloads.gpt(workloads.GPTShape(vocab=data.classes, context=data.image_shape[0]))
+    return workloads.mlp(int(np.prod(data.image_shape)), data.classes,
+                         hidden=tuple(mlp_widths(MLP_DEPTHS[cfg.model])))
 
 
 def _check_same_run(run_dir: Path, config: dict):
@@ -297,6 +404,7 @@ def _check_same_run(run_dir: Path, config: dict):
                          f"--out, or --restart to replace the run") from None
     same_hw = old.get("hw_config") == config["hw_config"]   # the path may be spelled differently
     ignore = {"out", "hw", "hw_config"}
+    old = asdict(RunConfig()) | old   # options older runs did not record had today's defaults
     changed = sorted(k for k in set(old) | set(config)
                      if k not in ignore and old.get(k) != config.get(k))
     if changed or not same_hw:
@@ -332,7 +440,7 @@ def _clean_checkpoint(run_dir: Path):
 
 
 def _frame(rows: list) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=STEP_COLUMNS) if rows else pd.DataFrame()
+    return pd.DataFrame(rows, columns=STEP_COLUMNS)
 
 
 def _assemble_ledger(run_dir: Path, extra: str | None = None) -> pd.DataFrame:
@@ -367,7 +475,7 @@ def evaluate(model, data) -> tuple[float, float]:
     model.eval()
     logits = model(torch.from_numpy(data.x_test))
     labels = torch.from_numpy(data.y_test)
-    return (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
+    return _accuracy(logits, labels), _loss(logits, labels).item()
 
 
 STEP_COLUMNS = ["step", "layer", *COLUMNS]   # a run's ledger: the device's, by step and layer
@@ -401,17 +509,24 @@ def step_totals(rows: list[tuple]) -> dict:
 
 def summarize_run(cfg: RunConfig, hw, ledger: pd.DataFrame, metrics: list, accuracy: float,
                   test_loss: float, seconds: float) -> dict:
-    """The run's headline numbers: accuracy, loss, bytes by level, ops by kind, energy, cycles,
-    device time at the config's clock; `seconds` is this machine's wall time."""
+    """The run's headline numbers: accuracy, loss, bytes by level, ops by kind, energy, cycles
+    (and the update's share of energy and DDR bytes), device time at the config's clock;
+    `seconds` is this machine's wall time."""
     summary = {"mode": cfg.mode, "quantizer": cfg.quantizer, "grad_bits": cfg.grad_bits,
-               "range_policy": cfg.range_policy, "model": cfg.model, "dataset": cfg.dataset,
+               "range_policy": cfg.range_policy, "weights": cfg.weights,
+               "momentum": cfg.momentum, "momentum_block": cfg.momentum_block,
+               "model": cfg.model, "dataset": cfg.dataset,
                "hw": cfg.hw, "seed": cfg.seed, "steps": len(metrics), "accuracy": accuracy,
                "loss": test_loss, "train_loss": metrics[-1]["loss"] if metrics else float("nan"),
                "bytes_by_level": {}, "ops": {}, "energy_pj": 0.0, "cycles": 0.0,
-               "overflows": 0, "clips": 0, "seconds": round(seconds, 2)}
+               "overflows": 0, "clips": 0, "update_energy_pj": 0.0, "update_ddr_bytes": 0.0,
+               "seconds": round(seconds, 2)}
     if len(ledger):
         moved = ledger[ledger.level.isin(["tcm", "ddr"])]
         summary["bytes_by_level"] = {k: float(v) for k, v in moved.groupby("level")["bytes"].sum().items()}
+        update = ledger[ledger.gemm == "update"]
+        summary["update_energy_pj"] = float(update.energy_pj.sum())
+        summary["update_ddr_bytes"] = float(update.loc[update.level == "ddr", "bytes"].sum())
         macs = ledger[ledger.event.str.startswith("mac_")].groupby("event")["count"].sum()
         summary["ops"] = {**{k: int(v) for k, v in macs.items()},
                           "vector": int(ledger.loc[ledger.level == "vector", "count"].sum())}
