@@ -372,3 +372,22 @@ def test_saturating_int16_kernel_is_vectorized():
 def test_bounds_helper():
     assert bounds(8) == (-128, 127)
     assert wrap_array(np.array([128, -129, 5]), 8).tolist() == [-128, 127, 5]
+
+
+def test_numba_loads_after_the_vector_width_is_chosen_whatever_fqtsim_imports_first():
+    """`kernels` sets Numba's codegen features before Numba loads; a module of fqtsim that
+    imported Numba itself first would leave every scan at LLVM's 256-bit default (0.6x)."""
+    import subprocess
+    import sys
+
+    from kernels import cpu
+    if not cpu._llvm_features().get("avx512bw") or "NUMBA_CPU_FEATURES" in os.environ and \
+            "-prefer-256-bit" not in os.environ["NUMBA_CPU_FEATURES"]:
+        pytest.skip("no AVX-512BW here, or the user chose Numba's CPU features")
+    for module in ("fqtsim", "fqtsim.hardware.conv", "fqtsim.cost", "fqtsim.training.train"):
+        code = (f"import os, sys; import {module}; import numba; "
+                f"print('-prefer-256-bit' in os.environ.get('NUMBA_CPU_FEATURES', ''))")
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_CPU_FEATURES"}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert done.stdout.strip() == "True", (module, done.stderr)
