@@ -480,7 +480,6 @@ def _training_bounds(cfg) -> list[str]:
 
 def step_table(hw, args) -> int:
     import fqtsim.simulation.cost
-    from fqtsim.files import write_atomic
     from fqtsim.simulation.schedule import QuantScheme
 
     args.batch = args.batch or 64
@@ -495,23 +494,14 @@ def step_table(hw, args) -> int:
                                                  args.momentum_block)
     stored = f", {weights} weights and {momentum} momentum" if (weights, momentum) != (
         "fp32", "fp32") else ""
-    print(f"{hw.name}: {hw.description}\n\none training step of {args.model} at batch "
-          f"{args.batch}, {args.grad_bits}-bit gradients{stored}: extra over delayed PTQ (ranges "
-          f"known before their GEMMs), quantizers riding the passes between the GEMMs (shared) "
-          f"or not")
-    with pd.option_context("display.width", 200):
-        print(table.to_string(index=False, float_format=_figure))
-    print(f"\n{energy_line(hw)}")
-    if args.csv:
-        write_atomic(args.csv, table.to_csv(index=False))
-        print(f"\nwrote {args.csv}")
-    return 0
+    return _print_table(hw, table, args.csv, f"{args.grad_bits}-bit gradients{stored}: extra over "
+                        f"delayed PTQ (ranges known before their GEMMs), quantizers riding the "
+                        f"passes between the GEMMs (shared) or not", args)
 
 
 def formats_table(hw, args, pairs) -> int:
     """`cost --model` with several stored formats: the update per (weights, momentum) pair."""
     import fqtsim.simulation.cost
-    from fqtsim.files import write_atomic
 
     tables = []
     for q in args.quantizer or ["psq"]:
@@ -520,16 +510,23 @@ def formats_table(hw, args, pairs) -> int:
                                                         args.grad_bits, args.momentum_block)
             tables.append(table.assign(quantizer=q, range=r))
     table = pd.concat(tables, ignore_index=True)
+    return _print_table(hw, table, args.csv, f"{args.grad_bits}-bit gradients, per stored format "
+                        f"of the weights and momentum: where the state lives, its MB, the step's "
+                        f"energy and DDR traffic, and the update's share of each", args)
+
+
+def _print_table(hw, table: pd.DataFrame, csv, what: str, args) -> int:
+    """Print a `cost --model` table under its config and what it shows; write it to `csv`."""
+    from fqtsim.files import write_atomic
+
     print(f"{hw.name}: {hw.description}\n\none training step of {args.model} at batch "
-          f"{args.batch}, {args.grad_bits}-bit gradients, per stored format of the weights and "
-          f"momentum: where the state lives, its MB, the step's energy and DDR traffic, and the "
-          f"update's share of each")
+          f"{args.batch}, {what}")
     with pd.option_context("display.width", 200):
         print(table.to_string(index=False, float_format=_figure))
     print(f"\n{energy_line(hw)}")
-    if args.csv:
-        write_atomic(args.csv, table.to_csv(index=False))
-        print(f"\nwrote {args.csv}")
+    if csv:
+        write_atomic(csv, table.to_csv(index=False))
+        print(f"\nwrote {csv}")
     return 0
 
 
