@@ -215,8 +215,8 @@ class Device:
             call = self._calls[key] = self._plan(a, b, a_bits, b_bits, out_bits, writeback, scope,
                                                  a_quant, affine, windows, consumer,
                                                  b_sums_known, also)
-        _check_codes("a", a, call.a_bits)
-        _check_codes("b", b, call.b_bits)
+        _check_codes("a", a, call.gemm.a_bits)
+        _check_codes("b", b, call.gemm.b_bits)
         acc = self.hw.accumulator
         if product is None:
             c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
@@ -233,9 +233,10 @@ class Device:
         elif a_quant is not None and a_quant.method == "bhq":   # data-dependent blocks: count them
             events = {event: list(totals) for event, totals in call.events.items()}
             add(events, "overflow", "array", counts["overflows"])
-            shape = quantized_shape(call.m, call.k, windows[0])
+            gemm = call.gemm
+            shape = quantized_shape(gemm.m, gemm.k, windows[0])
             merge(events, input_passes(self.hw, call.tiling, a_quant, qa, shape))
-            merge(events, output_passes(self.hw, a_quant, qa, call.n, call.out_bits, call.level,
+            merge(events, output_passes(self.hw, a_quant, qa, gemm.n, gemm.out_bits, call.level,
                                         call.handoff, call.gathered))
             self._price(name, call.spec, events)
         else:   # overflows and clips cost nothing of their own: set their counts in the rows
@@ -271,10 +272,10 @@ class Device:
             if win is not None and (win.rows, win.cols) != shape:
                 raise ValueError(f"{option}: its im2col matrix is {win.rows}x{win.cols}, the GEMM's "
                                  f"operand {shape[0]}x{shape[1]}")
-        tiling = layout(self.hw, Gemm(m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant,
-                                      *(affine or (False, False)), *windows,
-                                      check_consumer(consumer, writeback),
-                                      b_sums_known))
+        gemm = Gemm(m, n, k, a_bits, b_bits, out_bits, writeback, scope, a_quant,
+                    *(affine or (False, False)), *windows, check_consumer(consumer, writeback),
+                    b_sums_known)
+        tiling = layout(self.hw, gemm)
         handoff = writeback == "handoff"
         gathered = gathers(self.hw, a_quant, tiling, m)
         writeback, scope = output_writeback(a_quant, writeback, scope, gathered)
@@ -295,9 +296,7 @@ class Device:
             merge(events, _fold(self.hw, windows[2]))
         if also:
             merge(events, also)
-        spec = GemmSpec(a_bits, b_bits)
-        call = _Call(m, n, k, a_bits, b_bits, out_bits, tiling, level, gathered, handoff, spec,
-                     events, macs, spills)
+        call = _Call(gemm, tiling, level, gathered, handoff, events, macs, spills)
         if handoff:   # what the next quantizer reads: its home depends on this GEMM's tiling
             rows = windows[0].positions if windows[0] is not None else \
                 a_quant.rows_per_sample if a_quant else 1
@@ -318,7 +317,7 @@ class Device:
             ordered = [event for event, _ in sorted(full.items(), key=event_order)]
             call.overflow_row = ordered.index(("overflow", "array"))
             call.clip_row = ordered.index(("clip", "array")) if ("clip", "array") in full else None
-            call.rows = tuple(row[1:] for row in price(self.hw, "", spec, full))
+            call.rows = tuple(row[1:] for row in price(self.hw, "", call.spec, full))
         return call
 
     def record(self, events: dict, name: str):
@@ -567,17 +566,11 @@ class _Call:
     """What a Device GEMM call with given shapes and options records, but the data's counts:
     planned by `Device._plan` once, and its priced rows (`rows`, None for BHQ, whose blocks
     depend on the data) reused with the overflow and clip counts set in their rows."""
-    m: int
-    n: int
-    k: int
-    a_bits: int
-    b_bits: int
-    out_bits: int
+    gemm: Gemm                  # the call as checked: shapes, widths, options
     tiling: object
     level: str                  # where the output is written
     gathered: bool              # BHQ's T^-1 in the output pipeline
     handoff: bool
-    spec: GemmSpec
     events: dict                # the loop nest's, scales', corrections', fold's and `also`'s
     macs: int
     spills: int
@@ -587,6 +580,10 @@ class _Call:
     rows: tuple | None = None
     overflow_row: int | None = None
     clip_row: int | None = None
+
+    @property
+    def spec(self) -> GemmSpec:
+        return GemmSpec(self.gemm.a_bits, self.gemm.b_bits)
 
 
 def _probe(x: np.ndarray, bits: int, affine: bool) -> Quantized:
