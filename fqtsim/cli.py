@@ -128,14 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--scope", choices=["tensor", "rows"], default="tensor",
                       help="range scope a materialized output is held for (default tensor)")
     cost.add_argument("--quantizer", nargs="+", choices=METHODS, metavar="Q",
-                      help="gradient quantizers (ptq psq bhq): show what each adds to the GEMM "
+                      help="gradient quantizers (ptq psq bhq mxint): show what each adds to the GEMM "
                            "dX = Q(dY) W, with dY the M x K operand, over the fused baseline "
                            "(dY's codes made in its producer's pipeline from a range known "
                            "beforehand, as delayed PTQ does)")
     cost.add_argument("--range", nargs="+", choices=RANGE_POLICIES, default=["dynamic"],
                       dest="range_policy", metavar="R",
-                      help="range policies with --quantizer: dynamic (default) and/or delayed")
+                      help="range policies with --quantizer: dynamic (default), delayed, predicted")
     cost.add_argument("--grad-bits", type=bits, default=8, help="gradient code bits with --quantizer")
+    cost.add_argument("--block", type=int_in(2),
+                      help="mxint's values along K per shared scale (default: the config's "
+                           "pipeline.block)")
     cost.add_argument("--weights", nargs="+", choices=list(WEIGHT_FORMATS), metavar="W",
                       help=f"with --model: how the weights are stored ({' '.join(WEIGHT_FORMATS)}; "
                            f"default fp32); with several formats here or in --momentum, one row "
@@ -165,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--grad-bits", type=bits, default=defaults.grad_bits,
                      help="activation-gradient bits, 2..8 (default 8)")
     run.add_argument("--range", dest="range_policy", default=defaults.range_policy,
-                     help="gradient ranges: dynamic (default) or delayed")
+                     help="ranges of the quantizers: dynamic (default), delayed (from each "
+                          "tensor's history) or predicted (grad_input's per sample, from the "
+                          "loss; the others delayed)")
+    run.add_argument("--block", type=int_in(2), default=defaults.block,
+                     help="with --quantizer mxint: values along K per shared scale, a power of "
+                          "two (default: the config's pipeline.block, 32)")
     run.add_argument("--weights", default=defaults.weights,
                      help=f"how the weights are stored between steps: {', '.join(WEIGHT_FORMATS)} "
                           f"(default fp32: FP32 masters)")
@@ -177,7 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int_in(1), default=defaults.batch_size,
                      help="samples per training step")
     run.add_argument("--lr", type=positive_float, default=defaults.lr,
-                     help="peak learning rate (one-cycle schedule)")
+                     help="peak learning rate (of the --schedule)")
+    run.add_argument("--schedule", default=defaults.schedule,
+                     help="learning rate: onecycle (default: warm-up, then annealed to ~0), "
+                          "constant, or cosine (from --lr down to 10%% of it)")
+    run.add_argument("--ptq-range", default=defaults.ptq_range,
+                     help="with --quantizer ptq: affine (default: the data's range) or paper "
+                          "(stretched so that 0 is exactly a code)")
     run.add_argument("--seed", type=SEED, default=defaults.seed,
                      help="seed of the data split, initialization, batch order and rounding")
     run.add_argument("--track-variance", type=int_in(0), default=defaults.track_variance,
@@ -201,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("--momentum-block", integer, [defaults.momentum_block]),
                                   ("--epochs", integer, [defaults.epochs]),
                                   ("--batch-size", integer, [defaults.batch_size]),
-                                  ("--lr", float, [defaults.lr]), ("--seed", integer, [defaults.seed])):
+                                  ("--lr", float, [defaults.lr]), ("--seed", integer, [defaults.seed]),
+                                  ("--schedule", str, [defaults.schedule]),
+                                  ("--ptq-range", str, [defaults.ptq_range]),
+                                  ("--block", integer, [defaults.block])):
         sw.add_argument(option, nargs="+", type=kind, default=default,
                         dest="range_policy" if option == "--range" else None,
                         help=f"one or more values (default {' '.join(map(str, default))})")
@@ -385,9 +402,9 @@ def _log_to_stderr():
 def cmd_cost(args) -> int:
     from fqtsim import load_hw
     from fqtsim.files import claim_file
-    from fqtsim.hardware.hw import resolve_hw
+    from fqtsim.hardware.hw import resolve_hw, with_block
 
-    hw = load_hw(args.hw)
+    hw = with_block(load_hw(args.hw), args.block)
     if args.csv is not None:
         claim_file(args.csv, inputs=[resolve_hw(args.hw)])
     for option, values in (("--quantizer", args.quantizer or []), ("--range", args.range_policy),

@@ -22,6 +22,7 @@ from kernels import cpu  # noqa: E402
 
 cpu.prefer_512_bit_vectors()      # before Numba is imported
 
+from kernels.blocks import block_gemm  # noqa: E402
 from kernels.gemm import int_gemm, last_path  # noqa: E402
 
-__all__ = ["int_gemm", "last_path"]
+__all__ = ["block_gemm", "int_gemm", "last_path"]

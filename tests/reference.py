@@ -113,3 +113,33 @@ def wrap_overflows(a, b, acc_bits: int) -> int:
     half = 1 << (acc_bits - 1)
     bucket = (s + half) >> acc_bits                              # floor division by 2^B
     return int((bucket[:, 1:] != bucket[:, :-1]).sum())
+
+
+def ref_block_gemm(a, a_exp, b, b_exp, block, acc_bits=32, overflow="wrap"):
+    """The contract of `kernels.block_gemm`, literally, in Python ints: each block's products
+    added one at a time into a fresh register, that sum shifted left by its two exponents above
+    the row's and column's least and added into the output's register; every add checked.
+    Returns (c, ra, rb, overflows)."""
+    a = [[int(v) for v in row] for row in np.asarray(a)]
+    b = [[int(v) for v in row] for row in np.asarray(b)]
+    a_exp = [[int(v) for v in row] for row in np.asarray(a_exp)]
+    b_exp = [[int(v) for v in row] for row in np.asarray(b_exp)]
+    m, k, n = len(a), len(b), len(b[0])
+    blocks = len(a_exp[0])
+    ra = [min(row) for row in a_exp]
+    rb = [min(a_exp_col) for a_exp_col in zip(*b_exp)]
+    c = np.zeros((m, n), np.int64)
+    overflows = 0
+    for i in range(m):
+        for j in range(n):
+            total = 0
+            for blk in range(blocks):
+                part = 0
+                for kk in range(blk * block, min(k, (blk + 1) * block)):
+                    part, ov = add(part, a[i][kk] * b[kk][j], acc_bits, overflow)
+                    overflows += ov
+                shift = a_exp[i][blk] - ra[i] + b_exp[blk][j] - rb[j]
+                total, ov = add(total, part << shift, acc_bits, overflow) if part else (total, False)
+                overflows += ov
+            c[i, j] = total
+    return c, np.array(ra), np.array(rb), overflows

@@ -306,11 +306,11 @@ def test_layers_default_to_no_ops_and_take_kinds_as_strings():
         Op("dropout")
 
 
-@pytest.mark.parametrize("model", ["cnn", "mlp", "mlp6"])
+@pytest.mark.parametrize("model", ["cnn", "cnn8", "mlp", "mlp6"])
 def test_workload_ops_match_the_torch_models(model):
     torch_model = build(model, (1, 8, 8), 10)
-    layers = workloads.cnn((1, 8, 8)) if model == "cnn" else workloads.mlp(
-        64, 10, hidden=tuple(mlp_widths(MLP_DEPTHS[model])))
+    layers = workloads.cnn((1, 8, 8)) if model == "cnn" else workloads.cnn8((1, 8, 8)) \
+        if model == "cnn8" else workloads.mlp(64, 10, hidden=tuple(mlp_widths(MLP_DEPTHS[model])))
     mods = Counter(type(m).__name__ for m in torch_model.modules())
     assert [layer.name for layer in layers] == [name for name, m in torch_model.named_modules()
                                                 if isinstance(m, (nn.Linear, nn.Conv2d))]

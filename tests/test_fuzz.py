@@ -120,7 +120,7 @@ CLI_CASES = [
     (["run", "--lr", "0"], "argument --lr: got '0'"),
     (["run", "--lr", "fast"], "argument --lr: got 'fast'"),
     # choices
-    (["run", "--model", "resnet"], "--model: got 'resnet'; expected one of mlp, mlp6, cnn, gpt"),
+    (["run", "--model", "resnet"], "--model: got 'resnet'; expected one of mlp, mlp6, cnn, cnn8, gpt"),
     (["run", "--dataset", "imagenet"], "--dataset: got 'imagenet'; expected one of digits"),
     (["run", "--mode", "int4"], "--mode: got 'int4'; expected one of"),
     (["run", "--quantizer", "zsq"], "--quantizer: got 'zsq'; expected one of ptq, psq, bhq"),
@@ -205,7 +205,7 @@ CLI_CASES = [
     (VAR + ["--bits", "9"], "argument --bits: '9': expected an integer in 2..8"),
     (VAR + ["--bits", "4", "4"], "--bits: 4 4 names a value twice"),
     (VAR + ["--quantizer", "zsq"], "argument --quantizer: invalid choice: 'zsq'"),
-    (VAR + ["--model", "resnet"], "--model: got 'resnet'; expected one of mlp, mlp6, cnn, gpt"),
+    (VAR + ["--model", "resnet"], "--model: got 'resnet'; expected one of mlp, mlp6, cnn, cnn8, gpt"),
     (VAR + ["--dataset", "cifar"], "--dataset: got 'cifar'"),
     (VAR + ["--batches", "1000"], "--batches: 1000 batches of 64 need 64000 samples"),
     (VAR + ["--hw", "missing.yaml"], "missing.yaml: cannot read the hardware config"),

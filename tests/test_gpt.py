@@ -60,7 +60,8 @@ def test_the_converted_modules_are_the_workloads_layers_in_order():
 
 
 @pytest.mark.parametrize("quantizer, policy", [("ptq", "dynamic"), ("psq", "dynamic"),
-                                               ("bhq", "dynamic"), ("psq", "delayed")])
+                                               ("bhq", "dynamic"), ("psq", "delayed"),
+                                               ("mxint", "dynamic")])
 def test_a_transformer_step_on_the_device_equals_the_closed_form(quantizer, policy):
     """Every GEMM (the products of two activations batched per sequence and head), quantizer
     pass, op between them, embedding event and update, event by event; delayed ranges from the

@@ -21,7 +21,8 @@ import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fqtsim.simulation.cost  # noqa: E402
-from fqtsim.simulation.schedule import BASELINE, RANGE_POLICIES, QuantScheme  # noqa: E402
+from fqtsim.simulation.schedule import (BASELINE, RANGE_POLICIES, SCHEMES, QuantScheme,  # noqa: E402
+                                        block_scaled_problem)
 from fqtsim.quantizers.storage import DEFAULT_BLOCK, FP32_STATE  # noqa: E402
 from fqtsim.files import claim_dir, replace_dir  # noqa: E402
 from fqtsim.hardware import energy, overflow  # noqa: E402
@@ -36,11 +37,12 @@ log = logging.getLogger(__name__)
 PASSES = {
     "compute": ["mac_"], "operand loads": ["load_a", "load_b", "read_a", "read_b"],
     "partial sums": ["psum_spill", "psum_drain"], "output write-back": ["writeback", "requantize", "col2im"],
-    "wide write-back": ["wide_write"], "range pass": ["range_pass"],
+    "wide write-back": ["wide_write"], "range pass": ["range_pass", "range_predict"],
     "sort + transform": ["sort", "transform", "wide_output", "inverse_transform", "inverse_rows",
                          "inverse_codes"],
     "requantization": ["requant_pass", "code_write", "sr_rng"],
     "zero-point": ["colsum", "rowsum", "zero_point"],
+    "block scales": ["block_", "scale_"],   # mxint: block maxima, scale bytes, aligned adds
     "optimizer": ["optimizer_read", "optimizer_write", "weight_update", "state_", "kahan"],
     "between layers": ["norm_stats", "bn_", "ln_", "relu", "residual_", "maxpool", "pool_index",
                        "avgpool", "softmax", "ce_row", "gelu", "pass_write"],
@@ -50,15 +52,16 @@ PASSES = {
 PASS_COLORS = {"compute": "#1f77b4", "operand loads": "#aec7e8", "partial sums": "#bcbd22",
                "output write-back": "#17becf", "wide write-back": "#ff7f0e", "range pass": "#d62728",
                "sort + transform": "#9467bd", "requantization": "#2ca02c", "zero-point": "#8c564b",
+               "block scales": "#ffbb78",
                "optimizer": "#7f7f7f", "between layers": "#c49c94", "stalls": "#e377c2",
                "leakage": "#dbdb8d", "counted": "#000000",
                "other": "#c7c7c7"}
 # What a gradient quantizer adds, counted on the backward GEMMs (the forward pass has its own
 # zero-point work, whatever the gradient quantizer)
-QUANTIZER_PASSES = ["wide write-back", "range pass", "sort + transform", "requantization", "zero-point"]
+QUANTIZER_PASSES = ["wide write-back", "range pass", "sort + transform", "requantization", "zero-point",
+                    "block scales"]
 # ... and the leakage over the cycles those passes add (static power x their share of the time)
 QUANTIZER_PARTS = [*QUANTIZER_PASSES, "leakage"]
-SCHEMES = [(q, r) for q in ("ptq", "psq", "bhq") for r in RANGE_POLICIES]
 # Stored formats compared, (weights, momentum): each against FP32 masters, then bf16 and 8 bits
 # throughout
 COMPARED_FORMATS = [(w, "fp32") for w in ("fp32", "bf16-sr", "bf16-rn", "bf16-kahan", "int16-sr",
@@ -238,7 +241,11 @@ def analytic_section(model: str, batch: int, hws: list[HWConfig], out: Path,
     sec = Section(f"{model}, batch {batch}{named}, from the cost model")
     rows, per_layer = [], []
     log.info(f"report: cost model of {model}, {len(SCHEMES)} schemes on {len(hws)} configs")
-    jobs = [(hw, q, r) for hw in hws for q, r in SCHEMES]
+    jobs = [(hw, q, r) for hw in hws for q, r in SCHEMES
+            if q != "mxint" or block_scaled_problem(hw) is None]
+    for hw in hws:
+        if block_scaled_problem(hw) is not None:
+            sec.text.append(f"mxint is not modeled on {hw.name}: {block_scaled_problem(hw)}")
     for hw, q, r in tqdm(jobs, desc=f"{model} schemes", disable=None, leave=False):
         ledger = fqtsim.simulation.cost.training_step(hw, model, batch, q, r, grad_bits, **stored)
         passes, overhead = by_pass(ledger), quantizer_energy(ledger)

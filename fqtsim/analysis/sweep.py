@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 OPTIONS = [f.name for f in fields(RunConfig) if f.name != "out"]
 # Table columns, in this order: always the first seven, the others where they vary
 GROUP = ["model", "dataset", "hw", "mode", "quantizer", "grad_bits", "range_policy",
-         "weights", "momentum", "momentum_block", "epochs", "batch_size", "lr"]
+         "weights", "momentum", "momentum_block", "epochs", "batch_size", "lr", "schedule",
+         "ptq_range"]
 ALWAYS = GROUP[:7]
 STORED = ("weights", "momentum", "momentum_block")   # the optimizer state's formats
+NEWER = ("track_variance", "schedule", "ptq_range")   # options older points did not have
 ONE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "MKL_NUM_THREADS": "1"}
 CONNECT_TIMEOUT = 10   # seconds to reach a Dask scheduler (Dask's own default is 30)
@@ -60,7 +62,11 @@ def grid(**options) -> list[RunConfig]:
     lists = {k: v if isinstance(v, (list, tuple)) else [v] for k, v in options.items()}
     points = {}
     for values in itertools.product(*lists.values()):
-        cfg = RunConfig(**dict(zip(lists, values)))
+        given = dict(zip(lists, values))
+        if (given.get("mode", RunConfig.mode), given.get("quantizer", RunConfig.quantizer)) \
+                != ("fqt", "ptq"):   # only PTQ's gradient quantizers take a PTQ range
+            given.pop("ptq_range", None)
+        cfg = RunConfig(**given)
         if cfg.mode != "fqt":   # the gradient quantizer does not enter fp32 or QAT training
             cfg = replace(cfg, quantizer=RunConfig.quantizer, grad_bits=RunConfig.grad_bits,
                           range_policy=RunConfig.range_policy)
@@ -75,7 +81,7 @@ def resolved(cfg: RunConfig) -> dict:
     path and its content's hash (files of the same name in two folders are two configs)."""
     # options at their defaults that older points did not have are left out: their ids stay
     config = {k: v for k, v in asdict(cfg).items() if k != "out"
-              and not (k in (*STORED, "track_variance") and v == getattr(RunConfig, k))} \
+              and not (k in (*STORED, *NEWER) and v == getattr(RunConfig, k))} \
         | {"lr": float(cfg.lr)}
     hw = resolve_hw(cfg.hw).expanduser().absolute()   # a shipped name resolves as train resolves it
     try:
@@ -91,6 +97,10 @@ def point_id(cfg: RunConfig) -> str:
     scheme = f"-{cfg.quantizer}{cfg.grad_bits}-{cfg.range_policy}" if cfg.mode == "fqt" else ""
     if not cfg.formats.masters:
         scheme += f"-{cfg.weights}-{cfg.momentum}"
+    if cfg.ptq_range != RunConfig.ptq_range:
+        scheme += f"-{cfg.ptq_range}"
+    if cfg.schedule != RunConfig.schedule:
+        scheme += f"-{cfg.schedule}"
     return (f"{Path(cfg.hw).stem}-{cfg.model}-{cfg.dataset}-{cfg.mode}{scheme}"
             f"-e{cfg.epochs}-b{cfg.batch_size}-lr{float(cfg.lr)!r}-s{cfg.seed}-{digest}")
 

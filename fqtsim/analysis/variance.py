@@ -47,7 +47,7 @@ from tqdm import tqdm
 from fqtsim.training.fqt import FQTConfig, FQTConv2d, Simulator
 from fqtsim.training.noise import (HUTCHINSON_PROBES, Forward, expected_variance, layers,
                                    sampling_variance, weight_gradients)
-from fqtsim.quantizers import variance_bound
+from fqtsim.quantizers import GRADIENT_METHODS, variance_bound
 from fqtsim.simulation.schedule import GRAD_WEIGHT_BITS, weight_gradient_method
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ def measure(model: nn.Sequential, sim: Simulator, batches: list, quantizers=("pt
     model_layers = layers(model)
     forward = Forward(model)
     probe_rng = np.random.default_rng(seed)
+    block = sim.device.hw.pipeline.block   # mxint's values per scale
     try:
         model.train()
         sampling = sampling_variance(model, sim, batches)
@@ -155,11 +156,12 @@ def measure(model: nn.Sequential, sim: Simulator, batches: list, quantizers=("pt
                         mine[quantity].append(getattr(terms[name], quantity))
                     if "grad_input" in kept:   # Q_ba (on dY grouped per sample, as it ranges)
                         dy = kept["grad_input"][0]
-                        grouped = dy.reshape(-1, kept["rows_per_sample"] * dy.shape[1])
-                        mine["v_ba"].append(variance_bound(grouped, quantizer, b))
+                        grouped = dy if quantizer == "mxint" else \
+                            dy.reshape(-1, kept["rows_per_sample"] * dy.shape[1])
+                        mine["v_ba"].append(variance_bound(grouped, quantizer, b, block))
                     mine["u_bw"].append(variance_bound(kept["grad_weight"][0],
                                                        weight_gradient_method(quantizer),
-                                                       GRAD_WEIGHT_BITS))
+                                                       GRAD_WEIGHT_BITS, block))
             v_ba = {name: s["v_ba"] for name, s in seen.items()}
             u_bw = {name: s["u_bw"] for name, s in seen.items()}
             for idx, layer in enumerate(model_layers):
@@ -238,7 +240,7 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset:
     from fqtsim.files import claim_dir, write_atomic
     from fqtsim.training.fqt import convert
     from fqtsim.hardware.hw import load_hw, resolve_hw
-    from fqtsim.training.models import MODELS, build
+    from fqtsim.training.models import CONV_MODELS, MODELS, build
     from fqtsim.quantizers import check_bits
     from fqtsim.training.train import OtherRun, RunConfig, train
 
@@ -264,7 +266,7 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset:
         raise ValueError(f"--model: got {model!r}; expected one of {', '.join(MODELS)}")
     if model == "gpt":   # its products of activations keep no probe for the noise model
         raise ValueError("--model gpt: the variance analysis covers the image models "
-                         "(mlp, mlp6, cnn)")
+                         "(mlp, mlp6, cnn, cnn8)")
     if dataset not in DATASETS:
         raise ValueError(f"--dataset: got {dataset!r}; expected one of {', '.join(DATASETS)}")
     for option, value, least in (("--batches", batches, 2), ("--draws", draws, 2),
@@ -276,12 +278,12 @@ def run(out, hw: str = "hw_configs/npu.yaml", model: str | None = None, dataset:
     for b in bits:
         check_bits(b)
     for q in quantizers:
-        if q not in ("ptq", "psq", "bhq"):
-            raise ValueError(f"--quantizer: got {q!r}; expected ptq, psq or bhq")
+        if q not in GRADIENT_METHODS:
+            raise ValueError(f"--quantizer: got {q!r}; expected one of {', '.join(GRADIENT_METHODS)}")
     device_hw = load_hw(hw)
     out = claim_dir(out, "variance", inputs=[resolve_hw(hw), *([from_run] if from_run else [])])
     data = load(dataset, seed=seed)
-    data = data.as_images() if model == "cnn" else data
+    data = data.as_images() if model in CONV_MODELS else data
     if batches * batch_size > len(data.y_train):
         raise ValueError(f"--batches: {batches} batches of {batch_size} need {batches * batch_size} "
                          f"samples; {dataset} has {len(data.y_train)} for training")

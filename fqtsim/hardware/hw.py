@@ -248,6 +248,10 @@ class Pipeline:
     # its range and codes come out of their passes where that is cheaper (see
     # fqtsim.simulation.between), or runs passes of its own
     share_passes: bool = field(default=True, metadata={"allowed": "true or false"})
+    # block-scaled (mxint) operands: elements along K that share one power-of-two scale; the
+    # output pipeline's block-max logic and the array's shifters work on blocks of this size
+    block: int = field(default=32, metadata={
+        "test": lambda v: 2 <= v <= 256 and v & (v - 1) == 0, "allowed": "a power of two in 2..256"})
 
 
 @dataclass(frozen=True)
@@ -309,6 +313,18 @@ def resolve_hw(path: str | os.PathLike) -> Path:
         if (folder / name).is_file():
             return folder / name
     return p
+
+
+def with_block(hw: HWConfig, block: int | None) -> HWConfig:
+    """`hw` with the block of its block-scaled (mxint) operands set to `block` (None: as the
+    config has it): what `--block` does."""
+    if block is None:
+        return hw
+    rule = {f.name: f.metadata for f in dataclasses.fields(Pipeline)}["block"]
+    if isinstance(block, bool) or not isinstance(block, int) or not rule["test"](block):
+        raise ValueError(f"--block: got {block!r}; expected {rule['allowed']} (values along K "
+                         f"that share one scale)")
+    return dataclasses.replace(hw, pipeline=dataclasses.replace(hw.pipeline, block=block))
 
 
 def load_hw(path: str | os.PathLike) -> HWConfig:

@@ -7,6 +7,8 @@ equivalent. Rows are samples (axis 0), as in the gradient dY of a layer.
     psq   one range per row (sample)
     bhq   block Householder transform across rows, then one range per transformed row
     pcq   one range per column (output feature): the weight-gradient GEMM's quantizer
+    mxint blocks of `block` consecutive values along each row share a power-of-two scale
+          (`fqtsim.quantizers.mx`): the GEMM's A operand, blocks along its K
 """
 from __future__ import annotations
 
@@ -17,27 +19,34 @@ import numpy as np
 from fqtsim.quantizers.affine import (NonFiniteError, Quantized, as_real_array, check_bits,
                                      check_rng, group_range, quantize_affine)
 from fqtsim.quantizers.bhq import BlockHouseholder, SampleRows, block_householder
+from fqtsim.quantizers.mx import block_exponents, quantize_mx
 from fqtsim.quantizers.ranges import DelayedRange
 
-GRADIENT_METHODS = ("ptq", "psq", "bhq")
-_GROUPS = {"ptq": "tensor", "psq": "rows", "bhq": "rows", "pcq": "cols"}
+GRADIENT_METHODS = ("ptq", "psq", "bhq", "mxint")
+_GROUPS = {"ptq": "tensor", "psq": "rows", "bhq": "rows", "pcq": "cols", "mxint": "blocks"}
+MX_BLOCK = 32   # mxint's default block: values along K per shared scale
 
 __all__ = ["BlockHouseholder", "DelayedRange", "GRADIENT_METHODS", "NonFiniteError", "Quantized", "fake_quantize",
            "quantize_activation", "quantize_gradient", "quantize_weight", "variance_bound"]
 
 
 def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Generator | None = None,
-                      *, lo=None, hi=None, rows_per_sample: int = 1) -> Quantized:
+                      *, lo=None, hi=None, rows_per_sample: int = 1,
+                      zero_exact: bool = False, block: int = MX_BLOCK) -> Quantized:
     """Stochastically rounded codes of gradient `x` (rows = samples) by `method`.
 
     `lo`/`hi`: ranges known before the data (delayed policy), shaped per group (BHQ: of the
     transformed rows); values outside are clipped and counted in `clipped`. None: the data's own
     ranges (dynamic policy). `rows_per_sample`: x's rows come in consecutive groups of that many
     per sample (a conv layer's im2col rows, one per output position); PSQ and BHQ then take one
-    range, and BHQ one transform row, per sample.
+    range, and BHQ one transform row, per sample. `zero_exact` (PTQ only): the range stretched
+    so that 0.0 is a code, as the FQT paper's PTQ does (`quantize_affine`). `block`: mxint's
+    values per shared scale along each row (mxint takes no ranges: each block's scale is its own).
     """
     if not isinstance(method, str) or method not in _GROUPS:
         raise ValueError(f"method: got {method!r}; expected one of {', '.join(_GROUPS)}")
+    if zero_exact and method != "ptq":
+        raise ValueError(f"zero_exact: stretches PTQ's range; got method {method!r}")
     bits = check_bits(bits)
     x = as_real_array(x)
     if rng is not None:
@@ -45,6 +54,11 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
     if isinstance(rows_per_sample, (bool, np.bool_)) or \
             not isinstance(rows_per_sample, (int, np.integer)) or rows_per_sample < 1:
         raise ValueError(f"rows_per_sample: got {rows_per_sample!r}; expected an integer >= 1")
+    if method == "mxint":
+        if lo is not None or hi is not None:
+            raise ValueError("lo, hi: mxint takes each block's scale from the block itself; it "
+                             "has no range to give")
+        return quantize_mx(x, bits, block, rng)
     if rows_per_sample > 1 and method in ("psq", "bhq"):
         m, d = x.shape
         if m % rows_per_sample:
@@ -57,7 +71,8 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
                        ranges=np.repeat(q.ranges, rows_per_sample, axis=0),
                        transform=None if q.transform is None else SampleRows(q.transform, rows_per_sample))
     if method != "bhq":
-        return quantize_affine(x, bits, _GROUPS[method], stochastic=True, rng=rng, lo=lo, hi=hi)
+        return quantize_affine(x, bits, _GROUPS[method], stochastic=True, rng=rng, lo=lo, hi=hi,
+                               zero_exact=zero_exact)
     if not np.isfinite(x).all():   # before the transform, which would spread them
         raise NonFiniteError(f"x: {np.count_nonzero(~np.isfinite(x))} NaN or Inf values; a "
                              f"diverged loss or a bad input, lower the learning rate or check "
@@ -68,9 +83,11 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
     return replace(q, transform=transform)
 
 
-def fake_quantize(x: np.ndarray, method: str, bits: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Quantize then dequantize (BHQ: then the inverse transform): a float array of x's shape."""
-    return quantize_gradient(x, method, bits, rng).dequantize()
+def fake_quantize(x: np.ndarray, method: str, bits: int, rng: np.random.Generator | None = None,
+                  block: int = MX_BLOCK) -> np.ndarray:
+    """Quantize then dequantize (BHQ: then the inverse transform): a float array of x's shape
+    (`block`: mxint's values per shared scale)."""
+    return quantize_gradient(x, method, bits, rng, block=block).dequantize()
 
 
 def quantize_weight(w: np.ndarray, bits: int = 8, per_channel: bool = False) -> Quantized:
@@ -95,12 +112,13 @@ def quantize_activation(x: np.ndarray, bits: int = 8, *, lo=None, hi=None) -> Qu
     return quantize_affine(x, bits, "tensor", stochastic=False, lo=lo, hi=hi)
 
 
-def variance_bound(x: np.ndarray, method: str, bits: int) -> float:
+def variance_bound(x: np.ndarray, method: str, bits: int, block: int = MX_BLOCK) -> float:
     """Upper bound on E||Q(x) - x||^2 for stochastic rounding (sum over all elements).
 
     Each SR'd element has variance <= bin^2 / 4. PTQ: N D R(x)^2 / (4 B^2); PSQ:
     D sum_i R(x_i)^2 / (4 B^2); BHQ: the same per transformed row, carried back through
-    T^-1 = diag(1/s) H: row l's noise reaches row i with weight H_il^2 / s_i^2.
+    T^-1 = diag(1/s) H: row l's noise reaches row i with weight H_il^2 / s_i^2. mxint: each
+    value's bin is its block's scale (blocks of `block` along the rows).
     """
     top = (1 << check_bits(bits)) - 1
     x = as_real_array(x)
@@ -114,6 +132,10 @@ def variance_bound(x: np.ndarray, method: str, bits: int) -> float:
         return n * d * float(np.ptp(x)) ** 2 / (4 * top**2)
     if method == "psq":
         return d * float((np.ptp(x, axis=1) ** 2).sum()) / (4 * top**2)
+    if method == "mxint":   # each value's bin is its block's scale
+        scale = np.ldexp(1.0, block_exponents(x, bits, block))
+        per_block = np.minimum(block, d - block * np.arange(scale.shape[1]))
+        return float((scale**2 * per_block).sum() / 4)
     if method == "bhq":
         t = block_householder(np.ptp(x, axis=1))
         per_row = np.ptp(t.apply(x), axis=1) ** 2 / (4 * top**2) * d   # noise of each T x row

@@ -9,6 +9,13 @@ that zeros, the most common value, are code 0 and add nothing to a sum. The offs
 number (no integer zero point), so stochastic rounding is exactly unbiased whenever the range
 covers the data; integer hardware applies it after the GEMM as a rank-1 correction with the other
 operand's column or row sums (see `fqtsim.simulation.schedule`).
+
+`zero_exact=True` is the other convention (the FQT paper's PTQ): the range is first stretched to
+take in 0.0 and to put it on a code, lo = -z scale and hi = (B - z) scale with an integer zero
+point z, the least such scale that still covers [lo, hi]; 0.0 then quantizes to code z exactly
+and dequantizes to 0.0 exactly, and stochastic rounding stays unbiased within the stretched range
+(its bins are up to B / (B - 1) wider: more variance, never bias). Codes, scales and offsets keep
+their form, so integer hardware runs them at the same cost.
 """
 from __future__ import annotations
 
@@ -47,19 +54,26 @@ class Quantized:
     clipped: int = 0
     ranges: np.ndarray = field(default=None, repr=False)
     observed: tuple = (0.0, 0.0)   # min and max of the data quantized (after BHQ's transform)
+    block: int | None = None   # group "blocks": `block` consecutive values of a row share a
+                               # power-of-two scale (scale: one per row and block)
 
     @property
     def T(self) -> "Quantized":
         """The transposed operand (rows become columns); a transform cannot be transposed."""
         if self.transform is not None:
             raise ValueError("a BHQ-quantized tensor mixes rows and cannot be used transposed")
+        if self.block is not None:
+            raise ValueError("a block-scaled tensor's blocks run along its rows; quantize its "
+                             "transpose instead of transposing its codes")
         group = {"rows": "cols", "cols": "rows"}.get(self.group, self.group)
         return replace(self, codes=self.codes.T, scale=self.scale.T, offset=self.offset.T,
                        group=group, ranges=None if self.ranges is None else self.ranges.T)
 
     def dequantize(self) -> np.ndarray:
         """The exact float equivalent, in float64 (with BHQ's inverse transform applied)."""
-        y = self.offset + self.scale * self.codes.astype(np.float64)
+        scale = self.scale if self.block is None else \
+            np.repeat(self.scale, self.block, axis=1)[:, :self.codes.shape[1]]
+        y = self.offset + scale * self.codes.astype(np.float64)
         return y if self.transform is None else self.transform.inverse(y)
 
 
@@ -108,12 +122,13 @@ def group_range(x: np.ndarray, group: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_affine(x: np.ndarray, bits: int, group: str, *, stochastic: bool,
-                    rng: np.random.Generator | None = None, lo=None, hi=None) -> Quantized:
+                    rng: np.random.Generator | None = None, lo=None, hi=None,
+                    zero_exact: bool = False) -> Quantized:
     """Quantize 2-D `x` to `bits`-bit codes with one range per `group`.
 
     Ranges are x's own (dynamic) unless `lo`/`hi` are given (delayed: values beyond them are
     clipped and counted). Stochastic rounding floor(y + u), u ~ U[0, 1), is unbiased; otherwise
-    round to nearest.
+    round to nearest. `zero_exact`: each range stretched so that 0.0 is a code (`zero_point_range`).
     """
     bits = check_bits(bits)
     x = as_real_array(x)
@@ -133,8 +148,12 @@ def quantize_affine(x: np.ndarray, bits: int, group: str, *, stochastic: bool,
                              f"range needs lo <= hi")
     else:
         lo, hi = own_lo, own_hi
+    given = lo is not own_lo
+    if zero_exact:
+        lo, hi, scale, zero = zero_point_range(lo, hi, top)
     width = hi - lo
-    scale = np.where(width > 0, width / top, 1.0)  # a constant group is exact with any scale
+    if not zero_exact:
+        scale = np.where(width > 0, width / top, 1.0)  # a constant group is exact with any scale
     # stochastic rounding floor(y + u), u ~ U[0, 1); to nearest floor(y + 0.5)
     u = check_rng(rng).random(x.shape) if stochastic else _HALF
     if (lo >= 0).all():   # non-negative data (ReLU outputs): unsigned codes, zero stays code 0
@@ -142,9 +161,37 @@ def quantize_affine(x: np.ndarray, bits: int, group: str, *, stochastic: bool,
     else:
         codes, shift = np.empty(x.shape, np.int8), 1 << (bits - 1)
     # own ranges clip nothing
-    clipped = encode(x, lo, hi, scale, u, top, shift, lo is not own_lo, codes)
-    return Quantized(codes, scale, lo + scale * shift, bits, group, clipped=clipped, ranges=width,
+    clipped = encode(x, lo, hi, scale, u, top, shift, given, codes)
+    # zero_exact: 0.0's code (z - shift) dequantizes to scale (shift - z) + scale (z - shift) = 0
+    offset = scale * (shift - zero) if zero_exact else lo + scale * shift
+    return Quantized(codes, scale, offset, bits, group, clipped=clipped, ranges=width,
                      observed=(float(own_lo.min()), float(own_hi.max())))
+
+
+def zero_point_range(lo: np.ndarray, hi: np.ndarray, top: int):
+    """[lo, hi] per group stretched so that 0.0 is a code: (lo', hi', scale, z) with lo' = -z
+    scale, hi' = (top - z) scale, z an integer in 0..top, lo' <= min(lo, 0), hi' >= max(hi, 0) and
+    the least such scale (z is the floor or the ceiling of where 0 falls in the range). The scale
+    is rounded up to 44 significant bits, so that z scale is exact in float64 and 0.0's code
+    computes to z exactly."""
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    width = hi - lo
+    where = np.where(width > 0, top * -lo / np.where(width > 0, width, 1.0), 0.0)
+    where = np.clip(where, 0, top)   # top * a / a may round above top
+
+    def least_scale(z):   # the least scale with zero point z that covers [lo, hi]
+        below = np.where(z > 0, -lo / np.maximum(z, 1.0), np.where(lo < 0, np.inf, 0.0))
+        above = np.where(z < top, hi / np.maximum(top - z, 1.0), np.where(hi > 0, np.inf, 0.0))
+        return np.maximum(below, above)
+
+    down, up = np.floor(where), np.ceil(where)
+    scale_down, scale_up = least_scale(down), least_scale(up)
+    zero = np.where(scale_up < scale_down, up, down)
+    scale = np.minimum(scale_down, scale_up)
+    scale = np.where(scale > 0, scale, 1.0)   # a group of zeros is exact with any scale
+    mantissa, exponent = np.frexp(scale)
+    scale = np.ldexp(np.ceil(np.ldexp(mantissa, 44)), exponent - 44)
+    return -zero * scale, (top - zero) * scale, scale, zero
 
 
 def _given_range(label: str, v, shape: tuple, group: str) -> np.ndarray:

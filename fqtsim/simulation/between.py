@@ -590,9 +590,9 @@ def pair(hw: HWConfig, quant: dict, chain: Chain, *, shared: bool, mode: str = "
         if not chain.kept:
             _take(events, "pass_write", elements, nbytes(elements, chain.out[1]), (chain.out[2],))
         for (event, level), row in list(q.items()):   # by the vector unit, not a GEMM's pipeline
-            if level == "array" and event in ("sr_rng", "requantize"):
+            if level == "array" and event in ("sr_rng", "requantize", "block_max", "block_scale"):
                 del q[(event, level)]
-                add(q, "sr_rng" if event == "sr_rng" else "requant_pass", "vector", row[0])
+                add(q, "requant_pass" if event == "requantize" else event, "vector", row[0])
         merge(events, q)
         return events
     if chain.kept:   # written wide for a later add whatever the quantizer does: the chain's

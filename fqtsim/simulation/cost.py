@@ -26,7 +26,8 @@ from fqtsim.hardware.mapping import (Tiling, as_int, by_columns, check_gemm, con
                                      stored_output_bits, wide_bits, wide_level)
 from fqtsim.hardware.mapping import fill_drain, fold_starts
 from fqtsim.simulation.overlap import overlapped
-from fqtsim.simulation.schedule import (QuantScheme, as_scheme, correction_events, input_events,
+from fqtsim.simulation.schedule import (QuantScheme, as_scheme, block_events, correction_events,
+                                        input_events,
                                         output_events, output_writeback, rename_wide_output,
                                         BASELINE, activation_consumer, activation_scheme,
                                         gathers, quantized_shape, scale_events,
@@ -54,7 +55,7 @@ def gemm(hw: HWConfig, m: int, n: int, k: int, *, a_bits: int = 8, b_bits: int =
     `fqtsim.simulation.schedule` before and after the GEMM (BHQ: T^-1 on the output tiles in
     the pipeline where one row tile holds every row, else on the output materialized whole).
     `a_offset`/`b_offset`: the operand's codes are affine (offset + scale * q), which
-    costs a rank-1 correction after the GEMM; A's default is whether it is a quantized gradient.
+    costs a rank-1 correction after the GEMM; A's default is whether it is quantized with offsets (not mxint).
     `a_im2col` (A, M x K) or `b_im2col` (B, K x N): the operand is a convolution's im2col matrix
     (`fqtsim.hardware.conv.Im2col`), built on chip from its feature map, which is what DDR holds and
     moves. `col2im`: the output is such a matrix of a gradient, folded back onto its feature
@@ -88,7 +89,7 @@ def _priced(hw, m, n, k, a_bits=8, b_bits=8, out_bits=8, writeback="fused", scop
             raise TypeError(f"{option}: got {value!r}; expected True or False")
     if not isinstance(name, str):
         raise TypeError(f"name: got {name!r}; expected a string")
-    a_offset = a_quant is not None if a_offset is None else bool(a_offset)
+    a_offset = a_quant is not None and a_quant.affine if a_offset is None else bool(a_offset)
     m, n, k, a_bits, b_bits, out_bits = check_gemm(hw, m, n, k, a_bits, b_bits, out_bits,
                                                    writeback, scope)
     _check_im2col(a_im2col, "a_im2col", m, k)
@@ -294,6 +295,7 @@ def _after(hw, spec: Gemm, tiling: Tiling, events: dict, level: str, handoff: bo
     """The loop nest's events with the quantizer's passes and (`after`) the corrections."""
     a_quant = spec.a_quant
     gathered = gathers(hw, a_quant, tiling, spec.m)
+    merge(events, block_events(hw, a_quant, spec.m, spec.n, spec.k, events))
     rename_wide_output(events, a_quant, gathered)
     merge(events, scale_events(hw, a_quant, spec.writeback, spec.m * spec.n, gathered))
     if a_quant is not None:

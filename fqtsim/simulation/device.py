@@ -28,12 +28,13 @@ from fqtsim.hardware.overflow import gemm_bound
 from fqtsim.simulation.passes import corrections, input_passes, output_passes
 from fqtsim.quantizers import Quantized
 from fqtsim.quantizers.storage import FP32_STATE, StateFormats
-from fqtsim.simulation.schedule import (FORWARD_BITS, QuantScheme, as_scheme, output_writeback,
+from fqtsim.simulation.schedule import (FORWARD_BITS, QuantScheme, as_scheme, block_events,
+                                        output_writeback,
                                         gathers, quantized_shape, rename_wide_output,
                                         scale_events,
                                         update_events,
                                         wide_gradient_level)
-from kernels import int_gemm
+from kernels import block_gemm, int_gemm
 from kernels.quantize import dequantize_product
 
 
@@ -146,7 +147,8 @@ class Device:
         products = [None] * len(a)
         k = a[0].codes.shape[1]
         bound = gemm_bound(self.hw, k, a[0].bits, b[0].bits, "affine", "affine")
-        exact = not bound.can_overflow and max(map(abs, bound.total)) < 2**53   # in float64
+        exact = not bound.can_overflow and max(map(abs, bound.total)) < 2**53 and \
+            a[0].block is None   # in float64; block-scaled sums are aligned, not plain
         if exact:
             products = np.matmul(np.stack([x.codes for x in a]).astype(np.float64),
                                  np.stack([w.codes for w in b]).astype(np.float64)).astype(np.int64)
@@ -178,15 +180,17 @@ class Device:
                 raise TypeError(f"{label}: got {type(q).__name__}; expected a Quantized operand "
                                 f"(from fqtsim.quantizers); for raw integer codes use Device.gemm")
         scheme = as_scheme(scheme, "scheme")
-        _check_realizable(a, b, scheme)
+        _check_realizable(a, b, scheme, self.hw.pipeline.block)
         c = self._run(a.codes, b.codes, a.bits, b.bits, out_bits, writeback, "tensor", name,
                       a_quant=scheme, qa=a, qb=b, windows=(a_im2col, b_im2col, col2im),
                       consumer=consumer, b_sums_known=bool(b_sums_known), also=also,
                       product=product, record=record)
-        # codes stand for offset + scale * q: rank-1 corrections with the other's sums
-        out = dequantize_product(c, *(np.asarray(v, np.float64).reshape(np.shape(v) or (1, 1))
-                                      for v in (a.scale, b.scale, a.offset, b.offset)),
-                                 a.codes, b.codes, a.affine, b.affine)
+        if a.block is not None:
+            out = _dequantize_blocks(c, a, b)
+        else:   # codes stand for offset + scale * q: rank-1 corrections with the other's sums
+            out = dequantize_product(c, *(np.asarray(v, np.float64).reshape(np.shape(v) or (1, 1))
+                                          for v in (a.scale, b.scale, a.offset, b.offset)),
+                                     a.codes, b.codes, a.affine, b.affine)
         fmt = self.hw.pipeline.wide_format
         if a.transform is None:
             return round_wide(fmt, out) if self.last_stored_wide else out
@@ -218,7 +222,11 @@ class Device:
         _check_codes("a", a, call.gemm.a_bits)
         _check_codes("b", b, call.gemm.b_bits)
         acc = self.hw.accumulator
-        if product is None:
+        if qa is not None and qa.block is not None:   # block-scaled A: aligned block sums
+            c, _, _, counts = block_gemm(a, block_exponents(qa), b, block=qa.block,
+                                         acc_bits=acc.bits, overflow=acc.overflow)
+            counts["spills"] = 0
+        elif product is None:
             c, counts = int_gemm(a, b, acc_bits=acc.bits, overflow=acc.overflow,
                                  spill_every=acc.spill_every, psum_bits=acc.psum_bits)
         else:   # computed with its batch (`matmul_batch`), where no sum can overflow
@@ -287,6 +295,7 @@ class Device:
         # parked or waiting partial sums too, without spills; at either level
         spills = sum(events.get(("psum_spill", at), [0])[0] for at in ("tcm", "ddr"))
         macs = events[("mac", "array")][0]
+        merge(events, block_events(self.hw, a_quant, m, n, k, events))
         rename_wide_output(events, a_quant, gathered)
         merge(events, scale_events(self.hw, a_quant, writeback, m * n, gathered))
         if affine is not None:   # the corrections depend on the operands' offsets and shapes
@@ -625,9 +634,32 @@ def _check_codes(name: str, x: np.ndarray, bits: int):
                          f"declare {name}_bits wide enough or requantize")
 
 
-def _check_realizable(a: Quantized, b: Quantized, scheme: QuantScheme | None):
-    """Integer hardware factors scales out of a sum only if they are constant along it."""
-    if a.group not in ("tensor", "rows"):
+def block_exponents(q: Quantized) -> np.ndarray:
+    """The exponents of a block-scaled operand's scales (powers of two), as int64."""
+    return np.frexp(q.scale)[1].astype(np.int64) - 1
+
+
+def _dequantize_blocks(c: np.ndarray, a: Quantized, b: Quantized) -> np.ndarray:
+    """The float product from a block-scaled A's aligned sums `c` (in units of 2^(row's least
+    exponent)) and B's per-tensor or per-column scales, with B's offsets times A's row sums."""
+    ref = block_exponents(a).min(axis=1, keepdims=True)
+    out = np.ldexp(c.astype(np.float64), ref) * np.asarray(b.scale, np.float64).reshape(
+        np.shape(b.scale) or (1, 1))
+    if b.affine:
+        out += a.dequantize().sum(axis=1, keepdims=True) * np.asarray(b.offset, np.float64).reshape(
+            np.shape(b.offset) or (1, 1))
+    return out
+
+
+def _check_realizable(a: Quantized, b: Quantized, scheme: QuantScheme | None,
+                      block: int | None = None):
+    """Integer hardware factors scales out of a sum only if they are constant along it, or,
+    blocks of A sharing a power of two (mxint), shifts block sums by them (blocks of `block`,
+    the device's `pipeline.block`)."""
+    if a.group == "blocks" and a.block != block:
+        raise ValueError(f"a: blocks of {a.block} values share a scale; this device's shifters "
+                         f"take blocks of {block} (pipeline.block): quantize with block={block}")
+    if a.group not in ("tensor", "rows", "blocks"):
         raise ValueError(f"a: per-{a.group[:-1]} scales vary along the GEMM's reduction dimension, "
                          f"so they cannot be applied after the integer sum; quantize A per tensor "
                          f"or per row (e.g. per output feature on the weight-gradient GEMM, not "
@@ -637,7 +669,7 @@ def _check_realizable(a: Quantized, b: Quantized, scheme: QuantScheme | None):
                          f"so they cannot be applied after the integer sum; quantize B per tensor "
                          f"or per column")
     if scheme is not None:
-        expected = {"ptq": "tensor", "psq": "rows", "bhq": "rows"}[scheme.method]
+        expected = {"ptq": "tensor", "psq": "rows", "bhq": "rows", "mxint": "blocks"}[scheme.method]
         if a.group != expected or (a.transform is not None) != (scheme.method == "bhq"):
             raise ValueError(f"scheme: {scheme.method} does not match how a was quantized "
                              f"(per {a.group}{', with a transform' if a.transform is not None else ''})")

@@ -34,6 +34,14 @@ for their ops (count = elements; ops per element in PASS_OPS):
     wide_scale (array)   raw sums scaled to fp32/bf16 as they are written wide
                          (`pipeline.wide_format`)
     clip (array)         delayed ranges: values clipped to the known range (emulation only)
+    block_max,           mxint: each block's max |x| in the producer's output pipeline, its
+    block_scale (array)  exponent per block
+    scale_write (ddr)    mxint: one scale byte per block, beside the codes
+    scale_load (ddr),    mxint: A's scale bytes with its tiles (one per block of elements
+    scale_read (tcm)     loaded or read)
+    block_ref (array)    mxint: each row's least exponent, as A's scale bytes arrive
+    block_align (array)  mxint: a block's partial sum shifted and added into the running sum
+                         (a shift and an add at accumulator width)
     colsum, rowsum,      rank-1 corrections for affine codes' offsets: B's column sums, A's
     zero_point           row sums, multiply-adds per output
     wide_output          BHQ: the GEMM output written at full width for T^-1 (in place of
@@ -138,6 +146,9 @@ PASS_OPS = {
     "state_rng": {"rng": 1},
     "kahan": {"add": 3},                        # y = u - c, s - w, (s - w) - y
     "wide_scale": {"mul": 1},                   # raw sums times their scales: fp32/bf16 storage
+    "block_max": {"minmax": 1},
+    "block_scale": {"add": 1},                  # per block: the exponent of its max
+    "block_ref": {"minmax": 1},                 # per row and block of A
     "bias_add": {"add": 1},
     "bias_grad": {"add": 1},
     "embed_scatter": {"add": 1},
@@ -173,6 +184,7 @@ PASS_OPS = {
 }
 # Direction of each pass's memory traffic at its level.
 PASS_MEMORY = {"col2im": "write", "wide_write": "write", "range_pass": "read", "transform": "read",
+               "scale_write": "write",
                "requant_pass": "read", "code_write": "write", "inverse_transform": "read",
                "inverse_codes": "write", "optimizer_read": "read", "optimizer_write": "write"}
 # between the GEMMs: each pass reads at its levels; masks, indices and outputs are writes
@@ -222,6 +234,12 @@ def energy_pj(hw: HWConfig, spec: GemmSpec, event: str, level: str, count: float
         return count * hw.energy.mac_pj(spec.a_bits, spec.b_bits, acc.bits)
     if event in ("load_a", "load_b"):   # into the operand's buffer (its own, partitioned)
         return nbytes * (ddr.read_pj_per_byte + tcm.pj_per_byte("write", event[-1]))
+    if event == "scale_load":   # A's scale bytes, into A's buffer
+        return nbytes * (ddr.read_pj_per_byte + tcm.pj_per_byte("write", "a"))
+    if event == "scale_read":
+        return nbytes * tcm.pj_per_byte("read", "a")
+    if event == "block_align":   # a barrel shift and an add, both accumulator-wide
+        return count * 2 * hw.energy.add_pj(acc.bits)
     if event == "psum_drain":
         return nbytes * (ddr if level == "ddr" else tcm).read_pj_per_byte
     if event in ("read_a", "read_b"):
@@ -267,8 +285,9 @@ def static_pj(hw: HWConfig, cycles: float) -> float:
 
 
 EVENTS = ("wide_write", "range_pass", "range_predict", "sort", "transform", "requant_pass", "code_write",
-          "sr_rng", "clip", "mac", "overflow", "requantize", "load_a", "load_b", "read_a",
-          "read_b", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im",
+          "sr_rng", "clip", "block_max", "block_scale", "scale_write", "mac", "overflow",
+          "requantize", "load_a", "load_b", "scale_load", "read_a", "read_b", "scale_read",
+          "block_ref", "block_align", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im",
           "wide_scale", "writeback", "wide_output", "inverse_transform", "inverse_rows",
           "inverse_codes", "bias_add", "bias_grad", "optimizer_read", "optimizer_write",
           "weight_update", "state_decode", "state_peak", "state_requant", "state_round",

@@ -60,11 +60,17 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
         return events
     if scheme.range_policy == "predicted":
         add(events, "range_predict", "vector", rows // scheme.rows_per_sample)
+    blocks = rows * -(-cols // hw.pipeline.block)   # mxint: each row's blocks along K
+    if scheme.method == "mxint":
+        add(events, "block_max", "array", elements)
+        add(events, "block_scale", "array", blocks)
     if not scheme.materializes:
         if scheme.stochastic:
             add(events, "sr_rng", "array", elements)
         add(events, "requantize", "array", elements)
         add(events, "code_write", "ddr", elements, nbytes(elements, q.bits))
+        if scheme.method == "mxint":
+            add(events, "scale_write", "ddr", blocks, blocks)
         add(events, "clip", "array", q.clipped)
         return events
     width = wide_store_bits(hw)

@@ -39,6 +39,19 @@ after the GEMM:
 A gradient quantized twice (per row for dX, per column for dW) is written wide once: the second
 scheme is `shared_at` the level the first one wrote it to; its ranges ride along, and it emits its
 codes from the first one's read (requantization or transform pass), moving no wide bytes itself.
+mxint (block-scaled codes, `fqtsim.quantizers.mx`, blocks of `pipeline.block` along K) needs no
+range before the data under any policy (the run's policy still rules its activations):
+    block_max     the producer's output pipeline tracks each block's max |x| as it writes
+    block_scale   and sets the block's exponent (a leading-one detect), then requantizes (sr_rng,
+                  requantize) and writes the codes (code_write) and one scale byte per block
+                  (scale_write); dX's copy has its blocks along dY's rows, dW's along its columns
+                  (the producer's output tiles hold whole blocks of rows), each written once
+in the consuming GEMM (`block_events`):
+    scale_load    A's scale bytes come with its tiles (one per block of the elements loaded) and
+    scale_read    go to the array with them
+    block_ref     the least exponent of each row of A, as its scale bytes arrive
+    block_align   each block's partial sum shifted by its exponent above the row's least and added
+                  into the running sum (`kernels.block_gemm`): one shift and one wide add
 """
 from __future__ import annotations
 
@@ -51,9 +64,19 @@ from fqtsim.hardware.mapping import (Producer, Tiling, as_int, nbytes, produced_
                                      wide_store_bits)
 from fqtsim.quantizers import GRADIENT_METHODS
 from fqtsim.quantizers.storage import FP32_STATE, StateFormats
+from kernels.blocks import MAX_ACC_BITS
 
 METHODS = GRADIENT_METHODS
 RANGE_POLICIES = ("dynamic", "delayed", "predicted")
+
+
+def range_policies(method: str) -> tuple:
+    """The range policies a run with gradient quantizer `method` can take: mxint's blocks
+    have no range to predict (dynamic and delayed rule its activations)."""
+    return ("dynamic", "delayed") if method == "mxint" else RANGE_POLICIES
+
+
+SCHEMES = tuple((q, r) for q in METHODS for r in range_policies(q))   # every (quantizer, policy)
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,10 @@ class QuantScheme:
         if not isinstance(self.range_policy, str) or self.range_policy not in RANGE_POLICIES:
             raise ValueError(f"range policy: got {self.range_policy!r}; expected one of "
                              f"{', '.join(RANGE_POLICIES)}")
+        if self.range_policy not in range_policies(self.method):
+            raise ValueError("range policy predicted: mxint takes each block's scale from the "
+                             "block as its producer writes it, so there is no range to predict; "
+                             "use --range dynamic or delayed (which rule the activations)")
         if self.shared_at not in (None, "tcm", "ddr"):
             raise ValueError(f"shared_at: got {self.shared_at!r}; expected None, 'tcm' or 'ddr'")
         rows = self.rows_per_sample
@@ -92,10 +119,16 @@ class QuantScheme:
                              f"fqtsim.hardware.mapping.Producer or None")
 
     @property
+    def affine(self) -> bool:
+        """Whether its codes carry offsets to correct after the GEMM (mxint's are symmetric)."""
+        return self.method != "mxint"
+
+    @property
     def materializes(self) -> bool:
         """Whether the GEMM's producer must write dY at full width before it can be requantized
         (not where a pass between the GEMMs writes its codes)."""
-        return not self.coded and (self.range_policy == "dynamic" or self.method == "bhq")
+        return not self.coded and self.method != "mxint" and \
+            (self.range_policy == "dynamic" or self.method == "bhq")
 
 
 def as_scheme(scheme, argument: str = "a_quant") -> QuantScheme | None:
@@ -189,11 +222,17 @@ def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: i
         return events
     if scheme.range_policy == "predicted":   # each sample's bounds, from its loss gradient
         add(events, "range_predict", "vector", m // scheme.rows_per_sample)
+    if scheme.method == "mxint":   # each block's scale set as the producer writes it
+        blocks = m * -(-k // hw.pipeline.block)
+        add(events, "block_max", "array", elements)
+        add(events, "block_scale", "array", blocks)
     if not scheme.materializes:   # requantized in the producer's output pipeline
         if scheme.stochastic:
             add(events, "sr_rng", "array", elements)
         add(events, "requantize", "array", elements)
         add(events, "code_write", "ddr", elements, nbytes(elements, a_bits))
+        if scheme.method == "mxint":
+            add(events, "scale_write", "ddr", blocks, blocks)
         return events
     wide = nbytes(elements, wide_store_bits(hw))
     level = wide_gradient_level(hw, tiling, scheme, m, k)
@@ -247,6 +286,40 @@ def output_events(hw: HWConfig, scheme: QuantScheme, m: int, n: int, out_bits: i
     return events
 
 
+def block_scaled_problem(hw: HWConfig) -> str | None:
+    """Why `hw` cannot run block-scaled (mxint) GEMMs, or None: their running sums stay in
+    the accumulator (no spills are modeled for them) and its aligned adds are emulated up to
+    `kernels.blocks.MAX_ACC_BITS`."""
+    acc = hw.accumulator
+    if acc.spill_every is None and acc.bits <= MAX_ACC_BITS:
+        return None
+    return (f"{hw.name}'s accumulator ({acc.bits} bits, spill_every {acc.spill_every}) is not one "
+            f"a block-scaled GEMM keeps its running sums in; it needs accumulator.spill_every: "
+            f"null and at most {MAX_ACC_BITS} bits (pick another config or quantizer)")
+
+
+def block_events(hw: HWConfig, scheme: QuantScheme | None, m: int, n: int, k: int,
+                 events: dict) -> dict:
+    """Raw events of a GEMM whose A (M x K) is block-scaled (mxint), beyond its MACs: the
+    scale bytes that come with A's tiles (`events`: the loop nest's, whose A loads and reads
+    they follow), each row's least exponent, and each block's aligned add into the running
+    sum. Nothing for other schemes."""
+    out = {}
+    if scheme is None or scheme.method != "mxint":
+        return out
+    if (problem := block_scaled_problem(hw)) is not None:
+        raise ValueError(f"mxint: {problem}")
+    block = hw.pipeline.block
+    for event, level, scale_event in (("load_a", "ddr", "scale_load"), ("read_a", "tcm", "scale_read")):
+        scales = -(-events.get((event, level), [0])[0] // block)
+        if scales:
+            add(out, scale_event, level, scales, scales)
+    blocks = -(-k // block)
+    add(out, "block_ref", "array", m * blocks)
+    add(out, "block_align", "array", m * n * blocks)
+    return out
+
+
 def correction_events(m: int, n: int, k: int, a_offset: bool, b_offset: bool,
                       b_sums_known: bool = False) -> dict:
     """Rank-1 corrections for affine codes (offset + scale * q): with A's offsets, B's column
@@ -294,8 +367,9 @@ BASELINE = QuantScheme("ptq", "delayed")
 
 
 def weight_gradient_method(quantizer: str) -> str:
-    """Q_bw on dY^T (rows = output features): per tensor with PTQ, per feature with PSQ/BHQ."""
-    return "ptq" if quantizer == "ptq" else "psq"
+    """Q_bw on dY^T (rows = output features): per tensor with PTQ, per feature with PSQ/BHQ;
+    mxint: blocks along its rows (over samples, the weight-gradient GEMM's K)."""
+    return quantizer if quantizer in ("ptq", "mxint") else "psq"
 
 
 def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "ddr",

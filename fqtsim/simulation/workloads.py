@@ -254,8 +254,25 @@ def cnn(image: tuple = (1, 8, 8), classes: int = 10) -> list[Layer]:
             linear("7", 32 * second.im2col.positions, classes, between=("softmax_ce",))]
 
 
+CNN8 = ((16, 1), (16, 1), (16, 2), (32, 1), (32, 2), (32, 1), (32, 2))   # (channels, stride)
+
+
+def cnn8(image: tuple = (1, 8, 8), classes: int = 10) -> list[Layer]:
+    """The eight-layer CNN that `fqtsim run --model cnn8` trains, at its dataset's image size:
+    `CNN8`'s 3x3 convolutions, each with BN and ReLU (modules 0, 3, 6, ...), then the Linear
+    after the Flatten."""
+    c, h, w = image
+    layers = []
+    for i, (cout, stride) in enumerate(CNN8):
+        layer = conv(str(3 * i), c, cout, 3, h, w, stride=stride)
+        layers.append(_with(layer, "bn", "relu"))
+        c, h, w = cout, layer.im2col.out_h, layer.im2col.out_w
+    return layers + [linear(str(3 * len(CNN8) + 1), c * h * w, classes, between=("softmax_ce",))]
+
+
 WORKLOADS = {"resnet18": lambda: resnet(18), "resnet50": lambda: resnet(50),
-             "transformer": transformer_block, "gpt": gpt, "gpt2": gpt2, "mlp": mlp, "cnn": cnn}
+             "transformer": transformer_block, "gpt": gpt, "gpt2": gpt2, "mlp": mlp, "cnn": cnn,
+             "cnn8": cnn8}
 
 
 def workload(name: str) -> list[Layer]:

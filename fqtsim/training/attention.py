@@ -153,6 +153,11 @@ def _gradients(sim: Simulator, key: str, x: np.ndarray, method: str, bits: int) 
     PSQ per row (a token), BHQ per row of its transform over the matrix's rows; delayed ranges
     from tensor `key`'s history, one for all (clips counted on the first)."""
     g, r, c = x.shape
+    if method == "mxint":   # blocks along each row; no ranges
+        q = quantize_gradient(x.reshape(g * r, c), "mxint", bits, sim.rng,
+                              block=sim.device.hw.pipeline.block)
+        return [replace(q, codes=q.codes[i * r:(i + 1) * r], scale=q.scale[i * r:(i + 1) * r],
+                        clipped=q.clipped if i == 0 else 0) for i in range(g)]
     bounds = sim.delayed_bounds(key)
     if method == "bhq":
         qs = [quantize_gradient(m, "bhq", bits, sim.rng, **bounds) for m in x]

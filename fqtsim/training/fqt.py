@@ -58,6 +58,7 @@ from fqtsim.simulation.schedule import (FORWARD_BITS, GRAD_WEIGHT_BITS, QuantSch
                                         unpredicted, weight_gradient_method)
 
 MODES = ("fp32", "qat", "fqt")
+PTQ_RANGES = ("affine", "paper")   # FQTConfig.ptq_range
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,18 @@ class FQTConfig:
     quantizer: str = "psq"
     grad_bits: int = 8
     range_policy: str = "dynamic"
+    # PTQ's gradient ranges: "affine", the data's; "paper", stretched so that 0.0 is a code
+    # (`quantize_affine(zero_exact=True)`), the same codes and passes, so the same costs
+    ptq_range: str = "affine"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode: got {self.mode!r}; expected one of {', '.join(MODES)}")
         QuantScheme(self.quantizer, self.range_policy)   # validates both
         check_bits(self.grad_bits)
+        if self.ptq_range not in PTQ_RANGES:
+            raise ValueError(f"ptq_range: got {self.ptq_range!r}; expected one of "
+                             f"{', '.join(PTQ_RANGES)}")
 
 
 class Simulator:
@@ -125,7 +132,10 @@ class Simulator:
         """The range policy the quantizer of tensor `key` runs with this step: predicted ranges
         for the per-sample quantizers of grad_input once their predictor has been fitted (and
         the loss has given this step's norms), ranges from history for the others, else
-        dynamic."""
+        dynamic. mxint's gradients take no ranges: their schemes carry the run's policy, which
+        rules the activations."""
+        if self.config.quantizer == "mxint" and key.endswith((".grad_input", ".grad_weight")):
+            return unpredicted(self.config.range_policy)
         if self.config.range_policy == "predicted" and _by_sample(key):
             predictor = self._predictors.get(key)
             ready = predictor is not None and predictor.ready and self.loss_norms is not None
@@ -243,7 +253,9 @@ class Simulator:
         """
         bounds, policy = {}, self._policy(key)
         history = predictor = predicted = None
-        if self.config.range_policy == "predicted" and _by_sample(key):
+        if method == "mxint":   # each block's scale is its own: no range to keep
+            pass
+        elif self.config.range_policy == "predicted" and _by_sample(key):
             predictor = self._predictors.setdefault(key, PredictedRange())
             if policy == "predicted":
                 predicted = predictor.bounds(self.loss_norms)
@@ -253,7 +265,10 @@ class Simulator:
             if policy == "delayed":
                 lo, hi = history.bounds()
                 bounds = {"lo": lo, "hi": hi}
-        q = quantize_gradient(x, method, bits, self.rng, rows_per_sample=rows_per_sample, **bounds)
+        zero_exact = method == "ptq" and self.config.ptq_range == "paper"
+        q = quantize_gradient(x, method, bits, self.rng, rows_per_sample=rows_per_sample,
+                              zero_exact=zero_exact, block=self.device.hw.pipeline.block,
+                              **bounds)
         if predictor is not None and self.loss_norms is not None:   # the pipeline's row bounds
             lo, hi = group_range(x.reshape(len(self.loss_norms), -1), "rows")
             predictor.observe(self.loss_norms, lo, hi, predicted, q.clipped, x.size)

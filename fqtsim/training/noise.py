@@ -129,6 +129,10 @@ def sr_variance(x: np.ndarray, q) -> tuple[np.ndarray, np.ndarray]:
                          f"clipping biases the gradient and its variance is not SR's; measure "
                          f"with dynamic ranges")
     z = x if q.transform is None else q.transform.apply(x)
+    if q.block is not None:   # mxint: each block's bin is its power-of-two scale
+        scale = np.repeat(q.scale, q.block, axis=1)[:, :z.shape[1]]
+        f = z / scale - np.floor(z / scale)
+        return scale**2 * f * (1 - f), scale**2 / 4
     codes = (z - q.offset) / q.scale
     f = codes - np.floor(codes)
     top = (1 << q.bits) - 1
@@ -313,7 +317,9 @@ def track(model: nn.Module, sim: Simulator, batches: list, quantizer: str, grad_
     try:
         model.train()
         sampling = sampling_variance(model, sim, batches)
-        sim.config, sim.rng = FQTConfig("fqt", quantizer, grad_bits), rng
+        # the run's own PTQ ranges (--ptq-range), dynamic
+        sim.config = FQTConfig("fqt", quantizer, grad_bits, ptq_range=saved_config.ptq_range)
+        sim.rng = rng
         model_layers, x, y = layers(model), *batches[0]
         quantization = {layer.name: 0.0 for layer in model_layers}
         for _ in range(draws):

@@ -1,7 +1,11 @@
 """The optimizer and learning-rate schedule a run trains with: SGD with momentum and weight decay
-under a one-cycle schedule, the same updates as torch.optim.SGD and OneCycleLR (defaults:
-cosine, 30% warm-up, momentum cycled between 0.95 and 0.85) without importing torch.optim,
-whose first use loads torch's compiler stack (about 0.8 s of every run's start).
+under a one-cycle schedule by default, the same updates as torch.optim.SGD and OneCycleLR
+(defaults: cosine, 30% warm-up, momentum cycled between 0.95 and 0.85) without importing
+torch.optim, whose first use loads torch's compiler stack (about 0.8 s of every run's start).
+`schedule(name, ...)` builds the run's `--schedule`: onecycle, constant (the peak learning rate
+throughout) or cosine (from the peak down to `COSINE_FLOOR` of it by the last step); the last two
+keep the optimizer's momentum, and neither anneals to zero, so gradient noise still counts at
+the end of training.
 
 The weights and momentum live in stored formats (`fqtsim.quantizers.storage`): FP32 masters and
 momentum by default, updated as torch.optim.SGD does, bit for bit. Any other pair is updated as
@@ -209,3 +213,63 @@ class OneCycle:
 
 def _cosine(start: float, end: float, pct: float) -> float:
     return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+SCHEDULES = ("onecycle", "constant", "cosine")
+COSINE_FLOOR = 0.1   # cosine's last learning rate, as a fraction of the peak
+
+
+def schedule(name: str, optimizer: SGD, max_lr: float, total_steps: int):
+    """The learning-rate schedule `name` (one of `SCHEDULES`) over `total_steps`."""
+    if name == "onecycle":
+        return OneCycle(optimizer, max_lr, total_steps)
+    if name == "constant":
+        return CosineToFloor(optimizer, max_lr, total_steps, floor=1.0)
+    if name == "cosine":
+        return CosineToFloor(optimizer, max_lr, total_steps, floor=COSINE_FLOOR)
+    raise ValueError(f"--schedule: got {name!r}; expected one of {', '.join(SCHEDULES)}")
+
+
+class CosineToFloor:
+    """The learning rate falls from max_lr at step 0 to floor * max_lr at the last step, on a
+    cosine (floor 1: constant); momentum stays the optimizer's. Set for step 0 at construction
+    and for the next step by each `step()`, as `OneCycle` does."""
+
+    def __init__(self, optimizer: SGD, max_lr: float, total_steps: int, floor: float):
+        if total_steps < 1:
+            raise ValueError(f"total_steps: got {total_steps}; expected an integer >= 1")
+        if not 0 <= floor <= 1:
+            raise ValueError(f"floor: got {floor}; expected a fraction of the peak in 0..1")
+        self.optimizer, self.total_steps = optimizer, int(total_steps)
+        self.max_lr, self.floor = float(max_lr), float(floor)
+        self.step_count = -1
+        self.step()
+
+    def step(self):
+        self.step_count += 1
+        if self.step_count > self.total_steps:   # the last call sets a step never taken
+            raise ValueError(f"cosine schedule: step {self.step_count + 1} of "
+                             f"{self.total_steps}; it was built for fewer steps")
+        self.optimizer.lr = self._at(self.step_count)
+
+    def last_lr(self) -> float:
+        return self.optimizer.lr
+
+    def _at(self, step: int) -> float:
+        pct = min(step / max(self.total_steps - 1, 1), 1.0)   # past the last step: the floor
+        if self.floor == 1.0:
+            return self.max_lr   # exactly the peak, with no rounding from the cosine
+        return _cosine(self.max_lr, self.floor * self.max_lr, pct)
+
+    def state_dict(self) -> dict:
+        return {"kind": "fqtsim.CosineToFloor", "step_count": self.step_count,
+                "total_steps": self.total_steps, "max_lr": self.max_lr, "floor": self.floor}
+
+    def load_state_dict(self, state: dict):
+        mine = self.state_dict()
+        if not isinstance(state, dict) or any(state.get(k) != mine[k]
+                                              for k in ("kind", "total_steps", "max_lr", "floor")):
+            raise ValueError("checkpoint: its schedule is not this run's (another --schedule, "
+                             "--lr or --epochs); rerun with --restart")
+        self.step_count = state["step_count"]
+        self.optimizer.lr = self._at(self.step_count)

@@ -41,11 +41,11 @@ from fqtsim.simulation.ledger import COLUMNS
 from fqtsim.simulation.overlap import overlapped
 from fqtsim.files import (check_path, claim_dir, clear_dir, exclusive, remove_temporaries,
                           write_atomic)
-from fqtsim.training.fqt import MODES, FQTConfig, Simulator, convert
+from fqtsim.training.fqt import MODES, PTQ_RANGES, FQTConfig, Simulator, convert
 from fqtsim.training import noise
-from fqtsim.hardware.hw import load_hw, resolve_hw
-from fqtsim.training.models import MLP_DEPTHS, MODELS, TASKS, build, mlp_widths
-from fqtsim.training.optim import SGD, OneCycle
+from fqtsim.hardware.hw import load_hw, resolve_hw, with_block
+from fqtsim.training.models import CONV_MODELS, MLP_DEPTHS, MODELS, TASKS, build, mlp_widths
+from fqtsim.training.optim import SCHEDULES, SGD, schedule
 from fqtsim.quantizers import NonFiniteError
 from fqtsim.quantizers.storage import (DEFAULT_BLOCK, MOMENTUM_FORMATS, WEIGHT_FORMATS,
                                        StateFormats, check_blocks, state_formats)
@@ -72,6 +72,9 @@ class RunConfig:
     lr: float = 0.05
     seed: int = 0
     track_variance: int = 0   # every N epochs, each layer's quantization/sampling variance (0: off)
+    schedule: str = "onecycle"   # the learning rate's schedule (fqtsim.training.optim.SCHEDULES)
+    ptq_range: str = "affine"    # PTQ's gradient ranges: the data's, or "paper": 0.0 exact
+    block: int | None = None     # mxint's values per shared scale (None: the config's pipeline.block)
     out: str | None = None
 
     def __post_init__(self):
@@ -80,7 +83,9 @@ class RunConfig:
                                        ("dataset", self.dataset, DATASETS),
                                        ("range", self.range_policy, RANGE_POLICIES),
                                        ("weights", self.weights, WEIGHT_FORMATS),
-                                       ("momentum", self.momentum, MOMENTUM_FORMATS)):
+                                       ("momentum", self.momentum, MOMENTUM_FORMATS),
+                                       ("schedule", self.schedule, SCHEDULES),
+                                       ("ptq-range", self.ptq_range, PTQ_RANGES)):
             if value not in allowed:
                 raise ValueError(f"--{option}: got {value!r}; expected one of {', '.join(allowed)}")
         wanted = TASKS.get(self.model, "classify")
@@ -110,6 +115,12 @@ class RunConfig:
         if self.track_variance and self.mode != "fqt":
             raise ValueError(f"--track-variance: measures the gradient quantizers' variance, which "
                              f"only --mode fqt has; got --mode {self.mode}")
+        if self.ptq_range != "affine" and (self.mode, self.quantizer) != ("fqt", "ptq"):
+            raise ValueError(f"--ptq-range {self.ptq_range}: sets the ranges of PTQ's gradient "
+                             f"quantizers; only for --mode fqt --quantizer ptq")
+        if self.ptq_range != "affine" and self.model == "gpt":
+            raise ValueError(f"--ptq-range {self.ptq_range}: not for --model gpt (its products "
+                             f"of activations quantize their gradients on their own)")
         if self.out is not None:
             check_path(self.out)
 
@@ -125,6 +136,8 @@ class RunConfig:
         tag = self.mode if self.mode != "fqt" else f"fqt-{self.quantizer}{self.grad_bits}"
         if not self.formats.masters:
             tag += f"-{self.weights}-{self.momentum}"
+        tag += "".join(f"-{v}" for k, v in (("schedule", self.schedule), ("ptq_range", self.ptq_range))
+                       if v != getattr(RunConfig, k))   # options newer than the tag: where set
         return Path("runs") / f"{Path(self.hw).stem}-{self.model}-{self.dataset}-{tag}-seed{self.seed}"
 
 
@@ -147,7 +160,7 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
     again resumes from there (and a finished run is returned as it is), with results identical
     to an uninterrupted run. A different config is refused; `restart` starts over.
     """
-    hw = load_hw(cfg.hw)                    # bad input fails here, before anything is written
+    hw = with_block(load_hw(cfg.hw), cfg.block)   # bad input fails here, before anything is written
     needed = max(FORWARD_BITS, GRAD_WEIGHT_BITS)
     if cfg.mode != "fp32" and hw.array.operand_bits < needed:
         raise ValueError(f"--hw: {hw.name}'s MACs take operand codes of at most "
@@ -169,7 +182,7 @@ def train(cfg: RunConfig, progress: bool = True, restart: bool = False) -> dict:
         remove_temporaries(run_dir)
 
     data = load(cfg.dataset, seed=cfg.seed)
-    if cfg.model == "cnn":
+    if cfg.model in CONV_MODELS:
         data = data.as_images()
     check_fits(cfg, hw, data)
     with exclusive(run_dir):   # one process at a time resumes and writes a run directory
@@ -196,13 +209,14 @@ def _train(cfg: RunConfig, hw, data, run_dir: Path, config: dict, to_clear: bool
                                          cfg.quantizer, cfg.range_policy, cfg.grad_bits,
                                          **cfg.formats.names())
     sim = Simulator(Device(device_hw), FQTConfig(cfg.mode, cfg.quantizer, cfg.grad_bits,
-                                                 cfg.range_policy), seed=cfg.seed, state_at=state_at,
+                                                 cfg.range_policy, cfg.ptq_range),
+                    seed=cfg.seed, state_at=state_at,
                     layers=_layers(cfg, data) if cfg.mode != "fp32" else (),
                     formats=cfg.formats, stored_codes=optimizer.codes)
     convert(model, sim)
     steps_per_epoch = math.ceil(len(data.y_train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    scheduler = OneCycle(optimizer, cfg.lr, total_steps=total_steps)
+    scheduler = schedule(cfg.schedule, optimizer, cfg.lr, total_steps)
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     order_rng = np.random.default_rng(cfg.seed)
     state = {"epoch": 0, "metrics": [], "seconds": 0.0}
@@ -389,6 +403,8 @@ def _layers(cfg: RunConfig, data):
     from fqtsim.simulation import workloads
     if cfg.model == "cnn":
         return workloads.cnn(data.image_shape, data.classes)
+    if cfg.model == "cnn8":
+        return workloads.cnn8(data.image_shape, data.classes)
     if cfg.model == "gpt":
         return workloads.gpt(workloads.GPTShape(vocab=data.classes, context=data.image_shape[0]))
     return workloads.mlp(int(np.prod(data.image_shape)), data.classes,
