@@ -25,7 +25,7 @@ from fqtsim.quantizers.storage import DEFAULT_BLOCK, MOMENTUM_FORMATS, WEIGHT_FO
 from fqtsim.simulation.schedule import METHODS, RANGE_POLICIES
 from fqtsim.simulation.workloads import WORKLOADS
 from fqtsim.training.train import Interrupted, RunConfig
-from fqtsim.analysis.variance import DEFAULTS as VARIANCE_DEFAULTS
+from fqtsim.analysis.variance import DEFAULTS as VARIANCE_DEFAULTS, METHODS as VARIANCE_METHODS
 
 DEFAULT_HW = "hw_configs/npu.yaml"
 
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="backward passes per quantizer and width")
     var.add_argument("--bits", type=bits, nargs="+", default=list(range(2, 9)),
                      help="gradient widths to measure")
-    var.add_argument("--quantizer", nargs="+", choices=METHODS, default=list(METHODS),
+    var.add_argument("--quantizer", nargs="+", choices=VARIANCE_METHODS, default=list(VARIANCE_METHODS),
                      dest="quantizers", help="gradient quantizers to measure")
     var.add_argument("--seed", type=SEED,
                      help=f"seed (default {VARIANCE_DEFAULTS['seed']}; not with --run, whose seed "

@@ -53,8 +53,9 @@ def test_report_from_runs_and_cost_model(tmp_path, two_runs, capsys):
     md = (out / "report.md").read_text()
     assert "Regenerate: `fqtsim report" in md and "delayed ranges remove" in md
     schemes = pd.read_csv(out / "cnn_schemes.csv")
-    # 3 x 3 per config, and mxint's two policies where its accumulator keeps the running sums
-    assert len(schemes) == 20 and set(schemes.hw) == {"npu", "npu-acc16"}
+    # 3 x 3 per config, hadamard's two policies, and mxint's where its accumulator keeps the
+    # running sums
+    assert len(schemes) == 24 and set(schemes.hw) == {"npu", "npu-acc16"}
     assert set(schemes[schemes.quantizer == "mxint"].hw) == {"npu"}
     assert (schemes.query("quantizer == 'bhq' and range == 'dynamic'")["sort + transform_mJ"] > 0).all()
     assert (schemes.query("range != 'dynamic' and quantizer != 'bhq'")["wide write-back_mJ"] == 0).all()

@@ -9,6 +9,9 @@ equivalent. Rows are samples (axis 0), as in the gradient dY of a layer.
     pcq   one range per column (output feature): the weight-gradient GEMM's quantizer
     mxint blocks of `block` consecutive values along each row share a power-of-two scale
           (`fqtsim.quantizers.mx`): the GEMM's A operand, blocks along its K
+    hadamard  each row rotated by a random Hadamard transform R along K (blocks of `block`,
+          `fqtsim.quantizers.rotation`), then one range per sample as PSQ; the GEMM's other
+          operand is rotated too (`rotate_weight`: R^T W), so R cancels inside the product
 """
 from __future__ import annotations
 
@@ -19,20 +22,24 @@ import numpy as np
 from fqtsim.quantizers.affine import (NonFiniteError, Quantized, as_real_array, check_bits,
                                      check_rng, group_range, quantize_affine)
 from fqtsim.quantizers.bhq import BlockHouseholder, SampleRows, block_householder
-from fqtsim.quantizers.mx import block_exponents, quantize_mx
+from fqtsim.quantizers.mx import block_exponents, check_block, quantize_mx
+from fqtsim.quantizers.rotation import Rotation, random_rotation
 from fqtsim.quantizers.ranges import DelayedRange
 
-GRADIENT_METHODS = ("ptq", "psq", "bhq", "mxint")
-_GROUPS = {"ptq": "tensor", "psq": "rows", "bhq": "rows", "pcq": "cols", "mxint": "blocks"}
+GRADIENT_METHODS = ("ptq", "psq", "bhq", "mxint", "hadamard")
+_GROUPS = {"ptq": "tensor", "psq": "rows", "bhq": "rows", "pcq": "cols", "mxint": "blocks",
+           "hadamard": "rows"}
 MX_BLOCK = 32   # mxint's default block: values along K per shared scale
 
 __all__ = ["BlockHouseholder", "DelayedRange", "GRADIENT_METHODS", "NonFiniteError", "Quantized", "fake_quantize",
-           "quantize_activation", "quantize_gradient", "quantize_weight", "variance_bound"]
+           "quantize_activation", "quantize_gradient", "quantize_weight", "rotate_weight",
+           "variance_bound"]
 
 
 def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Generator | None = None,
                       *, lo=None, hi=None, rows_per_sample: int = 1,
-                      zero_exact: bool = False, block: int = MX_BLOCK) -> Quantized:
+                      zero_exact: bool = False, block: int = MX_BLOCK,
+                      rotation: Rotation | None = None) -> Quantized:
     """Stochastically rounded codes of gradient `x` (rows = samples) by `method`.
 
     `lo`/`hi`: ranges known before the data (delayed policy), shaped per group (BHQ: of the
@@ -41,7 +48,9 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
     per sample (a conv layer's im2col rows, one per output position); PSQ and BHQ then take one
     range, and BHQ one transform row, per sample. `zero_exact` (PTQ only): the range stretched
     so that 0.0 is a code, as the FQT paper's PTQ does (`quantize_affine`). `block`: mxint's
-    values per shared scale along each row (mxint takes no ranges: each block's scale is its own).
+    values per shared scale along each row (mxint takes no ranges: each block's scale is its own);
+    hadamard's rotation blocks. `rotation`: hadamard's R (None: a fresh one drawn from `rng`);
+    the codes stand for x R, `lo`/`hi` range the rotated rows.
     """
     if not isinstance(method, str) or method not in _GROUPS:
         raise ValueError(f"method: got {method!r}; expected one of {', '.join(_GROUPS)}")
@@ -59,6 +68,18 @@ def quantize_gradient(x: np.ndarray, method: str, bits: int, rng: np.random.Gene
             raise ValueError("lo, hi: mxint takes each block's scale from the block itself; it "
                              "has no range to give")
         return quantize_mx(x, bits, block, rng)
+    if method == "hadamard":
+        check_block(block)
+        rng = check_rng(rng)
+        rotation = rotation or random_rotation(x.shape[1], block, rng)
+        if not isinstance(rotation, Rotation) or len(rotation.signs) != x.shape[1]:
+            raise ValueError(f"rotation: expected a Rotation over the {x.shape[1]} columns of x")
+        if not np.isfinite(x).all():   # before the rotation, which would spread them
+            raise NonFiniteError(f"x: {np.count_nonzero(~np.isfinite(x))} NaN or Inf values; "
+                                 f"a diverged loss or a bad input, lower the learning rate")
+        q = quantize_gradient(rotation.columns(x), "psq", bits, rng, lo=lo, hi=hi,
+                              rows_per_sample=rows_per_sample)
+        return replace(q, rotation=rotation)
     if rows_per_sample > 1 and method in ("psq", "bhq"):
         m, d = x.shape
         if m % rows_per_sample:
@@ -106,6 +127,15 @@ def quantize_weight(w: np.ndarray, bits: int = 8, per_channel: bool = False) -> 
                      affine=False)
 
 
+def rotate_weight(w: np.ndarray, rotation: Rotation, bits: int = 8) -> Quantized:
+    """Per-tensor weight codes of R^T w (`w`: K x N, the GEMM's B with its rows along K): the
+    operand that cancels a hadamard-quantized A's rotation inside A @ B."""
+    w = as_real_array(w, "w")
+    if len(rotation.signs) != w.shape[0]:
+        raise ValueError(f"rotation: over {len(rotation.signs)} values; w has {w.shape[0]} rows")
+    return replace(quantize_weight(rotation.rows(w), bits), rotation=rotation, rotated_along=0)
+
+
 def quantize_activation(x: np.ndarray, bits: int = 8, *, lo=None, hi=None) -> Quantized:
     """Per-tensor affine round-to-nearest activation codes; `lo`/`hi`: a range known before
     the data (delayed), values beyond it clipped and counted."""
@@ -132,6 +162,9 @@ def variance_bound(x: np.ndarray, method: str, bits: int, block: int = MX_BLOCK)
         return n * d * float(np.ptp(x)) ** 2 / (4 * top**2)
     if method == "psq":
         return d * float((np.ptp(x, axis=1) ** 2).sum()) / (4 * top**2)
+    if method == "hadamard":   # PSQ's on the rotated rows, for one draw of R
+        return variance_bound(random_rotation(d, block, np.random.default_rng(0)).columns(x),
+                              "psq", bits)
     if method == "mxint":   # each value's bin is its block's scale
         scale = np.ldexp(1.0, block_exponents(x, bits, block))
         per_block = np.minimum(block, d - block * np.arange(scale.shape[1]))

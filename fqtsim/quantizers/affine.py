@@ -56,15 +56,17 @@ class Quantized:
     observed: tuple = (0.0, 0.0)   # min and max of the data quantized (after BHQ's transform)
     block: int | None = None   # group "blocks": `block` consecutive values of a row share a
                                # power-of-two scale (scale: one per row and block)
+    rotation: object = None    # the hadamard quantizer's R (`fqtsim.quantizers.rotation`): the
+    rotated_along: int = 1     # codes stand for x R (along the columns, 1) or R^T w (rows, 0)
 
     @property
     def T(self) -> "Quantized":
         """The transposed operand (rows become columns); a transform cannot be transposed."""
         if self.transform is not None:
             raise ValueError("a BHQ-quantized tensor mixes rows and cannot be used transposed")
-        if self.block is not None:
-            raise ValueError("a block-scaled tensor's blocks run along its rows; quantize its "
-                             "transpose instead of transposing its codes")
+        if self.block is not None or self.rotation is not None:
+            raise ValueError("a block-scaled or rotated tensor is laid out along its rows; "
+                             "quantize its transpose instead of transposing its codes")
         group = {"rows": "cols", "cols": "rows"}.get(self.group, self.group)
         return replace(self, codes=self.codes.T, scale=self.scale.T, offset=self.offset.T,
                        group=group, ranges=None if self.ranges is None else self.ranges.T)
@@ -74,6 +76,8 @@ class Quantized:
         scale = self.scale if self.block is None else \
             np.repeat(self.scale, self.block, axis=1)[:, :self.codes.shape[1]]
         y = self.offset + scale * self.codes.astype(np.float64)
+        if self.rotation is not None:   # back to the basis of the tensor quantized
+            y = self.rotation.uncolumns(y) if self.rotated_along else self.rotation.unrows(y)
         return y if self.transform is None else self.transform.inverse(y)
 
 

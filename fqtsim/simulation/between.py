@@ -590,7 +590,8 @@ def pair(hw: HWConfig, quant: dict, chain: Chain, *, shared: bool, mode: str = "
         if not chain.kept:
             _take(events, "pass_write", elements, nbytes(elements, chain.out[1]), (chain.out[2],))
         for (event, level), row in list(q.items()):   # by the vector unit, not a GEMM's pipeline
-            if level == "array" and event in ("sr_rng", "requantize", "block_max", "block_scale"):
+            if level == "array" and event in ("sr_rng", "requantize", "block_max", "block_scale",
+                                              "rotate"):
                 del q[(event, level)]
                 add(q, "requant_pass" if event == "requantize" else event, "vector", row[0])
         merge(events, q)

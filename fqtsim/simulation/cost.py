@@ -558,6 +558,11 @@ def _training_step(hw, model, batch, quantizer, range_policy, grad_bits, formats
     if (size := as_int(batch)) is None or size < 1:
         raise ValueError(f"batch: got {batch!r}; expected an integer >= 1")
     QuantScheme(quantizer, range_policy)   # refuse a bad quantizer or range before any work
+    if quantizer == "hadamard" and any(not layer.weights and layer.kind != "embedding"
+                                       for layer in layers[1:]):
+        raise ValueError("quantizer hadamard: grad_input's other operand is rotated by the "
+                         "weight update, and this model has products of two activations, whose "
+                         "operand has none; pick another quantizer")
     check_blocks({layer.name: layer.weights for layer in layers if layer.weights}, formats)
     check_readable(hw, formats)
     return _placed_step(hw, tuple(layers), size, quantizer, range_policy, grad_bits, formats)
@@ -659,7 +664,7 @@ def _step(hw, layers, batch, quantizer, range_policy, grad_bits, state_at, forma
         if layer.weights:
             events = update_events(hw, layer.weights, _level(dw[2], "writeback"), state_at,
                                    sums=2 if i > 0 else 1, bias=layer.bias, formats=formats,
-                                   channels=layer.n)
+                                   channels=layer.n, rotated=quantizer == "hadamard" and i > 0)
             gemms.append(("update", (price(hw, "update", GemmSpec(FORWARD_BITS, FORWARD_BITS), events),
                                      None, events)))
         for name, (priced, mapping, _) in gemms:

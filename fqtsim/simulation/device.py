@@ -337,13 +337,14 @@ class Device:
             self._price(name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
     def update(self, params: int, name: str, state_at: str = "ddr", sums: int = 1,
-               bias: int = 0, formats: StateFormats = FP32_STATE, channels: int = 1):
+               bias: int = 0, formats: StateFormats = FP32_STATE, channels: int = 1,
+               rotated: bool = False):
         """Record an SGD-with-momentum step of `params` weights in `channels` rows whose
         gradient the last GEMM wrote, their state stored in `formats` at `state_at`, keeping
-        `sums` sets of the new codes' column sums (see
-        `fqtsim.simulation.schedule.update_events`)."""
+        `sums` sets of the new codes' column sums, and (`rotated`) codes of R^T W for a
+        hadamard grad_input (see `fqtsim.simulation.schedule.update_events`)."""
         events = update_events(self.hw, params, self.last_output_level, state_at, sums, bias,
-                               formats, channels)
+                               formats, channels, rotated=rotated)
         self._price(name, GemmSpec(FORWARD_BITS, FORWARD_BITS), events)
 
     def _price(self, name: str, spec: GemmSpec, events: dict):
@@ -669,7 +670,12 @@ def _check_realizable(a: Quantized, b: Quantized, scheme: QuantScheme | None,
                          f"so they cannot be applied after the integer sum; quantize B per tensor "
                          f"or per column")
     if scheme is not None:
-        expected = {"ptq": "tensor", "psq": "rows", "bhq": "rows", "mxint": "blocks"}[scheme.method]
+        expected = {"ptq": "tensor", "psq": "rows", "bhq": "rows", "mxint": "blocks",
+                    "hadamard": "rows"}[scheme.method]
         if a.group != expected or (a.transform is not None) != (scheme.method == "bhq"):
             raise ValueError(f"scheme: {scheme.method} does not match how a was quantized "
                              f"(per {a.group}{', with a transform' if a.transform is not None else ''})")
+        if (scheme.method == "hadamard") != (a.rotation is not None) or \
+                (a.rotation is not None and b.rotation is not a.rotation):
+            raise ValueError("scheme: a hadamard GEMM takes A = Q(x R) and B = codes of R^T w by "
+                             "the same R (fqtsim.quantizers.rotate_weight)")

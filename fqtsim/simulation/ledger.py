@@ -26,6 +26,9 @@ for their ops (count = elements; ops per element in PASS_OPS):
                          pass that reads it back (vector and its level)
     sort                 BHQ: bitonic compare network over the row ranges
     transform            BHQ: block Householder and row scaling of the wide rows
+    rotate (array|vector) hadamard: the fast Walsh-Hadamard butterflies of R (count: adds) on
+                         dY's rows (in the producer's pipeline, or the requantization pass) and
+                         on W's columns (in the update, which writes R^T W's codes)
     requant_pass         requantization to b-bit codes (a read pass over the wide tensor)
     code_write (ddr)     b-bit codes written for the GEMM to load
     sr_rng (vector|array) stochastic rounding's random numbers: in the requantization pass, or
@@ -147,6 +150,7 @@ PASS_OPS = {
     "kahan": {"add": 3},                        # y = u - c, s - w, (s - w) - y
     "wide_scale": {"mul": 1},                   # raw sums times their scales: fp32/bf16 storage
     "block_max": {"minmax": 1},
+    "rotate": {"add": 1},                       # hadamard: per butterfly add of R
     "block_scale": {"add": 1},                  # per block: the exponent of its max
     "block_ref": {"minmax": 1},                 # per row and block of A
     "bias_add": {"add": 1},
@@ -284,7 +288,8 @@ def static_pj(hw: HWConfig, cycles: float) -> float:
     return hw.energy.static_mw * cycles / hw.array.clock_mhz * 1e3
 
 
-EVENTS = ("wide_write", "range_pass", "range_predict", "sort", "transform", "requant_pass", "code_write",
+EVENTS = ("wide_write", "range_pass", "range_predict", "sort", "transform", "rotate", "requant_pass",
+          "code_write",
           "sr_rng", "clip", "block_max", "block_scale", "scale_write", "mac", "overflow",
           "requantize", "load_a", "load_b", "scale_load", "read_a", "read_b", "scale_read",
           "block_ref", "block_align", "psum_spill", "psum_drain", "colsum", "rowsum", "zero_point", "col2im",

@@ -13,6 +13,7 @@ from fqtsim.hardware.hw import HWConfig
 from fqtsim.simulation.ledger import add
 from fqtsim.hardware.mapping import Tiling, nbytes, wide_store_bits
 from fqtsim.quantizers import Quantized
+from fqtsim.quantizers.rotation import rotation_adds
 from fqtsim.simulation.schedule import QuantScheme, wide_gradient_level
 
 
@@ -64,7 +65,11 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
     if scheme.method == "mxint":
         add(events, "block_max", "array", elements)
         add(events, "block_scale", "array", blocks)
+    # hadamard: R's butterflies on each row (its segments: `quantizers.rotation.segments`)
+    rotated = rows * rotation_adds(cols, hw.pipeline.block) if scheme.method == "hadamard" else 0
     if not scheme.materializes:
+        if rotated:
+            add(events, "rotate", "array", rotated)
         if scheme.stochastic:
             add(events, "sr_rng", "array", elements)
         add(events, "requantize", "array", elements)
@@ -84,6 +89,9 @@ def input_passes(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, q: Quantized
         if not fused_ranges:
             add(events, "range_pass", level, elements, wide)
     add(events, "range_pass", "array" if fused_ranges else "vector", elements)
+    if rotated:   # its pass rotates each row, ranges it and requantizes it
+        add(events, "rotate", "vector", rotated)
+        add(events, "range_pass", "vector", elements)
     codes_from_transform = False
     if scheme.method == "bhq":
         order, compares = bitonic_sort(q.transform.ranges)

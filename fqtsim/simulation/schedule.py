@@ -64,6 +64,7 @@ from fqtsim.hardware.mapping import (Producer, Tiling, as_int, nbytes, produced_
                                      wide_store_bits)
 from fqtsim.quantizers import GRADIENT_METHODS
 from fqtsim.quantizers.storage import FP32_STATE, StateFormats
+from fqtsim.quantizers.rotation import rotation_adds
 from kernels.blocks import MAX_ACC_BITS
 
 METHODS = GRADIENT_METHODS
@@ -72,8 +73,9 @@ RANGE_POLICIES = ("dynamic", "delayed", "predicted")
 
 def range_policies(method: str) -> tuple:
     """The range policies a run with gradient quantizer `method` can take: mxint's blocks
-    have no range to predict (dynamic and delayed rule its activations)."""
-    return ("dynamic", "delayed") if method == "mxint" else RANGE_POLICIES
+    have no range to predict (dynamic and delayed rule its activations); hadamard's rotated
+    rows are not what the loss's norms predict."""
+    return ("dynamic", "delayed") if method in ("mxint", "hadamard") else RANGE_POLICIES
 
 
 SCHEMES = tuple((q, r) for q in METHODS for r in range_policies(q))   # every (quantizer, policy)
@@ -103,9 +105,10 @@ class QuantScheme:
             raise ValueError(f"range policy: got {self.range_policy!r}; expected one of "
                              f"{', '.join(RANGE_POLICIES)}")
         if self.range_policy not in range_policies(self.method):
-            raise ValueError("range policy predicted: mxint takes each block's scale from the "
-                             "block as its producer writes it, so there is no range to predict; "
-                             "use --range dynamic or delayed (which rule the activations)")
+            raise ValueError(f"range policy {self.range_policy}: {self.method} takes "
+                             f"{', '.join(range_policies(self.method))} (mxint's block scales "
+                             f"come from each block as its producer writes it; hadamard ranges "
+                             f"rotated rows, which the loss's norms do not predict)")
         if self.shared_at not in (None, "tcm", "ddr"):
             raise ValueError(f"shared_at: got {self.shared_at!r}; expected None, 'tcm' or 'ddr'")
         rows = self.rows_per_sample
@@ -172,7 +175,7 @@ def wide_gradient_level(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: in
         return scheme.shared_at
     producer = scheme.producer or produced_by(tiling, k, scheme.rows_per_sample)
     live = m * k
-    if scheme.method == "psq" and producer.samples_at_once is not None:
+    if scheme.method in ("psq", "hadamard") and producer.samples_at_once is not None:
         live = min(m, producer.samples_at_once * scheme.rows_per_sample) * k
     return "tcm" if nbytes(live, wide_store_bits(hw)) <= producer.free else "ddr"
 
@@ -227,6 +230,8 @@ def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: i
         add(events, "block_max", "array", elements)
         add(events, "block_scale", "array", blocks)
     if not scheme.materializes:   # requantized in the producer's output pipeline
+        if scheme.method == "hadamard":   # rows rotated in the pipeline, then requantized
+            add(events, "rotate", "array", m * rotation_adds(k, hw.pipeline.block))
         if scheme.stochastic:
             add(events, "sr_rng", "array", elements)
         add(events, "requantize", "array", elements)
@@ -244,6 +249,9 @@ def input_events(hw: HWConfig, tiling: Tiling, scheme: QuantScheme, m: int, k: i
         if ranges_at == "vector":
             add(events, "range_pass", level, elements, wide)
     add(events, "range_pass", ranges_at, elements)
+    if scheme.method == "hadamard":   # its pass rotates each row, ranges it, requantizes it
+        add(events, "rotate", "vector", m * rotation_adds(k, hw.pipeline.block))
+        add(events, "range_pass", "vector", elements)
     codes_from = "requant_pass"
     if scheme.method == "bhq":
         add(events, "sort", "vector", bitonic_compares(m // scheme.rows_per_sample))
@@ -374,7 +382,7 @@ def weight_gradient_method(quantizer: str) -> str:
 
 def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "ddr",
                   sums: int = 1, bias: int = 0, formats: StateFormats = FP32_STATE,
-                  channels: int = 1, codes: bool = True) -> dict:
+                  channels: int = 1, codes: bool = True, rotated: bool = False) -> dict:
     """SGD with momentum on the vector unit for `params` weights in `channels` rows (output
     channels), whose gradient the weight-gradient GEMM left at full width in `grad_level`: it
     reads the gradient and the stored weights and momentum (in `formats`, at `state_at`: TCM
@@ -386,7 +394,9 @@ def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "d
     way, their gradient (`bias_events`) read from TCM and the new biases written to DDR at
     their stored width, where the output pipeline adds them (a 1-D tensor: one scale, one
     momentum block). `codes`: False for a table no GEMM reads (an embedding, looked up as
-    stored): no codes, no column sums."""
+    stored): no codes, no column sums. `rotated`: grad_input reads codes of R^T W (the hadamard
+    quantizer's, `fqtsim.quantizers.rotation`): each column rotated along the channels, peaked
+    and requantized per tensor, and written as a code set of its own."""
     weights, momentum = formats.weights, formats.momentum
     per_value = weights.buffers + 1   # values moved per parameter: its weight buffers, momentum
     events = {}
@@ -395,6 +405,12 @@ def update_events(hw: HWConfig, params: int, grad_level: str, state_at: str = "d
     add(events, "optimizer_read", state_at, per_value * params, stored)
     add(events, "optimizer_write", state_at, per_value * params, stored)
     sets = weight_code_sets(formats, state_at, sums) if codes else 0
+    if rotated:   # grad_input's codes are R^T W's: rotated, peaked and requantized here
+        add(events, "rotate", "vector", params // channels * rotation_adds(channels, hw.pipeline.block))
+        if weights.scales != "row":   # int8 weights make grad_input's per-tensor codes anyway
+            add(events, "state_peak", "vector", params)
+            add(events, "state_requant", "vector", params)
+            sets += 1
     if sets:
         add(events, "optimizer_write", "ddr", sets * params, sets * nbytes(params, FORWARD_BITS))
     add(events, "weight_update", "vector", params)

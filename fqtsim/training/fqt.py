@@ -48,7 +48,7 @@ from fqtsim.simulation.between import NONE, around
 from fqtsim.simulation.device import Device, round_wide
 from fqtsim.hardware.mapping import Producer, by_columns, loss_producer
 from fqtsim.quantizers import (DelayedRange, Quantized, check_bits, quantize_activation,
-                               quantize_gradient, quantize_weight)
+                               quantize_gradient, quantize_weight, rotate_weight)
 from fqtsim.quantizers.affine import group_range
 from fqtsim.quantizers.bhq import block_householder
 from fqtsim.quantizers.ranges import PredictedRange
@@ -325,7 +325,8 @@ class _FQTMatmul(torch.autograd.Function):
             qmap, scheme, naught = sim.quantize_input(layer.name, fmap.reshape(-1, fmap.shape[-1]),
                                                       below.x_coded, zero=layer.padded)
             qx = layer.unfold_codes(qmap, naught)
-        qw = quantize_weight(w.detach().double().numpy(), FORWARD_BITS)   # grad_input's
+        w64 = w.detach().double().numpy()
+        qw = quantize_weight(w64, FORWARD_BITS)   # grad_input's
         stored = sim.stored_codes(layer.weight)
         ops = sim.around(layer.name, batch)
         top = layer.name == sim.top   # its codes go to the loss; the others' to a quantizer
@@ -337,7 +338,7 @@ class _FQTMatmul(torch.autograd.Function):
                               a_im2col=layer.im2col, b_sums_known=True, name=f"{layer.name}.output")
         sim.handoffs[layer.name] = sim.device.last_handoff
         sim.device.record(ops.forward, f"{layer.name}.between")
-        ctx.qx, ctx.qw, ctx.layer, ctx.im2col = qx, qw, layer, layer.im2col
+        ctx.qx, ctx.qw, ctx.w64, ctx.layer, ctx.im2col = qx, qw, w64, layer, layer.im2col
         return torch.from_numpy(y).to(x.dtype)
 
     @staticmethod
@@ -369,6 +370,8 @@ class _FQTMatmul(torch.autograd.Function):
                                      config.grad_bits, layer.group_rows, producer=producer,
                                      coded=ops.dy_coded)
             to_quantizer = not (below.dz_read or below.dy_coded)
+            if q.rotation is not None:   # hadamard: W's codes rotated by dY's R, cancelling it
+                qw = rotate_weight(ctx.w64, q.rotation, FORWARD_BITS)
             out = sim.device.matmul(q, qw, scheme=scheme, writeback="handoff",
                                     col2im=ctx.im2col, b_sums_known=True,
                                     name=f"{layer.name}.grad_input",
@@ -387,7 +390,7 @@ class _FQTMatmul(torch.autograd.Function):
                                if bias else None)
         sim.device.update(qw.codes.size, name=f"{layer.name}.update", state_at=sim.state_at,
                           sums=2 if need_dx else 1, bias=bias, formats=sim.formats,
-                          channels=qw.codes.shape[0])
+                          channels=qw.codes.shape[0], rotated=qw.rotation is not None)
         return dx, torch.from_numpy(dw).to(dy.dtype), None
 
 
