@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--scope", choices=["tensor", "rows"], default="tensor",
                       help="range scope a materialized output is held for (default tensor)")
     cost.add_argument("--quantizer", nargs="+", choices=METHODS, metavar="Q",
-                      help="gradient quantizers (ptq psq bhq mxint): show what each adds to the GEMM "
+                      help="gradient quantizers (ptq psq bhq mxint hadamard): show what each adds to the GEMM "
                            "dX = Q(dY) W, with dY the M x K operand, over the fused baseline "
                            "(dY's codes made in its producer's pipeline from a range known "
                            "beforehand, as delayed PTQ does)")

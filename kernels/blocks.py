@@ -11,7 +11,10 @@ before the GEMM from the scale bytes) and added into the running sum:
 
 Both the block sum and the running sum are `acc_bits` wide and wrap or saturate after every add;
 an aligned block sum that leaves the running sum's range counts one overflow. Exact for any
-exponents (shifts past the accumulator's width are handled without forming the product).
+exponents (shifts past the accumulator's width are handled without forming the product). Rows
+whose sums provably stay in range (bounded by block length x max|a| x max|b| x 2^shift) take
+exact block products from float matmuls, shifted and added in int64; the others are emulated
+add by add in Numba.
 """
 from __future__ import annotations
 
@@ -54,12 +57,36 @@ def block_gemm(a, a_exp, b, b_exp=None, *, block: int, acc_bits: int = 32,
     # a block's sum cannot leave the accumulator when block * max|a| * max|b| fits it
     peak = int(np.abs(a.astype(np.int64)).max(initial=0)) * int(np.abs(b.astype(np.int64)).max(initial=0))
     checked = min(block, k) * peak > (1 << (acc_bits - 1)) - 1
+    sa, sb = a_exp - ra[:, None], b_exp - rb[None, :]
     c = np.empty((m, n), np.int64)
     overflows = np.zeros(m, np.int64)
-    _block_gemm(a.astype(np.int16), np.ascontiguousarray(b.T).astype(np.int16),
-                a_exp - ra[:, None], b_exp - rb[None, :], block, acc_bits,
-                overflow == "saturate", checked, c, overflows)
+    # rows whose aligned sums provably stay in range: exact block products, shifted and added
+    lengths = np.minimum(block, k - block * np.arange(blocks))
+    bound = (lengths * peak * np.exp2(sa + sb.max(axis=1, initial=0))).sum(axis=1)
+    safe = (bound < 2.0 ** (acc_bits - 1)) & (not checked)
+    if safe.any():
+        c[safe] = _aligned_product(a[safe], b, sa[safe], sb, block)
+    if not safe.all():   # the rest add by add
+        rest = ~safe
+        part, counts = np.empty((rest.sum(), n), np.int64), np.zeros(rest.sum(), np.int64)
+        _block_gemm(a[rest].astype(np.int16), np.ascontiguousarray(b.T).astype(np.int16),
+                    sa[rest], sb, block, acc_bits, overflow == "saturate", checked, part, counts)
+        c[rest], overflows[rest] = part, counts
     return c, ra, rb, {"macs": m * n * k, "overflows": int(overflows.sum())}
+
+
+def _aligned_product(a, b, sa, sb, block) -> np.ndarray:
+    """sum_b (A_b @ B_b) << (sa_ib + sb_bj), for sums that fit int64: each block's product
+    exact in float32 where its sums stay within 2^24, else in float64 (|sum| < 2^53)."""
+    peak = int(np.abs(a.astype(np.int64)).max(initial=0)) * int(np.abs(b.astype(np.int64)).max(initial=0))
+    exact = np.float32 if min(block, a.shape[1]) * peak <= 1 << 24 else np.float64
+    af, bf = a.astype(exact), b.astype(exact)
+    out = np.zeros((a.shape[0], b.shape[1]), np.int64)
+    for blk in range(sa.shape[1]):
+        cols = slice(blk * block, (blk + 1) * block)
+        part = (af[:, cols] @ bf[cols]).astype(np.int64)
+        out += np.left_shift(part, sa[:, blk, None] + sb[None, blk, :])
+    return out
 
 
 @njit(cache=True, inline="always")

@@ -41,10 +41,10 @@ OPTIONS = [f.name for f in fields(RunConfig) if f.name != "out"]
 # Table columns, in this order: always the first seven, the others where they vary
 GROUP = ["model", "dataset", "hw", "mode", "quantizer", "grad_bits", "range_policy",
          "weights", "momentum", "momentum_block", "epochs", "batch_size", "lr", "schedule",
-         "ptq_range"]
+         "ptq_range", "block"]
 ALWAYS = GROUP[:7]
 STORED = ("weights", "momentum", "momentum_block")   # the optimizer state's formats
-NEWER = ("track_variance", "schedule", "ptq_range")   # options older points did not have
+NEWER = ("track_variance", "schedule", "ptq_range", "block")   # options older points did not have
 ONE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "MKL_NUM_THREADS": "1"}
 CONNECT_TIMEOUT = 10   # seconds to reach a Dask scheduler (Dask's own default is 30)
@@ -101,6 +101,8 @@ def point_id(cfg: RunConfig) -> str:
         scheme += f"-{cfg.ptq_range}"
     if cfg.schedule != RunConfig.schedule:
         scheme += f"-{cfg.schedule}"
+    if cfg.block != RunConfig.block:
+        scheme += f"-block{cfg.block}"
     return (f"{Path(cfg.hw).stem}-{cfg.model}-{cfg.dataset}-{cfg.mode}{scheme}"
             f"-e{cfg.epochs}-b{cfg.batch_size}-lr{float(cfg.lr)!r}-s{cfg.seed}-{digest}")
 

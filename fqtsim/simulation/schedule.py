@@ -52,6 +52,11 @@ in the consuming GEMM (`block_events`):
     block_ref     the least exponent of each row of A, as its scale bytes arrive
     block_align   each block's partial sum shifted by its exponent above the row's least and added
                   into the running sum (`kernels.block_gemm`): one shift and one wide add
+hadamard (`fqtsim.quantizers.rotation`: dY's rows rotated by R along K, blocks of
+`pipeline.block`, then PSQ) costs what PSQ costs, plus R's butterflies (`rotate`, adds): dynamic,
+dY is written wide as it is (Q_bw's ranges ride that write) and the requantization pass rotates
+each row and ranges it (a vector range pass) before requantizing; delayed, the producer's pipeline
+rotates and requantizes. The update writes grad_input's codes of R^T W (`update_events`).
 """
 from __future__ import annotations
 

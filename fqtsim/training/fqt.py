@@ -6,9 +6,11 @@ output position), with x~, W~ the 8-bit forward-quantized input and weight:
     output       y  = x~ W~^T                 8-bit activations (per tensor, round to nearest)
                                               x 8-bit symmetric weights (per tensor; int8
                                               stored weights: their codes, per channel)
-    grad_input   dx = Q_ba(dy) W~             Q_ba: PTQ, PSQ or BHQ at grad_bits, stochastic
+    grad_input   dx = Q_ba(dy) W~             Q_ba: PTQ, PSQ, BHQ or mxint at grad_bits,
+                                              stochastic; hadamard: Q_psq(dy R) (R^T W)~
     grad_weight  dW = Q_bw(dy)^T x~           Q_bw: 8-bit, per tensor with PTQ, per output
-                                              feature (column of dy) with PSQ and BHQ
+                                              feature (column of dy) with PSQ, BHQ and
+                                              hadamard; mxint: blocks along the samples
 
 Modes: `fp32` leaves the model alone; `qat` runs the forward GEMM on the device and the backward
 in float (straight-through); `fqt` runs all three on the device. The weights are what the
