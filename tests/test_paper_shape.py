@@ -27,7 +27,8 @@ NPU = str(HW_DIR / "npu.yaml")
 def test_cnn8_workload_is_the_torch_model(image):
     model = build("cnn8", image, 10)
     layers = workloads.cnn8(image, 10)
-    gemms = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    gemms = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert [layer.name for layer in layers] == [name for name, _ in gemms]
     assert len(layers) == 8
     for layer, (_, m) in zip(layers, gemms):   # the GEMM shapes the weights imply
@@ -126,7 +127,8 @@ def test_a_run_with_a_cosine_schedule_resumes_byte_for_byte(tmp_path, monkeypatc
     monkeypatch.undo()
     train(config("resumed"), progress=False)
     for name in ("ledger.csv", "metrics.csv", "model.pt"):
-        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+        resumed, whole = (tmp_path / run / name for run in ("resumed", "whole"))
+        assert resumed.read_bytes() == whole.read_bytes(), name
     lrs = pd.read_csv(tmp_path / "whole" / "metrics.csv").lr
     assert lrs.is_monotonic_decreasing and lrs.iloc[-1] == pytest.approx(0.05 * COSINE_FLOOR)
 
