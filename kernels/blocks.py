@@ -65,7 +65,7 @@ def block_gemm(a, a_exp, b, b_exp=None, *, block: int, acc_bits: int = 32,
     bound = (lengths * peak * np.exp2(sa + sb.max(axis=1, initial=0))).sum(axis=1)
     safe = (bound < 2.0 ** (acc_bits - 1)) & (not checked)
     if safe.any():
-        c[safe] = _aligned_product(a[safe], b, sa[safe], sb, block)
+        c[safe] = _aligned_product(a[safe], b, sa[safe], sb, block, bound[safe].max())
     if not safe.all():   # the rest add by add
         rest = ~safe
         part, counts = np.empty((rest.sum(), n), np.int64), np.zeros(rest.sum(), np.int64)
@@ -75,9 +75,15 @@ def block_gemm(a, a_exp, b, b_exp=None, *, block: int, acc_bits: int = 32,
     return c, ra, rb, {"macs": m * n * k, "overflows": int(overflows.sum())}
 
 
-def _aligned_product(a, b, sa, sb, block) -> np.ndarray:
-    """sum_b (A_b @ B_b) << (sa_ib + sb_bj), for sums that fit int64: each block's product
-    exact in float32 where its sums stay within 2^24, else in float64 (|sum| < 2^53)."""
+def _aligned_product(a, b, sa, sb, block, bound) -> np.ndarray:
+    """sum_b (A_b @ B_b) << (sa_ib + sb_bj) for rows whose every partial sum is at most
+    `bound` in magnitude. With B's exponents all equal, one float matmul of A's codes times
+    2^sa (exact: float32 below 2^24, float64 below 2^53); otherwise block by block, each
+    block's product exact in float, shifted and added in int64."""
+    if not sb.any() and bound < 2.0 ** 53:
+        exact = np.float32 if bound < 2.0 ** 24 else np.float64
+        scaled = np.ldexp(a.astype(exact), np.repeat(sa, block, axis=1)[:, :a.shape[1]])
+        return (scaled @ b.astype(exact)).astype(np.int64)
     peak = int(np.abs(a.astype(np.int64)).max(initial=0)) * int(np.abs(b.astype(np.int64)).max(initial=0))
     exact = np.float32 if min(block, a.shape[1]) * peak <= 1 << 24 else np.float64
     af, bf = a.astype(exact), b.astype(exact)

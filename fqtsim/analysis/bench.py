@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from kernels import cpu, int_gemm, last_path, paths
+from kernels import block_gemm, cpu, int_gemm, last_path, paths
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,12 @@ MODES = {
     "saturate24": dict(acc_bits=24, overflow="saturate"),
     "spill16/64": dict(acc_bits=16, overflow="saturate", spill_every=64, psum_bits=32),
 }
+# block-scaled (mxint) modes: `kernels.block_gemm`, blocks of 32 along K, 32-bit wrap
+# accumulator, A's exponents spread over this many values (B per tensor): a small spread keeps
+# every row's aligned sums provably in range (exact block products), a wide one does not (add
+# by add)
+BLOCK_MODES = {"mx32": 4, "mx32-spread": 24}
+BLOCK = 32
 
 
 # Pause before each timed block, so that no thread pool is still busy-waiting from the other
@@ -55,7 +61,8 @@ def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 7, seed: 
                per_core: bool = True, progress: bool = True) -> pd.DataFrame:
     """Time `int_gemm` per (shape, mode) against a float32 matmul of the same shape.
 
-    shapes: (M, K, N) tuples (default `SHAPES`); modes: names from `MODES` (default all).
+    shapes: (M, K, N) tuples (default `SHAPES`); modes: names from `MODES` or `BLOCK_MODES`
+    (default all).
     Operands are full-range int8 codes from a fixed seed. Every kernel is compiled (or loaded
     from Numba's cache) before timing. Each round times, for every (shape, mode) in turn, a
     block of `repeat` back-to-back sgemm runs and then a block of `repeat` int_gemm runs, each
@@ -70,7 +77,7 @@ def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 7, seed: 
     else a log line per round; the bar is updated between timed blocks, never inside one.
     """
     shapes = SHAPES if shapes is None else shapes
-    modes = list(MODES) if modes is None else list(modes)
+    modes = [*MODES, *BLOCK_MODES] if modes is None else list(modes)
     cases = []
     bar = tqdm(total=len(shapes) * len(modes) * (1 + rounds), desc="bench gemm", unit="case",
                disable=None if progress else True)   # None: on a terminal only
@@ -80,12 +87,18 @@ def gemm_bench(shapes=None, modes=None, repeat: int = 3, rounds: int = 7, seed: 
         b = rng.integers(-128, 128, (k, n), dtype=np.int8)
         af, bf = a.astype(np.float32), b.astype(np.float32)
         for mode in modes:
-            _, counts = int_gemm(a, b, **MODES[mode])   # compile or load, warm the caches
+            if mode in BLOCK_MODES:
+                exps = rng.integers(0, BLOCK_MODES[mode], (m, -(-k // BLOCK)))
+                run = lambda a=a, b=b, e=exps: block_gemm(a, e, b, block=BLOCK)[3]  # noqa: E731
+                path = "block_gemm"
+            else:
+                run = lambda a=a, b=b, kw=MODES[mode]: int_gemm(a, b, **kw)[1]  # noqa: E731
+                path = None
+            counts = run()   # compile or load, warm the caches
             np.matmul(af, bf)
-            cases.append(dict(shape=f"{m}x{k}x{n}", mode=mode, path=last_path(), macs=m * k * n,
-                              overflows=counts["overflows"],
-                              sgemm=lambda af=af, bf=bf: np.matmul(af, bf),
-                              emulated=lambda a=a, b=b, kw=MODES[mode]: int_gemm(a, b, **kw)))
+            cases.append(dict(shape=f"{m}x{k}x{n}", mode=mode, path=path or last_path(),
+                              macs=m * k * n, overflows=counts["overflows"],
+                              sgemm=lambda af=af, bf=bf: np.matmul(af, bf), emulated=run))
             bar.update()
     _time_cases(cases, repeat, rounds, seed, per_core, bar, progress)
     bar.close()
