@@ -55,7 +55,7 @@ def block_gemm(a, a_exp, b, b_exp=None, *, block: int, acc_bits: int = 32,
     ra = a_exp.min(axis=1) if blocks else np.zeros(m, np.int64)
     rb = b_exp.min(axis=0) if blocks else np.zeros(n, np.int64)
     # a block's sum cannot leave the accumulator when block * max|a| * max|b| fits it
-    peak = int(np.abs(a.astype(np.int64)).max(initial=0)) * int(np.abs(b.astype(np.int64)).max(initial=0))
+    peak = _magnitude(a) * _magnitude(b)
     checked = min(block, k) * peak > (1 << (acc_bits - 1)) - 1
     sa, sb = a_exp - ra[:, None], b_exp - rb[None, :]
     c = np.empty((m, n), np.int64)
@@ -82,9 +82,9 @@ def _aligned_product(a, b, sa, sb, block, bound) -> np.ndarray:
     block's product exact in float, shifted and added in int64."""
     if not sb.any() and bound < 2.0 ** 53:
         exact = np.float32 if bound < 2.0 ** 24 else np.float64
-        scaled = np.ldexp(a.astype(exact), np.repeat(sa, block, axis=1)[:, :a.shape[1]])
-        return (scaled @ b.astype(exact)).astype(np.int64)
-    peak = int(np.abs(a.astype(np.int64)).max(initial=0)) * int(np.abs(b.astype(np.int64)).max(initial=0))
+        shifts = np.repeat(np.exp2(sa).astype(exact), block, axis=1)[:, :a.shape[1]]
+        return ((a * shifts) @ b.astype(exact)).astype(np.int64)
+    peak = _magnitude(a) * _magnitude(b)
     exact = np.float32 if min(block, a.shape[1]) * peak <= 1 << 24 else np.float64
     af, bf = a.astype(exact), b.astype(exact)
     out = np.zeros((a.shape[0], b.shape[1]), np.int64)
@@ -93,6 +93,11 @@ def _aligned_product(a, b, sa, sb, block, bound) -> np.ndarray:
         part = (af[:, cols] @ bf[cols]).astype(np.int64)
         out += np.left_shift(part, sa[:, blk, None] + sb[None, blk, :])
     return out
+
+
+def _magnitude(x: np.ndarray) -> int:
+    """The largest |code| of an int8 or uint8 array (0 if empty)."""
+    return max(int(x.max(initial=0)), -int(x.min(initial=0)))
 
 
 @njit(cache=True, inline="always")
