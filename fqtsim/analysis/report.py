@@ -39,7 +39,7 @@ PASSES = {
     "partial sums": ["psum_spill", "psum_drain"], "output write-back": ["writeback", "requantize", "col2im"],
     "wide write-back": ["wide_write"], "range pass": ["range_pass", "range_predict"],
     "sort + transform": ["sort", "transform", "wide_output", "inverse_transform", "inverse_rows",
-                         "inverse_codes"],
+                         "inverse_codes", "rotate"],
     "requantization": ["requant_pass", "code_write", "sr_rng"],
     "zero-point": ["colsum", "rowsum", "zero_point"],
     "block scales": ["block_", "scale_"],   # mxint: block maxima, scale bytes, aligned adds
