@@ -36,3 +36,19 @@ def make_hw(tmp_path):
         path.write_text(yaml.safe_dump(d))
         return fqtsim.load_hw(path)
     return make
+
+
+@pytest.fixture
+def stop_after_epoch(monkeypatch):
+    """stop_after_epoch(n): the next run stops as a Ctrl-C just after epoch n's checkpoint
+    stops it; monkeypatch.undo() lets runs finish again."""
+    import fqtsim.training.train as t
+    save = t._save_checkpoint
+
+    def arm(epoch: int):
+        def save_then_stop(path, *args):
+            save(path, *args)
+            if args[5] == epoch:   # _save_checkpoint(path, model, optimizer, scheduler, sim,
+                raise KeyboardInterrupt   # order_rng, epoch, ...)
+        monkeypatch.setattr(t, "_save_checkpoint", save_then_stop)
+    return arm

@@ -22,6 +22,7 @@ from fqtsim.simulation import workloads
 from fqtsim.simulation.schedule import update_events
 from fqtsim.training.optim import SGD
 from fqtsim.training.train import RunConfig, train
+from ledgers import step_equals
 
 NPU = str(HW_DIR / "npu.yaml")
 
@@ -255,15 +256,7 @@ def test_with_the_state_in_ddr_the_device_equals_the_closed_form(tmp_path, make_
 
 
 def _equal_at_step(run_dir, step, closed):
-    ledger = pd.read_csv(run_dir / "ledger.csv", dtype={"layer": str})
-    got = ledger[(ledger.step == step) & ~ledger.event.isin(["overflow", "clip"])]
-    key = ["layer", "gemm", "event", "level"]
-    got, closed = got.set_index(key).sort_index(), closed.set_index(key).sort_index()
-    assert list(got.index) == list(closed.index)
-    assert (got["count"].values == closed["count"].values).all()
-    np.testing.assert_allclose(got["bytes"], closed["bytes"], rtol=1e-12)
-    np.testing.assert_allclose(got["energy_pj"], closed["energy_pj"], rtol=1e-9)
-    np.testing.assert_allclose(got["cycles"], closed["cycles"], rtol=1e-9, atol=1e-6)
+    step_equals(pd.read_csv(run_dir / "ledger.csv", dtype={"layer": str}), step, closed)
 
 
 def test_low_precision_state_moves_fewer_bytes_and_can_live_in_tcm():
@@ -302,24 +295,17 @@ def test_the_forward_gemm_reads_the_stored_int8_codes(tmp_path):
     assert np.abs(again - expected).max() > 1e-4
 
 
-def test_a_stopped_run_with_low_precision_state_resumes_to_the_same_results(tmp_path,
-                                                                            monkeypatch):
-    import fqtsim.training.train as t
+def test_a_stopped_run_with_low_precision_state_resumes_to_the_same_results(tmp_path, monkeypatch,
+                                                                            stop_after_epoch):
     from fqtsim.training.train import Interrupted
 
     config = dict(hw=NPU, dataset="synthetic", epochs=2, batch_size=200, weights="int8-sr",
                   momentum="int8")
     whole = train(RunConfig(**config, out=str(tmp_path / "whole")), progress=False)
-    save = t._save_checkpoint
-
-    def save_then_stop(path, model, optimizer, scheduler, sim, order_rng, epoch, *rest):
-        save(path, model, optimizer, scheduler, sim, order_rng, epoch, *rest)
-        if epoch == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(t, "_save_checkpoint", save_then_stop)
+    stop_after_epoch(1)
     with pytest.raises(Interrupted):
         train(RunConfig(**config, out=str(tmp_path / "stopped")), progress=False)
-    monkeypatch.setattr(t, "_save_checkpoint", save)
+    monkeypatch.undo()
     resumed = train(RunConfig(**config, out=str(tmp_path / "stopped")), progress=False)
     for name in ("ledger.csv", "metrics.csv", "model.pt"):
         assert (tmp_path / "stopped" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

@@ -15,7 +15,8 @@ from fqtsim.simulation.schedule import QuantScheme
 from fqtsim.training.train import RunConfig, train
 from kernels import block_gemm
 from reference import ref_block_gemm
-from test_train import NPU, _step_equals
+from ledgers import step_equals
+from test_train import NPU
 
 
 def gradient(rng, m, k, sigma=2.0):
@@ -122,6 +123,6 @@ def test_an_mxint_run_equals_its_closed_form_step_by_step(tmp_path, model, polic
     ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
     layers = workloads.mlp() if model == "mlp" else workloads.cnn((1, 8, 8))
     hw = with_block(fqtsim.load_hw(NPU), block)
-    _step_equals(ledger, 3, fqtsim.cost.training_step(hw, layers, 100, "mxint", policy, 4))
+    step_equals(ledger, 3, fqtsim.cost.training_step(hw, layers, 100, "mxint", policy, 4))
     step = ledger[ledger.step == 3]
     assert not step[step.gemm.isin(["grad_input", "grad_weight"])].event.eq("wide_write").any()

@@ -17,6 +17,7 @@ from fqtsim.simulation.workloads import Op
 from fqtsim.training.models import build
 from fqtsim.training.optim import COSINE_FLOOR, SGD, CosineToFloor, schedule
 from fqtsim.training.train import RunConfig, train
+from ledgers import step_equals
 
 NPU = str(HW_DIR / "npu.yaml")
 
@@ -43,15 +44,6 @@ def test_cnn8_workload_is_the_torch_model(image):
     assert model(x).shape == (2, 10)   # the Linear takes what the last conv leaves
 
 
-def _step_equals_closed_form(ledger: pd.DataFrame, step: int, closed: pd.DataFrame):
-    key = ["layer", "gemm", "event", "level"]
-    got = ledger[(ledger.step == step) & ~ledger.event.isin(["overflow", "clip"])]
-    got, closed = got.set_index(key).sort_index(), closed.set_index(key).sort_index()
-    assert list(got.index) == list(closed.index)
-    assert (got["count"].values == closed["count"].values).all()
-    np.testing.assert_allclose(got["bytes"], closed["bytes"], rtol=1e-12)
-    np.testing.assert_allclose(got["energy_pj"], closed["energy_pj"], rtol=1e-9)
-    np.testing.assert_allclose(got["cycles"], closed["cycles"], rtol=1e-9, atol=1e-6)
 
 
 @pytest.mark.parametrize("quantizer, ptq_range", [("bhq", "affine"), ("ptq", "paper")])
@@ -65,7 +57,7 @@ def test_a_cnn8_step_on_the_device_equals_the_closed_form_step(tmp_path, quantiz
           progress=False)
     ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
     closed = fqtsim.cost.training_step(load_hw(NPU), workloads.cnn8((1, 8, 8)), 200, quantizer)
-    _step_equals_closed_form(ledger, 2, closed)
+    step_equals(ledger, 2, closed)
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -107,7 +99,7 @@ def test_a_cosine_schedule_resumes_where_it_stopped():
         other.load_state_dict(sched.state_dict())   # a constant run's checkpoint is not cosine's
 
 
-def test_a_run_with_a_cosine_schedule_resumes_byte_for_byte(tmp_path, monkeypatch):
+def test_a_run_with_a_cosine_schedule_resumes_byte_for_byte(tmp_path, monkeypatch, stop_after_epoch):
     import fqtsim.training.train as t
 
     def config(name):
@@ -115,13 +107,7 @@ def test_a_run_with_a_cosine_schedule_resumes_byte_for_byte(tmp_path, monkeypatc
                          quantizer="ptq", ptq_range="paper", schedule="cosine",
                          out=str(tmp_path / name))
     train(config("whole"), progress=False)
-    save = t._save_checkpoint
-
-    def save_then_stop(path, *args):   # Ctrl-C just after epoch 1's checkpoint
-        save(path, *args)
-        if args[5] == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(t, "_save_checkpoint", save_then_stop)
+    stop_after_epoch(1)
     with pytest.raises(t.Interrupted):
         train(config("resumed"), progress=False)
     monkeypatch.undo()

@@ -12,7 +12,8 @@ from fqtsim.simulation import workloads
 from fqtsim.simulation.device import Device
 from fqtsim.simulation.schedule import QuantScheme
 from fqtsim.training.train import RunConfig, train
-from test_train import NPU, _step_equals
+from ledgers import step_equals
+from test_train import NPU
 
 
 @settings(max_examples=50, deadline=None)
@@ -81,6 +82,6 @@ def test_a_hadamard_run_equals_its_closed_form_step_by_step(tmp_path, model, pol
     ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
     layers = workloads.mlp() if model == "mlp" else workloads.cnn((1, 8, 8))
     closed = fqtsim.cost.training_step(fqtsim.load_hw(NPU), layers, 100, "hadamard", policy, 4)
-    _step_equals(ledger, 3, closed)
+    step_equals(ledger, 3, closed)
     update = ledger[(ledger.step == 3) & (ledger.gemm == "update")]
     assert (update.event == "rotate").any()   # R^T W's codes, written by the update

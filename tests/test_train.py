@@ -15,6 +15,7 @@ from fqtsim import load_hw
 from fqtsim.simulation.device import Device
 from fqtsim.training.fqt import FQTConfig, Simulator, convert
 from fqtsim.training.train import RunConfig, train
+from ledgers import step_equals
 
 NPU = str(HW_DIR / "npu.yaml")
 
@@ -218,15 +219,6 @@ def test_cli_rejects_an_out_path_that_is_a_file_and_a_narrow_mac_array(tmp_path,
     assert narrow.array.operand_bits == 4 and not (tmp_path / "never").exists()
 
 
-def _step_equals(ledger, step, closed):
-    key = ["layer", "gemm", "event", "level"]
-    got = ledger[(ledger.step == step) & ~ledger.event.isin(["overflow", "clip"])]
-    got, closed = got.set_index(key).sort_index(), closed.set_index(key).sort_index()
-    assert list(got.index) == list(closed.index)
-    assert (got["count"].values == closed["count"].values).all()
-    np.testing.assert_allclose(got["bytes"], closed["bytes"], rtol=1e-12)
-    np.testing.assert_allclose(got["energy_pj"], closed["energy_pj"], rtol=1e-9)
-
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_a_delayed_run_starts_dynamic_and_each_step_equals_its_closed_form(tmp_path, model):
@@ -241,8 +233,8 @@ def test_a_delayed_run_starts_dynamic_and_each_step_equals_its_closed_form(tmp_p
     ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
     layers = workloads.mlp() if model == "mlp" else workloads.cnn((1, 8, 8))
     hw = load_hw(NPU)
-    _step_equals(ledger, 0, fqtsim.cost.training_step(hw, layers, 100, "psq", "dynamic"))
-    _step_equals(ledger, 3, fqtsim.cost.training_step(hw, layers, 100, "psq", "delayed"))
+    step_equals(ledger, 0, fqtsim.cost.training_step(hw, layers, 100, "psq", "dynamic"))
+    step_equals(ledger, 3, fqtsim.cost.training_step(hw, layers, 100, "psq", "delayed"))
 
 
 @pytest.mark.parametrize("model, quantizer", [("mlp", "psq"), ("cnn", "bhq"), ("mlp", "ptq")])
@@ -260,8 +252,8 @@ def test_a_predicted_run_fits_then_predicts_and_each_step_equals_its_closed_form
     ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
     layers = workloads.mlp() if model == "mlp" else workloads.cnn((1, 8, 8))
     hw = load_hw(NPU)
-    _step_equals(ledger, 0, fqtsim.cost.training_step(hw, layers, 100, quantizer, "dynamic"))
-    _step_equals(ledger, 3, fqtsim.cost.training_step(hw, layers, 100, quantizer, "predicted"))
+    step_equals(ledger, 0, fqtsim.cost.training_step(hw, layers, 100, quantizer, "dynamic"))
+    step_equals(ledger, 3, fqtsim.cost.training_step(hw, layers, 100, quantizer, "predicted"))
     assert (ledger[ledger.step == 3].event == "range_predict").any()
     assert not (ledger[(ledger.step == 3) & (ledger.gemm == "grad_input")].event == "wide_write").any() \
         or quantizer == "bhq"   # BHQ still writes dY wide to build its transform
@@ -282,7 +274,7 @@ def test_the_state_home_is_decided_at_the_batches_the_run_takes(tmp_path):
                     batch_size=96, out=str(tmp_path / "r")), progress=False)
     ledger = pd.read_csv(tmp_path / "r" / "ledger.csv", dtype={"layer": str})
     layers = workloads.cnn((1, 8, 8))
-    _step_equals(ledger, 0, fqtsim.cost.training_step(load_hw(NPU), layers, 89, "psq"))
+    step_equals(ledger, 0, fqtsim.cost.training_step(load_hw(NPU), layers, 89, "psq"))
 
 
 def test_sgd_and_one_cycle_update_as_torchs_do_bit_for_bit():
@@ -363,7 +355,8 @@ def test_a_conv_input_is_quantized_once_as_a_map_and_unfolded_as_its_rows_would_
         np.testing.assert_array_equal(unfolded.offset, ref.offset)
 
 
-def test_tracking_the_variance_ratio_changes_nothing_else_and_resumes_exactly(tmp_path, monkeypatch):
+def test_tracking_the_variance_ratio_changes_nothing_else_and_resumes_exactly(tmp_path, monkeypatch,
+                                                                              stop_after_epoch):
     import fqtsim.training.train as t
     def config(name, track_variance=2):   # measured after epochs 1 and 3
         return RunConfig(hw=NPU, dataset="synthetic", epochs=3, batch_size=100, grad_bits=4,
@@ -382,12 +375,7 @@ def test_tracking_the_variance_ratio_changes_nothing_else_and_resumes_exactly(tm
     assert list(metrics.step[measured]) == list(last_steps[[0, 2]])
     assert (ratios[measured] > 0).all().all() and ratios[~measured].isna().all().all()
 
-    save = t._save_checkpoint
-    def save_then_stop(path, *args):   # Ctrl-C just after epoch 2's checkpoint
-        save(path, *args)
-        if args[5] == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(t, "_save_checkpoint", save_then_stop)
+    stop_after_epoch(2)
     with pytest.raises(t.Interrupted):
         train(config("resumed"), progress=False)
     monkeypatch.undo()

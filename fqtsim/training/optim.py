@@ -160,34 +160,47 @@ def _restored(saved: dict) -> Stored:
                   None if saved["compensation"] is None else saved["compensation"].numpy())
 
 
-class OneCycle:
+class _Schedule:
+    """A learning-rate schedule over `total_steps`: the optimizer is set for step 0 at
+    construction (`_set`) and for the next step by each `step()`."""
+
+    NAME = "schedule"
+
+    def __init__(self, optimizer: SGD, total_steps: int):
+        if total_steps < 1:
+            raise ValueError(f"total_steps: got {total_steps}; expected an integer >= 1")
+        self.optimizer, self.total_steps = optimizer, int(total_steps)
+        self.step_count = -1
+
+    def step(self):
+        self.step_count += 1
+        if self.step_count > self.total_steps:   # the last call sets a step never taken
+            raise ValueError(f"{self.NAME}: step {self.step_count + 1} of "
+                             f"{self.total_steps}; it was built for fewer steps")
+        self._set(self.step_count)
+
+    def last_lr(self) -> float:
+        return self.optimizer.lr
+
+
+class OneCycle(_Schedule):
     """One cycle of `total_steps`: the learning rate rises from max_lr / 25 to max_lr over the
     first 30% of the steps and falls to max_lr / 25e4 by the last, on cosines, while momentum
     falls from 0.95 to 0.85 and rises back (torch's OneCycleLR defaults). The optimizer's lr and
     momentum are set for step 0 at construction and for the next step by each `step()`."""
 
     PCT_START, DIV, FINAL_DIV, MOMENTA = 0.3, 25.0, 1e4, (0.95, 0.85)
+    NAME = "one-cycle schedule"
 
     def __init__(self, optimizer: SGD, max_lr: float, total_steps: int):
-        if total_steps < 1:
-            raise ValueError(f"total_steps: got {total_steps}; expected an integer >= 1")
-        self.optimizer, self.total_steps = optimizer, int(total_steps)
+        super().__init__(optimizer, total_steps)
         start = max_lr / self.DIV
         self.phases = ((float(self.PCT_START * total_steps) - 1, (start, max_lr), self.MOMENTA),
                        (total_steps - 1, (max_lr, start / self.FINAL_DIV), self.MOMENTA[::-1]))
-        self.step_count = -1
         self.step()
 
-    def step(self):
-        self.step_count += 1
-        if self.step_count > self.total_steps:   # the last call sets a step never taken
-            raise ValueError(f"one-cycle schedule: step {self.step_count + 1} of "
-                             f"{self.total_steps}; it was built for fewer steps")
-        lr, momentum = self._at(self.step_count)
-        self.optimizer.lr, self.optimizer.momentum = lr, momentum
-
-    def last_lr(self) -> float:
-        return self.optimizer.lr
+    def _set(self, step: int):
+        self.optimizer.lr, self.optimizer.momentum = self._at(step)
 
     def _at(self, step: int) -> tuple[float, float]:
         begin = 0.0
@@ -208,7 +221,7 @@ class OneCycle:
             raise ValueError("checkpoint: its schedule is not this run's (written by an older "
                              "fqtsim, or for other epochs); rerun with --restart")
         self.step_count = state["step_count"]
-        self.optimizer.lr, self.optimizer.momentum = self._at(self.step_count)
+        self._set(self.step_count)
 
 
 def _cosine(start: float, end: float, pct: float) -> float:
@@ -230,30 +243,21 @@ def schedule(name: str, optimizer: SGD, max_lr: float, total_steps: int):
     raise ValueError(f"--schedule: got {name!r}; expected one of {', '.join(SCHEDULES)}")
 
 
-class CosineToFloor:
+class CosineToFloor(_Schedule):
     """The learning rate falls from max_lr at step 0 to floor * max_lr at the last step, on a
-    cosine (floor 1: constant); momentum stays the optimizer's. Set for step 0 at construction
-    and for the next step by each `step()`, as `OneCycle` does."""
+    cosine (floor 1: constant); momentum stays the optimizer's."""
+
+    NAME = "cosine schedule"
 
     def __init__(self, optimizer: SGD, max_lr: float, total_steps: int, floor: float):
-        if total_steps < 1:
-            raise ValueError(f"total_steps: got {total_steps}; expected an integer >= 1")
         if not 0 <= floor <= 1:
             raise ValueError(f"floor: got {floor}; expected a fraction of the peak in 0..1")
-        self.optimizer, self.total_steps = optimizer, int(total_steps)
+        super().__init__(optimizer, total_steps)
         self.max_lr, self.floor = float(max_lr), float(floor)
-        self.step_count = -1
         self.step()
 
-    def step(self):
-        self.step_count += 1
-        if self.step_count > self.total_steps:   # the last call sets a step never taken
-            raise ValueError(f"cosine schedule: step {self.step_count + 1} of "
-                             f"{self.total_steps}; it was built for fewer steps")
-        self.optimizer.lr = self._at(self.step_count)
-
-    def last_lr(self) -> float:
-        return self.optimizer.lr
+    def _set(self, step: int):
+        self.optimizer.lr = self._at(step)
 
     def _at(self, step: int) -> float:
         pct = min(step / max(self.total_steps - 1, 1), 1.0)   # past the last step: the floor
@@ -272,4 +276,4 @@ class CosineToFloor:
             raise ValueError("checkpoint: its schedule is not this run's (another --schedule, "
                              "--lr or --epochs); rerun with --restart")
         self.step_count = state["step_count"]
-        self.optimizer.lr = self._at(self.step_count)
+        self._set(self.step_count)
