@@ -138,6 +138,8 @@ class RunConfig:
             tag += f"-{self.weights}-{self.momentum}"
         tag += "".join(f"-{v}" for k, v in (("schedule", self.schedule), ("ptq_range", self.ptq_range))
                        if v != getattr(RunConfig, k))   # options newer than the tag: where set
+        if self.block is not None:
+            tag += f"-block{self.block}"
         return Path("runs") / f"{Path(self.hw).stem}-{self.model}-{self.dataset}-{tag}-seed{self.seed}"
 
 
