@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from kernels.gemm import _code_range
+
 MAX_ACC_BITS = 62   # the aligned-add test forms (running sum >> shift) + block sum in int64
 
 
@@ -97,7 +99,10 @@ def _aligned_product(a, b, sa, sb, block, bound) -> np.ndarray:
 
 def _magnitude(x: np.ndarray) -> int:
     """The largest |code| of an int8 or uint8 array (0 if empty)."""
-    return max(int(x.max(initial=0)), -int(x.min(initial=0)))
+    if not x.size:
+        return 0
+    lo, hi = _code_range(x)
+    return max(hi, -lo)
 
 
 @njit(cache=True, inline="always")
